@@ -1,0 +1,1 @@
+"""syncsvc: plan mass-created CRM activities and keep them in users' calendars."""

@@ -1,0 +1,228 @@
+"""Database rows (SQLAlchemy 2). The database is the truth; Redis only coordinates.
+
+Every table that holds tenant data carries ``tenant_id`` and every query filters on it.
+Instants are stored in UTC (``UTCDateTime`` gives aware datetimes back on every backend).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from syncsvc.store.types import UTCDateTime, utcnow
+
+ID_LEN = 64
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    #: SHA-256 hex of the API key; the key itself is shown once and never stored.
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    #: The tenant's own closing days (ISO dates), skipped like public holidays.
+    closing_days: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """A CRM user: an assignee of activities, with at most one calendar connection."""
+
+    __tablename__ = "users"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    email: Mapped[str] = mapped_column(String(320), default="")
+    mobile: Mapped[str] = mapped_column(String(64), default="")
+    timezone: Mapped[str] = mapped_column(String(64))
+    country: Mapped[str | None] = mapped_column(String(8))
+    subdivision: Mapped[str | None] = mapped_column(String(16))
+    #: Days off sent by the CRM (ISO dates).
+    days_off: Mapped[list[Any]] = mapped_column(default=list)
+    #: Days off read from the user's calendar (ISO dates), refreshed by the workers.
+    provider_days_off: Mapped[list[Any]] = mapped_column(default=list)
+    #: ``graph`` | ``google`` | ``caldav`` | ``none``.
+    calendar_provider: Mapped[str] = mapped_column(String(16), default="none")
+    #: Non-secret connection settings (mailbox, calendar_id, url, username).
+    calendar_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Secret connection settings (password, oauth tokens), encrypted (see store/crypto.py).
+    calendar_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Batch(Base):
+    """A committed plan: every activity it made records it, so it can be edited and deleted."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    #: The seed's "Created by" value stamped on every activity and external event.
+    created_by: Mapped[str] = mapped_column(String(200))
+    targetgroup_name: Mapped[str] = mapped_column(String(200), default="")
+    #: The plan body as committed (template, schedule, assignment), for edits and audits.
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: ``syncing`` | ``synced`` | ``failed`` | ``deleting`` | ``deleted``.
+    state: Mapped[str] = mapped_column(String(16), default="syncing")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    schedule_id: Mapped[str | None] = mapped_column(String(ID_LEN))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Activity(Base):
+    __tablename__ = "activities"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
+        Index("ix_activities_batch_seq", "batch_id", "seq"),
+        Index("ix_activities_user_start", "tenant_id", "user_id", "start"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
+    #: Position in the batch (input target order), for stable listing and CSV export.
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    target_id: Mapped[str] = mapped_column(String(200))
+    target_ids: Mapped[list[Any]] = mapped_column(default=list)
+    user_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    start: Mapped[datetime | None] = mapped_column()
+    end: Mapped[datetime | None] = mapped_column()
+    due: Mapped[date | None] = mapped_column(Date)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    location: Mapped[str] = mapped_column(Text, default="")
+    #: ``planned`` | ``completed`` | ``cancelled`` | ``unanswered``.
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    priority: Mapped[str] = mapped_column(String(16), default="normal")
+    reminder_minutes: Mapped[int | None] = mapped_column(Integer)
+    attendees: Mapped[list[Any]] = mapped_column(default=list)
+    fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    follow_up_of: Mapped[str | None] = mapped_column(String(ID_LEN))
+    #: Set when the assignee changed the event in their own calendar: batch edits then leave
+    #: the activity alone unless forced.
+    user_edited: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Raised on every change (iCal SEQUENCE, optimistic checks).
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ExternalEvent(Base):
+    """The sync ledger: one row per (activity, external calendar).
+
+    ``state``: ``pending_create`` → ``synced`` → ``pending_update`` / ``pending_delete`` →
+    ``deleted``; ``failed`` after the last attempt.
+    """
+
+    __tablename__ = "external_events"
+    __table_args__ = (
+        UniqueConstraint("activity_id", "provider", "calendar"),
+        Index("ix_external_events_batch_state", "batch_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    activity_id: Mapped[str] = mapped_column(ForeignKey("activities.id"))
+    batch_id: Mapped[str | None] = mapped_column(String(ID_LEN))
+    user_id: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(16))
+    #: The mailbox / calendar id / collection URL the event lives in.
+    calendar: Mapped[str] = mapped_column(Text)
+    #: The provider's id for the event, known once created.
+    event_id: Mapped[str | None] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending_create")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Operation(Base):
+    """The outbox: an external operation written in the same transaction as its cause.
+
+    ``kind``: ``create`` | ``update`` | ``delete`` (of a ledger row) | ``callback`` (to the CRM).
+    ``lane``: ``interactive`` (a single change) goes before ``bulk`` (batch work) per mailbox.
+    ``state``: ``pending`` | ``running`` | ``done`` | ``dead`` (gave up; retry from ops).
+    """
+
+    __tablename__ = "operations"
+    __table_args__ = (
+        Index("ix_operations_due", "state", "mailbox", "lane", "not_before", "id"),
+        Index("ix_operations_ledger", "ledger_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    ledger_id: Mapped[int | None] = mapped_column(ForeignKey("external_events.id"))
+    batch_id: Mapped[str | None] = mapped_column(String(ID_LEN))
+    #: ``<provider>:<calendar>``: the unit rate limits and fairness are kept per.
+    mailbox: Mapped[str] = mapped_column(Text)
+    lane: Mapped[str] = mapped_column(String(16), default="bulk")
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a POST with an ``Idempotency-Key``, replayed for the same body."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SyncCycle(Base):
+    """One pass of a worker over one mailbox: what it did, how long it took."""
+
+    __tablename__ = "sync_cycles"
+    __table_args__ = (Index("ix_sync_cycles_started", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    mailbox: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    throttled: Mapped[int] = mapped_column(Integer, default=0)
