@@ -129,4 +129,3 @@ class Permanent(ProviderError):
     """The provider rejected the request for a reason retrying cannot fix."""
 
     code = "permanent"
-

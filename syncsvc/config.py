@@ -1,0 +1,131 @@
+"""Settings from ``SYNCSVC_*`` environment variables, read once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncsvc.errors import ErrorDetail, ValidationError
+
+PREFIX = "SYNCSVC_"
+SECRET_KEY_MIN_CHARS = 32
+DEFAULT_DATA_DIR = Path("var")
+#: A dev key for the embedded default only; ``serve`` warns when it is used.
+DEV_SECRET_KEY = "dev-only-secret-key-change-me-in-production!"
+
+
+class ConfigError(ValidationError):
+    code = "config_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """Per-mailbox limits: ``requests`` per ``per_s`` seconds, at most ``concurrency`` at once."""
+
+    requests: int
+    per_s: float
+    concurrency: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = f"sqlite:///{DEFAULT_DATA_DIR / 'syncsvc.db'}"
+    redis_url: str | None = None
+    public_base_url: str = "http://127.0.0.1:8080"
+    secret_key: str = DEV_SECRET_KEY
+    operator_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest request body accepted (bytes); larger → 413.
+    max_body_bytes: int = 10 * 1024 * 1024
+    graph_api_url: str = "https://graph.microsoft.com/v1.0"
+    graph_authority_url: str = "https://login.microsoftonline.com"
+    graph_client_id: str | None = None
+    graph_client_secret: str | None = None
+    graph_tenant_id: str | None = None
+    google_api_url: str = "https://www.googleapis.com/calendar/v3/"
+    google_token_url: str = "https://oauth2.googleapis.com/token"
+    google_service_account_file: str | None = None
+    limits: Mapping[str, ProviderLimits] = field(
+        default_factory=lambda: {
+            "graph": ProviderLimits(requests=10_000, per_s=600.0, concurrency=4),
+            "google": ProviderLimits(requests=600, per_s=60.0, concurrency=10),
+            "caldav": ProviderLimits(requests=20, per_s=1.0, concurrency=4),
+        }
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Reads ``SYNCSVC_*``; rate limits as ``SYNCSVC_<PROVIDER>_RATE=requests/seconds``
+        and ``SYNCSVC_<PROVIDER>_CONCURRENCY=n``."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(PREFIX + name)
+            return value if value not in (None, "") else None
+
+        errors: list[ErrorDetail] = []
+        kwargs: dict[str, object] = {}
+        for name in (
+            "database_url",
+            "redis_url",
+            "public_base_url",
+            "secret_key",
+            "operator_key",
+            "host",
+            "graph_api_url",
+            "graph_authority_url",
+            "graph_client_id",
+            "graph_client_secret",
+            "graph_tenant_id",
+            "google_api_url",
+            "google_token_url",
+            "google_service_account_file",
+        ):
+            value = get(name.upper())
+            if value is not None:
+                kwargs[name] = value
+        for name in ("port", "max_body_bytes"):
+            raw = get(name.upper())
+            if raw is not None:
+                try:
+                    kwargs[name] = int(raw)
+                except ValueError:
+                    errors.append(ErrorDetail((PREFIX + name.upper(),), "must be an integer"))
+        secret = kwargs.get("secret_key")
+        if isinstance(secret, str) and len(secret) < SECRET_KEY_MIN_CHARS:
+            errors.append(
+                ErrorDetail(
+                    (PREFIX + "SECRET_KEY",), f"must be at least {SECRET_KEY_MIN_CHARS} characters"
+                )
+            )
+        limits = dict(cls().limits)
+        for provider, current in limits.items():
+            rate = get(f"{provider.upper()}_RATE")
+            conc = get(f"{provider.upper()}_CONCURRENCY")
+            try:
+                requests, per_s = current.requests, current.per_s
+                if rate is not None:
+                    left, _, right = rate.partition("/")
+                    requests, per_s = int(left), float(right or "1")
+                concurrency = int(conc) if conc is not None else current.concurrency
+                if requests < 1 or per_s <= 0 or concurrency < 1:
+                    raise ValueError(rate)
+                limits[provider] = ProviderLimits(requests, per_s, concurrency)
+            except ValueError:
+                errors.append(
+                    ErrorDetail(
+                        (f"{PREFIX}{provider.upper()}_RATE",),
+                        "must look like 600/60 (requests/seconds) with a positive concurrency",
+                    )
+                )
+        if errors:
+            raise ConfigError("invalid configuration", errors)
+        kwargs["limits"] = limits
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.secret_key == DEV_SECRET_KEY

@@ -1,0 +1,54 @@
+"""Encryption of stored credentials and signing of callbacks, keyed from ``SECRET_KEY``.
+
+Separate keys are derived (HKDF) for each purpose so that a leaked callback signature key
+reveals nothing about stored secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from syncsvc.errors import SyncSvcError
+
+
+def _derive(secret_key: str, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"syncsvc", info=purpose).derive(
+        secret_key.encode()
+    )
+
+
+class SecretBox:
+    def __init__(self, secret_key: str) -> None:
+        self._fernet = Fernet(base64.urlsafe_b64encode(_derive(secret_key, b"credentials")))
+        self._sign_key = _derive(secret_key, b"callbacks")
+
+    def encrypt(self, data: Mapping[str, Any]) -> bytes:
+        return self._fernet.encrypt(json.dumps(dict(data), sort_keys=True).encode())
+
+    def decrypt(self, token: bytes) -> dict[str, Any]:
+        try:
+            value = json.loads(self._fernet.decrypt(token))
+        except InvalidToken as exc:
+            raise SyncSvcError(
+                "stored credentials cannot be decrypted with this SECRET_KEY"
+            ) from exc
+        assert isinstance(value, dict)
+        return value
+
+    def sign(self, body: bytes) -> str:
+        """HMAC-SHA256 (hex) of a callback body, sent as ``X-Syncsvc-Signature``."""
+        return hmac.new(self._sign_key, body, hashlib.sha256).hexdigest()
+
+
+def hash_token(token: str) -> str:
+    """API keys and feed tokens are stored as SHA-256: high-entropy, so no salt is needed."""
+    return hashlib.sha256(token.encode()).hexdigest()
