@@ -1,1 +1,118 @@
-"""Session fixture: a real radicale server on 127.0.0.1, started by the tests."""
+"""Session fixture: a real Radicale CalDAV server on 127.0.0.1, started by the tests.
+
+Radicale runs from the venv (``sys.executable -m radicale``) with ``--auth-type none``: any
+Basic-auth user logs in and owns ``/<user>/``. Tests get a fresh, empty calendar collection
+each from ``new_calendar`` so they never see each other's events.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+RADICALE_USER = "alice"
+RADICALE_PASSWORD = "secret"
+RADICALE_START_TIMEOUT_S = 15.0
+RADICALE_STOP_TIMEOUT_S = 5.0
+
+_MKCALENDAR_BODY = b"""<?xml version="1.0" encoding="utf-8"?>
+<C:mkcalendar xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav">
+  <D:set><D:prop>
+    <D:displayname>syncsvc test</D:displayname>
+    <C:supported-calendar-component-set><C:comp name="VEVENT"/></C:supported-calendar-component-set>
+  </D:prop></D:set>
+</C:mkcalendar>"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + RADICALE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"radicale exited with {process.returncode}: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + ".web/", timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # It answers HTTP: it is up.
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"radicale did not answer within {RADICALE_START_TIMEOUT_S} s: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def radicale_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (ending in ``/``) of a Radicale server that lives for the whole session."""
+    folder = tmp_path_factory.mktemp("radicale")
+    port = _free_port()
+    log = folder / "radicale.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "radicale",
+                "--config",
+                "",
+                "--server-hosts",
+                f"127.0.0.1:{port}",
+                "--auth-type",
+                "none",
+                "--storage-filesystem-folder",
+                str(folder / "collections"),
+                "--storage-_filesystem_fsync",
+                "False",
+                "--logging-level",
+                "warning",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_ready(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=RADICALE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def new_calendar(
+    session: aiohttp.ClientSession, radicale_url: str, user: str = RADICALE_USER
+) -> str:
+    """MKCALENDAR a fresh, empty VEVENT collection for ``user``; returns its URL (ending ``/``)."""
+    auth = aiohttp.BasicAuth(user, RADICALE_PASSWORD)
+    # Radicale creates the principal collection /<user>/ on the user's first request.
+    async with session.request("PROPFIND", f"{radicale_url}{user}/", auth=auth) as response:
+        await response.read()
+    url = f"{radicale_url}{user}/{uuid.uuid4().hex}/"
+    async with session.request(
+        "MKCALENDAR",
+        url,
+        data=_MKCALENDAR_BODY,
+        headers={"Content-Type": "application/xml; charset=utf-8"},
+        auth=auth,
+    ) as response:
+        if response.status != 201:
+            raise RuntimeError(f"MKCALENDAR {url} answered {response.status}: {await response.text()}")
+    return url

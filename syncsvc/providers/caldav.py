@@ -1,0 +1,399 @@
+"""CalDAV (RFC 4791) calendar provider over aiohttp: a handful of raw WebDAV verbs.
+
+No ``caldav`` client library: its 3.x line pulls ``urllib3-future``, which replaces ``urllib3``
+for the whole process (testing.md), and we need only PUT, GET, DELETE and REPORT.
+
+One event is one resource ``{collection}{name}.ics`` where ``name`` comes from the spec's key,
+so a create is idempotent: ``PUT`` with ``If-None-Match: *`` answers 412 when our earlier
+create already happened, and we return that resource. Updates are conditional on the etag.
+``EventRef.event_id`` is the resource name (``<name>.ics``) inside the collection.
+
+Days off (``time_off``): an event counts when it is not cancelled, not ours, and either carries
+``X-MICROSOFT-CDO-BUSYSTATUS:OOF`` (Outlook's out-of-office, any length) or is an all-day event
+that blocks time (TRANSP OPAQUE, the RFC 5545 default). All-day events a client marks "free"
+(birthdays, reminders) are TRANSPARENT and do not count. Busy time (``busy``) is every timed,
+opaque, not cancelled event; all-day blocks are reported as days off instead. Recurring events
+are expanded by the server (``CALDAV:expand``); floating times are read as UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import ssl
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from email.utils import parsedate_to_datetime
+from typing import NoReturn
+from urllib.parse import quote, unquote, urlsplit
+from xml.sax.saxutils import escape
+
+import aiohttp
+
+from syncsvc.errors import (
+    AuthFailed,
+    Permanent,
+    ProviderConflict,
+    ProviderError,
+    ProviderNotFound,
+    Throttled,
+    Transient,
+)
+from syncsvc.providers._ical import (
+    BATCH_PROPERTY,
+    ParsedEvent,
+    UnrenderableEvent,
+    event_uid,
+    parse_events,
+    render_resource,
+)
+from syncsvc.providers.base import BatchResult, BusyInterval, EventRef, EventSpec, TimeOff
+
+CALDAV_BATCH_MAX = 1
+#: Creates run concurrently in ``create_many``; CalDAV servers serialise writes per
+#: collection (Radicale takes a write lock), so more buys little.
+CALDAV_CREATE_CONCURRENCY = 4
+CALDAV_TIMEOUT_S = 30.0
+RESOURCE_SUFFIX = ".ics"
+#: Keys made only of these characters name the resource as they are; others are hashed.
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
+_HASHED_PREFIX = "h~"
+
+_DAV = "DAV:"
+_CALDAV = "urn:ietf:params:xml:ns:caldav"
+_XML_HEADERS = {"Content-Type": "application/xml; charset=utf-8", "Depth": "1"}
+_ICS_CONTENT_TYPE = "text/calendar; charset=utf-8"
+
+
+def resource_name(key: str) -> str:
+    """The resource name (``<name>.ics``) for a key: readable when safe, else a stable hash."""
+    if _SAFE_KEY.fullmatch(key):
+        return key + RESOURCE_SUFFIX
+    return _HASHED_PREFIX + hashlib.sha256(key.encode()).hexdigest() + RESOURCE_SUFFIX
+
+
+def retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def etag(self) -> str | None:
+        return self.headers.get("ETag")
+
+
+@dataclass(frozen=True, slots=True)
+class _Resource:
+    """One ``response`` of a multistatus: a calendar object with its etag and data."""
+
+    name: str
+    etag: str | None
+    data: str
+
+
+def _utc_stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _calendar_query(filter_xml: str, *, expand: tuple[datetime, datetime] | None = None) -> bytes:
+    data = "<C:calendar-data/>"
+    if expand is not None:
+        start, end = (_utc_stamp(moment) for moment in expand)
+        data = f'<C:calendar-data><C:expand start="{start}" end="{end}"/></C:calendar-data>'
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<C:calendar-query xmlns:D="{_DAV}" xmlns:C="{_CALDAV}">'
+        f"<D:prop><D:getetag/>{data}</D:prop>"
+        '<C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT">'
+        f"{filter_xml}</C:comp-filter></C:comp-filter></C:filter></C:calendar-query>"
+    ).encode()
+
+
+def _parse_multistatus(body: bytes) -> list[_Resource]:
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise Permanent(f"CalDAV server sent malformed XML: {exc}") from exc
+    resources = []
+    for response in root.iter(f"{{{_DAV}}}response"):
+        href = response.findtext(f"{{{_DAV}}}href") or ""
+        for propstat in response.iter(f"{{{_DAV}}}propstat"):
+            if " 200 " not in (propstat.findtext(f"{{{_DAV}}}status") or "") + " ":
+                continue
+            data = propstat.findtext(f".//{{{_CALDAV}}}calendar-data")
+            if not data:
+                continue
+            name = unquote(urlsplit(href).path.rstrip("/").rsplit("/", 1)[-1])
+            etag = propstat.findtext(f".//{{{_DAV}}}getetag")
+            resources.append(_Resource(name=name, etag=etag, data=data))
+    return resources
+
+
+def _dates_touched(start: datetime | date, end: datetime | date | None) -> list[date]:
+    """The calendar days an event covers; its end is exclusive (a DATE or a midnight)."""
+    if isinstance(start, datetime):
+        first = start.date()
+        if isinstance(end, datetime) and end > start:
+            last = (end - timedelta(microseconds=1)).date()
+        else:
+            last = first
+    else:
+        first = start
+        last = start
+        if isinstance(end, date) and not isinstance(end, datetime) and end > start:
+            last = end - timedelta(days=1)
+    return [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
+
+
+def _parse_or_skip(data: str) -> list[ParsedEvent]:
+    """Events of one resource; a resource we cannot read (another client's) counts as none."""
+    try:
+        return parse_events(data)
+    except ValueError:
+        return []
+
+
+def _is_day_off(event: ParsedEvent) -> bool:
+    if event.cancelled or event.activity_id is not None or event.start is None:
+        return False
+    return event.busy_status == "OOF" or (event.all_day and not event.transparent)
+
+
+class CalDAVProvider:
+    """One calendar collection on a CalDAV server, as a ``CalendarProvider``.
+
+    The ``aiohttp.ClientSession`` belongs to the caller, who closes it; ``aclose`` leaves it be.
+    """
+
+    batch_max = CALDAV_BATCH_MAX
+
+    def __init__(
+        self,
+        calendar_url: str,
+        username: str,
+        password: str,
+        session: aiohttp.ClientSession,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout_s: float = CALDAV_TIMEOUT_S,
+        create_concurrency: int = CALDAV_CREATE_CONCURRENCY,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._url = calendar_url if calendar_url.endswith("/") else calendar_url + "/"
+        self._authorization = aiohttp.encode_basic_auth(username, password)
+        self._session = session
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._create_concurrency = create_concurrency
+        self._clock = clock
+
+    # --- HTTP ---
+
+    def _resource_url(self, name: str) -> str:
+        return self._url + quote(name, safe="")
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> _Response:
+        """One request; network failures become provider errors, statuses are left to callers."""
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers={"Authorization": self._authorization, **(headers or {})},
+                ssl=self._ssl,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                return _Response(response.status, dict(response.headers), await response.read())
+        except aiohttp.InvalidURL as exc:
+            raise Permanent(f"CalDAV {method}: invalid URL {url!r}") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise Permanent(f"CalDAV {method}: TLS certificate rejected") from exc
+        except TimeoutError as exc:
+            raise Transient(f"CalDAV {method} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise Transient(f"CalDAV {method} failed: {exc}") from exc
+
+    def _raise_for(self, method: str, response: _Response) -> NoReturn:
+        """Map an unexpected status onto the provider error vocabulary."""
+        status = response.status
+        message = f"CalDAV {method} answered {status}"
+        retry_after = retry_after_s(response.headers.get("Retry-After"), self._clock())
+        if 300 <= status < 400:
+            location = response.headers.get("Location", "?")
+            raise Permanent(f"{message}: redirected to {location}; configure that calendar URL")
+        if status in (401, 403):
+            raise AuthFailed(message)
+        if status in (404, 410):
+            raise ProviderNotFound(message)
+        if status in (409, 412):
+            raise ProviderConflict(message)
+        if status == 429 or (status == 503 and retry_after is not None):
+            raise Throttled(message, retry_after_s=retry_after)
+        if status >= 500:
+            raise Transient(message, retry_after_s=retry_after)
+        raise Permanent(message)
+
+    async def _get(self, name: str) -> tuple[EventRef, bytes] | None:
+        response = await self._send("GET", self._resource_url(name))
+        if response.status in (404, 410):
+            return None
+        if response.status != 200:
+            self._raise_for("GET", response)
+        return EventRef(event_id=name, etag=response.etag), response.body
+
+    async def _put(self, name: str, spec: EventSpec, condition: Mapping[str, str]) -> _Response:
+        try:
+            body = render_resource(spec, now=self._clock())
+        except UnrenderableEvent as exc:
+            raise Permanent(f"event {spec.key!r} cannot be written: {exc}") from exc
+        headers = {"Content-Type": _ICS_CONTENT_TYPE, **condition}
+        return await self._send("PUT", self._resource_url(name), headers=headers, body=body)
+
+    async def _stored_ref(self, name: str, response: _Response) -> EventRef:
+        """The ref after a successful PUT; servers that rewrote the data send no ETag (RFC 4791)."""
+        if response.etag is not None:
+            return EventRef(event_id=name, etag=response.etag)
+        found = await self._get(name)
+        if found is None:
+            raise ProviderConflict(f"CalDAV resource {name!r} vanished right after PUT")
+        return found[0]
+
+    async def _report(self, query: bytes) -> list[_Resource]:
+        response = await self._send("REPORT", self._url, headers=_XML_HEADERS, body=query)
+        if response.status != 207:
+            self._raise_for("REPORT", response)
+        return _parse_multistatus(response.body)
+
+    # --- CalendarProvider ---
+
+    async def create(self, spec: EventSpec) -> EventRef:
+        name = resource_name(spec.key)
+        response = await self._put(name, spec, {"If-None-Match": "*"})
+        if response.status in (200, 201, 204):
+            return await self._stored_ref(name, response)
+        if response.status != 412:
+            self._raise_for("PUT", response)
+        # The name is taken: our earlier create happened (we crashed before recording it).
+        found = await self._get(name)
+        if found is None:
+            raise ProviderConflict(f"CalDAV resource {name!r} was deleted while being created")
+        ref, body = found
+        if not any(event.uid == event_uid(spec.key) for event in _parse_or_skip(body.decode())):
+            raise ProviderConflict(f"CalDAV resource {name!r} holds another event")
+        return ref
+
+    async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
+        response = await self._put(ref.event_id, spec, {"If-Match": ref.etag or "*"})
+        if response.status in (200, 201, 204):
+            return await self._stored_ref(ref.event_id, response)
+        if response.status == 412:
+            # If-Match fails both when the event changed and when it is gone: tell them apart.
+            if await self._get(ref.event_id) is None:
+                raise ProviderNotFound(f"CalDAV resource {ref.event_id!r} is gone")
+            raise ProviderConflict(f"CalDAV resource {ref.event_id!r} changed since {ref.etag}")
+        self._raise_for("PUT", response)
+
+    async def delete(self, ref: EventRef) -> None:
+        response = await self._send("DELETE", self._resource_url(ref.event_id))
+        if response.status in (200, 202, 204, 404, 410):
+            return
+        self._raise_for("DELETE", response)
+
+    async def find(self, key: str) -> EventRef | None:
+        found = await self._get(resource_name(key))
+        return None if found is None else found[0]
+
+    async def find_batch(self, batch_id: str) -> Sequence[EventRef]:
+        # text-match is a substring match (RFC 4791 §9.7.5): the server narrows, we decide.
+        match = (
+            f'<C:prop-filter name="{BATCH_PROPERTY}">'
+            f'<C:text-match collation="i;octet">{escape(batch_id)}</C:text-match></C:prop-filter>'
+        )
+        return [
+            EventRef(event_id=resource.name, etag=resource.etag)
+            for resource in await self._report(_calendar_query(match))
+            if any(event.batch_id == batch_id for event in _parse_or_skip(resource.data))
+        ]
+
+    async def _events_between(self, start: datetime, end: datetime) -> list[ParsedEvent]:
+        time_range = f'<C:time-range start="{_utc_stamp(start)}" end="{_utc_stamp(end)}"/>'
+        query = _calendar_query(time_range, expand=(start, end))
+        return [
+            event
+            for resource in await self._report(query)
+            for event in _parse_or_skip(resource.data)
+        ]
+
+    async def time_off(self, start: date, end: date) -> TimeOff:
+        """Days off between ``start`` and ``end``, both included (see the module docstring)."""
+        # All-day events float: widen by a day either way so no zone loses one, then clip.
+        window_start = datetime.combine(start - timedelta(days=1), time(), UTC)
+        window_end = datetime.combine(end + timedelta(days=2), time(), UTC)
+        days = {
+            day
+            for event in await self._events_between(window_start, window_end)
+            if _is_day_off(event) and event.start is not None
+            for day in _dates_touched(event.start, event.end)
+            if start <= day <= end
+        }
+        return TimeOff(days=frozenset(days))
+
+    async def busy(self, start: datetime, end: datetime) -> Sequence[BusyInterval]:
+        intervals = {
+            BusyInterval(_as_utc(event.start), _as_utc(event.end))
+            for event in await self._events_between(start, end)
+            if isinstance(event.start, datetime)
+            and isinstance(event.end, datetime)
+            and not event.cancelled
+            and not event.transparent
+            and event.busy_status != "FREE"
+        }
+        return sorted(intervals, key=lambda interval: (interval.start, interval.end))
+
+    async def create_many(self, specs: Sequence[EventSpec]) -> Sequence[BatchResult]:
+        """CalDAV has no batch request: creates run concurrently, a few at a time."""
+        gate = asyncio.Semaphore(self._create_concurrency)
+
+        async def one(spec: EventSpec) -> BatchResult:
+            async with gate:
+                try:
+                    return BatchResult(key=spec.key, ref=await self.create(spec))
+                except ProviderError as exc:
+                    return BatchResult(key=spec.key, error=exc)
+
+        return await asyncio.gather(*(one(spec) for spec in specs))
+
+    async def aclose(self) -> None:
+        """Nothing to release: the session is the caller's."""
