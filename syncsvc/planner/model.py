@@ -151,6 +151,8 @@ class PlannedActivity:
     attendees: tuple[Attendee, ...] = ()
     #: Every target the activity covers (one, or all of them for ``grouping: shared``).
     target_ids: tuple[str, ...] = ()
+    #: The template's status (planned, completed, cancelled, unanswered).
+    status: str = "planned"
 
 
 @dataclass(frozen=True, slots=True)
