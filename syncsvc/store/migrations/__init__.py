@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped inside the package so ``syncsvc migrate`` needs no alembic.ini."""

@@ -1,0 +1,1 @@
+"""Revision scripts. A package so setuptools installs them (Alembic skips ``__init__``)."""
