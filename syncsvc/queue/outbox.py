@@ -1,0 +1,261 @@
+"""The outbox: ledger rows and operations written in the caller's transaction.
+
+Every change to an activity that an external calendar must follow writes here, in the same
+session as the change, so the change and its operation commit together or not at all.
+An operation means "bring this ledger row to what its activity wants now" (see
+``queue/reconcile.py``), so an update for a row whose create is still pending, or a delete for
+one whose create is in flight, is harmless: the worker decides on fresh data.
+
+``interactive`` is the lane of a single user's change, ``bulk`` that of batch-wide work; per
+mailbox the worker serves the first before the second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.store.models import ExternalEvent, Operation, User
+from syncsvc.store.types import utcnow
+
+Lane = Literal["interactive", "bulk"]
+T = TypeVar("T")
+
+#: Where each provider keeps the calendar's address in ``User.calendar_config``.
+CALENDAR_KEY_BY_PROVIDER = {"graph": "mailbox", "google": "calendar_id", "caldav": "url"}
+#: Ledger states that may still hold (or soon hold) an event worth updating.
+LIVE_STATES = ("pending_create", "synced", "pending_update")
+#: Ledger states with nothing left to remove.
+GONE_STATES = ("deleted", "pending_delete")
+#: Ids per ``IN (...)`` list: well below SQLite's and asyncpg's bound-parameter limits.
+IN_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Calendar:
+    """One external calendar: the unit that rate limits and fairness are kept per."""
+
+    provider: str
+    calendar: str
+
+    @property
+    def mailbox(self) -> str:
+        return f"{self.provider}:{self.calendar}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An activity that needs an event created in its user's calendar."""
+
+    activity_id: str
+    user_id: str
+    batch_id: str | None
+    calendar: Calendar
+
+
+def calendar_of(user: User) -> Calendar | None:
+    """The user's calendar, or ``None`` for ``none`` (feed only) and incomplete connections."""
+    key = CALENDAR_KEY_BY_PROVIDER.get(user.calendar_provider)
+    if key is None:
+        return None
+    address = user.calendar_config.get(key)
+    if not address:
+        return None
+    return Calendar(user.calendar_provider, str(address))
+
+
+def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+    """Slices for ``IN (...)`` lists that stay under the drivers' parameter limits."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def add_events(
+    session: AsyncSession, tenant_id: str, events: Sequence[NewEvent], lane: Lane
+) -> int:
+    """Ledger rows in ``pending_create`` and one ``create`` operation each, in bulk."""
+    if not events:
+        return 0
+    now = utcnow()
+    ledger_rows = [
+        {
+            "tenant_id": tenant_id,
+            "activity_id": e.activity_id,
+            "batch_id": e.batch_id,
+            "user_id": e.user_id,
+            "provider": e.calendar.provider,
+            "calendar": e.calendar.calendar,
+            "state": "pending_create",
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for e in events
+    ]
+    ids = list(
+        await session.scalars(
+            insert(ExternalEvent).returning(ExternalEvent.id, sort_by_parameter_order=True),
+            ledger_rows,
+        )
+    )
+    await _insert_operations(
+        session,
+        tenant_id,
+        "create",
+        [
+            (ledger_id, e.batch_id, e.calendar.mailbox, e.activity_id)
+            for ledger_id, e in zip(ids, events, strict=True)
+        ],
+        lane,
+        now,
+    )
+    return len(events)
+
+
+async def request_updates(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Collection[str] | None,
+    lane: Lane,
+    *,
+    batch_id: str | None = None,
+) -> int:
+    """Synced rows become ``pending_update``; every live row gets an ``update`` operation.
+
+    ``activity_ids=None`` with a ``batch_id`` means every row of the batch; with both, the
+    rows are read by batch (one query, any size) and filtered here.
+    """
+    rows = await _ledger_rows(session, tenant_id, activity_ids, batch_id, LIVE_STATES)
+    if not rows:
+        return 0
+    now = utcnow()
+    synced = [r.id for r in rows if r.state == "synced"]
+    for chunk in chunks(synced):
+        await session.execute(
+            update(ExternalEvent)
+            .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "synced")
+            .values(state="pending_update", updated_at=now)
+        )
+    await _insert_operations(
+        session,
+        tenant_id,
+        "update",
+        [(r.id, r.batch_id, f"{r.provider}:{r.calendar}", r.activity_id) for r in rows],
+        lane,
+        now,
+    )
+    return len(rows)
+
+
+async def request_deletes(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Collection[str] | None,
+    lane: Lane,
+    *,
+    batch_id: str | None = None,
+) -> int:
+    """Every row not yet removed becomes ``pending_delete`` with a ``delete`` operation.
+
+    A row still in ``pending_create`` without an event id gets one too: its create may be in
+    flight, and the worker removes whatever the create left behind.
+    """
+    rows = await _ledger_rows(session, tenant_id, activity_ids, batch_id, None)
+    rows = [r for r in rows if r.state not in GONE_STATES]
+    if not rows:
+        return 0
+    now = utcnow()
+    for chunk in chunks([r.id for r in rows]):
+        await session.execute(
+            update(ExternalEvent)
+            .where(ExternalEvent.id.in_(chunk))
+            .values(state="pending_delete", updated_at=now)
+        )
+    await _insert_operations(
+        session,
+        tenant_id,
+        "delete",
+        [(r.id, r.batch_id, f"{r.provider}:{r.calendar}", r.activity_id) for r in rows],
+        lane,
+        now,
+    )
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _LedgerRow:
+    id: int
+    activity_id: str
+    batch_id: str | None
+    provider: str
+    calendar: str
+    state: str
+
+
+async def _ledger_rows(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Collection[str] | None,
+    batch_id: str | None,
+    states: Sequence[str] | None,
+) -> list[_LedgerRow]:
+    columns = (
+        ExternalEvent.id,
+        ExternalEvent.activity_id,
+        ExternalEvent.batch_id,
+        ExternalEvent.provider,
+        ExternalEvent.calendar,
+        ExternalEvent.state,
+    )
+    base = select(*columns).where(ExternalEvent.tenant_id == tenant_id)
+    if states is not None:
+        base = base.where(ExternalEvent.state.in_(states))
+    found: list[_LedgerRow] = []
+    if batch_id is not None:
+        wanted = None if activity_ids is None else set(activity_ids)
+        result = await session.execute(
+            base.where(ExternalEvent.batch_id == batch_id).order_by(ExternalEvent.id)
+        )
+        found = [_LedgerRow(*row) for row in result if wanted is None or row.activity_id in wanted]
+    elif activity_ids is not None:
+        for chunk in chunks(sorted(activity_ids)):
+            result = await session.execute(
+                base.where(ExternalEvent.activity_id.in_(chunk)).order_by(ExternalEvent.id)
+            )
+            found.extend(_LedgerRow(*row) for row in result)
+    return found
+
+
+async def _insert_operations(
+    session: AsyncSession,
+    tenant_id: str,
+    kind: str,
+    targets: Iterable[tuple[int, str | None, str, str]],
+    lane: Lane,
+    now: datetime,
+) -> None:
+    """One operation per (ledger id, batch id, mailbox, activity id), in one executemany."""
+    rows: list[dict[str, Any]] = [
+        {
+            "tenant_id": tenant_id,
+            "kind": kind,
+            "ledger_id": ledger_id,
+            "batch_id": batch_id,
+            "mailbox": mailbox,
+            "lane": lane,
+            "state": "pending",
+            "attempts": 0,
+            "not_before": now,
+            "payload": {"activity_id": activity_id},
+            "created_at": now,
+            "updated_at": now,
+        }
+        for ledger_id, batch_id, mailbox, activity_id in targets
+    ]
+    if rows:
+        await session.execute(insert(Operation), rows)

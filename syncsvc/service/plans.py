@@ -1,0 +1,171 @@
+"""Plans: the HTTP body plus the tenant's stored users and the clock make a ``PlanRequest``.
+
+The planner is pure; everything it needs from the database (users, their days off, the
+tenant's closing days, existing activities as busy time) is read here, once per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.errors import ErrorDetail, NotFound, ValidationError
+from syncsvc.planner import plan
+from syncsvc.planner.model import (
+    Assignment,
+    Plan,
+    PlanRequest,
+    PlanUser,
+    Schedule,
+    Target,
+    Template,
+)
+from syncsvc.queue.outbox import chunks
+from syncsvc.store.models import Activity, Tenant, User
+
+#: The service's clock: injectable so tests and benchmarks plan at a fixed instant.
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    """A validated plan body: everything the planner needs except the users and ``now``."""
+
+    targets: tuple[Target, ...]
+    template: Template
+    schedule: Schedule
+    assignment: Assignment
+    targetgroup_name: str = ""
+    exclude: frozenset[str] = frozenset()
+    one_per_organisation: bool = False
+    #: The body as JSON, stored with a committed batch so it can be re-rendered later.
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """A planned request with the inputs it was planned from (a batch stores them)."""
+
+    request: PlanRequest
+    plan: Plan
+    users: Mapping[str, User]
+
+
+def referenced_users(spec: PlanSpec) -> dict[str, tuple[str | int, ...]]:
+    """Every user id the plan may assign to, with where in the body it was named first."""
+    named: dict[str, tuple[str | int, ...]] = {}
+    for index, user_id in enumerate(spec.assignment.users):
+        named.setdefault(user_id, ("assignment", "users", index))
+    if spec.assignment.fallback_user is not None:
+        named.setdefault(spec.assignment.fallback_user, ("assignment", "fallback_user"))
+    owner_field = {"owner": "owner_id", "second_owner": "second_owner_id"}.get(spec.assignment.mode)
+    if owner_field is not None:
+        for index, target in enumerate(spec.targets):
+            if target.id in spec.exclude:
+                continue
+            owner = getattr(target, owner_field)
+            if owner is not None:
+                named.setdefault(owner, ("targets", index, owner_field))
+    return named
+
+
+async def load_users(
+    session: AsyncSession, tenant_id: str, wanted: Mapping[str, tuple[str | int, ...]]
+) -> dict[str, User]:
+    """The tenant's users by id; an id the tenant does not have is a 422 naming where it was."""
+    found: dict[str, User] = {}
+    ids = list(wanted)
+    for chunk in chunks(ids):
+        rows = await session.scalars(
+            select(User).where(User.tenant_id == tenant_id, User.id.in_(chunk))
+        )
+        found.update({u.id: u for u in rows})
+    missing = [
+        ErrorDetail(loc, f"unknown user {uid!r}") for uid, loc in wanted.items() if uid not in found
+    ]
+    if missing:
+        raise ValidationError(missing[0].msg if len(missing) == 1 else "unknown users", missing)
+    return found
+
+
+def plan_user(user: User, busy: Iterable[tuple[datetime, datetime]] = ()) -> PlanUser:
+    """Days off are the CRM's and the calendar's together: either keeps the user away."""
+    days_off = frozenset(
+        date.fromisoformat(str(d)) for d in (*user.days_off, *user.provider_days_off)
+    )
+    return PlanUser(
+        id=user.id,
+        name=user.name,
+        email=user.email,
+        mobile=user.mobile,
+        timezone=user.timezone,
+        country=user.country,
+        subdivision=user.subdivision,
+        days_off=days_off,
+        busy=tuple(busy),
+    )
+
+
+async def busy_times(
+    session: AsyncSession, tenant_id: str, user_ids: Iterable[str], since: datetime
+) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Activities already planned for these users: a user is not in two meetings at once."""
+    busy: dict[str, list[tuple[datetime, datetime]]] = {}
+    for chunk in chunks(list(user_ids)):
+        rows = await session.execute(
+            select(Activity.user_id, Activity.start, Activity.end).where(
+                Activity.tenant_id == tenant_id,
+                Activity.user_id.in_(chunk),
+                Activity.deleted.is_(False),
+                Activity.status != "cancelled",
+                Activity.end > since,
+            )
+        )
+        for user_id, start, end in rows:
+            if start is not None and end is not None:
+                busy.setdefault(user_id, []).append((start, end))
+    return busy
+
+
+async def closing_days(session: AsyncSession, tenant_id: str) -> frozenset[date]:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+    return frozenset(date.fromisoformat(str(d)) for d in tenant.closing_days)
+
+
+async def prepare(
+    session: AsyncSession, tenant_id: str, spec: PlanSpec, now: datetime
+) -> PlanContext:
+    """Reads what the plan needs and plans it; a ``PlanError`` is already a 422."""
+    users = await load_users(session, tenant_id, referenced_users(spec))
+    busy: Mapping[str, list[tuple[datetime, datetime]]] = {}
+    if spec.schedule.avoid_busy:
+        busy = await busy_times(session, tenant_id, users, now)
+    request = PlanRequest(
+        targets=spec.targets,
+        template=spec.template,
+        schedule=spec.schedule,
+        assignment=spec.assignment,
+        users={uid: plan_user(u, busy.get(uid, ())) for uid, u in users.items()},
+        now=now,
+        targetgroup_name=spec.targetgroup_name,
+        exclude=spec.exclude,
+        one_per_organisation=spec.one_per_organisation,
+        closing_days=await closing_days(session, tenant_id),
+    )
+    return PlanContext(request=request, plan=plan(request), users=users)
+
+
+async def preview(session: AsyncSession, tenant_id: str, spec: PlanSpec, now: datetime) -> Plan:
+    """``POST /v1/plans``: the plan as it would be committed now; writes nothing."""
+    return (await prepare(session, tenant_id, spec, now)).plan
