@@ -1,0 +1,181 @@
+"""The ``syncsvc`` command: serve | api | worker | migrate | tenants create.
+
+Every command brings the schema up to date first, so a fresh database needs no extra step
+and several processes starting together are fine (see ``store/migrate.py``). Output meant
+for scripts goes to stdout (the new key is the last line of ``tenants create``); everything
+else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from sqlalchemy.exc import DBAPIError
+
+from syncsvc.config import ConfigError, Settings
+from syncsvc.errors import SyncSvcError
+from syncsvc.store.db import Database
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+WORKER_MODULE = "syncsvc.queue.worker"
+
+log = logging.getLogger("syncsvc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncsvc",
+        description="Calendar sync for CRMs. Configured by SYNCSVC_* environment variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="API, workers and scheduler in one process")
+    api = commands.add_parser("api", help="the HTTP API only (run workers apart)")
+    for sub in (serve, api):
+        sub.add_argument("--host", help="address to listen on (default SYNCSVC_HOST)")
+        sub.add_argument("--port", type=int, help="port to listen on (default SYNCSVC_PORT)")
+    commands.add_parser("worker", help="sync workers only")
+    commands.add_parser("migrate", help="bring the database schema up to date")
+    tenants = commands.add_parser("tenants", help="manage tenants")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
+    create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
+    create.add_argument("name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        db = Database(settings.database_url)
+    except SyncSvcError as exc:
+        _print_error(exc)
+        return EXIT_USAGE
+    if args.command in ("serve", "api", "worker"):
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        if settings.uses_dev_secret:
+            log.warning(
+                "SYNCSVC_SECRET_KEY is not set: using the built-in development key; "
+                "set your own for anything but a trial"
+            )
+    try:
+        return asyncio.run(_run(args, settings, db))
+    except SyncSvcError as exc:
+        _print_error(exc)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
+    except (OSError, DBAPIError) as exc:
+        # E.g. the port is taken, or the database went away: no traceback needed to see why.
+        print(f"syncsvc: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    try:
+        try:
+            await db.migrate()
+        except (OSError, DBAPIError) as exc:
+            raise SyncSvcError(f"cannot bring the database up to date: {exc}") from exc
+        if args.command == "migrate":
+            print("database schema is up to date")
+            return EXIT_OK
+        if args.command == "tenants":
+            return await _tenants_create(db, args.name)
+        host: str = getattr(args, "host", None) or settings.host
+        port: int = settings.port if getattr(args, "port", None) is None else args.port
+        if args.command == "serve":
+            await _serve(settings, db, host, port, with_workers=True)
+        elif args.command == "api":
+            await _serve(settings, db, host, port, with_workers=False)
+        else:
+            await _until_stopped(lambda stop: _workers(settings, db, stop))
+        return EXIT_OK
+    finally:
+        await db.aclose()
+
+
+async def _tenants_create(db: Database, name: str) -> int:
+    from syncsvc.service.tenants import create_tenant
+
+    tenant, key = await create_tenant(db, name)
+    print(f"created tenant {tenant.name} ({tenant.id}); its API key, shown only now:")
+    print(key)
+    return EXIT_OK
+
+
+async def _serve(
+    settings: Settings, db: Database, host: str, port: int, with_workers: bool
+) -> None:
+    from aiohttp import web
+
+    from syncsvc.app import build_app
+
+    if with_workers:
+        from syncsvc.service.tenants import DEV_TENANT_NAME, ensure_dev_tenant
+
+        key = await ensure_dev_tenant(db)
+        if key is not None:
+            print(f"created tenant {DEV_TENANT_NAME}; its API key, shown only now:")
+            print(key, flush=True)
+
+    async def run(stop: asyncio.Event) -> None:
+        runner = web.AppRunner(build_app(settings, db))
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            for address in runner.addresses:
+                print(f"listening on http://{_host_port(address)}", flush=True)
+            if with_workers and importlib.util.find_spec(WORKER_MODULE) is not None:
+                await _workers(settings, db, stop)
+            else:
+                await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    await _until_stopped(run)
+
+
+async def _workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
+    from syncsvc.queue.worker import run_workers
+
+    await run_workers(settings, db, stop)
+
+
+async def _until_stopped(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Runs ``body`` until SIGTERM or SIGINT sets its stop event; a second signal is not
+    needed, ``body`` finishes the work in hand and returns."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await body(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+def _host_port(address: object) -> str:
+    """``runner.addresses`` holds socket names: ``(host, port)`` or ``(host, port, …)`` (IPv6)."""
+    assert isinstance(address, tuple)
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _print_error(exc: SyncSvcError) -> None:
+    print(f"syncsvc: {exc.message}", file=sys.stderr)
+    for detail in exc.details:
+        where = ".".join(str(part) for part in detail.loc)
+        print(f"  {where}: {detail.msg}" if where else f"  {detail.msg}", file=sys.stderr)
