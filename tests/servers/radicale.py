@@ -53,7 +53,9 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
             return  # It answers HTTP: it is up.
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"radicale did not answer within {RADICALE_START_TIMEOUT_S} s: {log.read_text()}")
+    raise RuntimeError(
+        f"radicale did not answer within {RADICALE_START_TIMEOUT_S} s: {log.read_text()}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +78,6 @@ def radicale_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "none",
                 "--storage-filesystem-folder",
                 str(folder / "collections"),
-                "--storage-_filesystem_fsync",
-                "False",
                 "--logging-level",
                 "warning",
             ],
@@ -101,18 +101,19 @@ async def new_calendar(
     session: aiohttp.ClientSession, radicale_url: str, user: str = RADICALE_USER
 ) -> str:
     """MKCALENDAR a fresh, empty VEVENT collection for ``user``; returns its URL (ending ``/``)."""
-    auth = aiohttp.BasicAuth(user, RADICALE_PASSWORD)
+    auth = {"Authorization": aiohttp.encode_basic_auth(user, RADICALE_PASSWORD)}
     # Radicale creates the principal collection /<user>/ on the user's first request.
-    async with session.request("PROPFIND", f"{radicale_url}{user}/", auth=auth) as response:
+    async with session.request("PROPFIND", f"{radicale_url}{user}/", headers=auth) as response:
         await response.read()
     url = f"{radicale_url}{user}/{uuid.uuid4().hex}/"
     async with session.request(
         "MKCALENDAR",
         url,
         data=_MKCALENDAR_BODY,
-        headers={"Content-Type": "application/xml; charset=utf-8"},
-        auth=auth,
+        headers={"Content-Type": "application/xml; charset=utf-8", **auth},
     ) as response:
         if response.status != 201:
-            raise RuntimeError(f"MKCALENDAR {url} answered {response.status}: {await response.text()}")
+            raise RuntimeError(
+                f"MKCALENDAR {url} answered {response.status}: {await response.text()}"
+            )
     return url

@@ -1,0 +1,1 @@
+"""One suite of behaviour tests every calendar provider passes (vdirsyncer style)."""
