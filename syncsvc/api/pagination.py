@@ -1,0 +1,129 @@
+"""Lists: ``?limit=&cursor=`` keyset pagination, ``{"items", "next_cursor"}``, and CSV export.
+
+The cursor is opaque to clients: base64url of the JSON list of the last row's sort key. A
+service lists ``limit + 1`` rows after ``decode_cursor(query.cursor)``; ``page()`` cuts the
+extra row off and turns it into ``next_cursor``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+from collections.abc import AsyncIterable, Callable, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, Field, field_validator
+
+from syncsvc.errors import ErrorDetail, ValidationError
+
+LIMIT_DEFAULT = 50
+LIMIT_MAX = 500
+CURSOR_MAX_CHARS = 1000
+#: Rows written to the socket per chunk of a CSV export.
+CSV_FLUSH_ROWS = 500
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class PageQuery(BaseModel):
+    """``limit`` above the maximum is clamped (the contract), below 1 refused."""
+
+    limit: int = Field(
+        default=LIMIT_DEFAULT,
+        ge=1,
+        description=f"Page size; default {LIMIT_DEFAULT}, values above {LIMIT_MAX} are clamped.",
+    )
+    cursor: str | None = Field(
+        default=None,
+        max_length=CURSOR_MAX_CHARS,
+        description="The `next_cursor` of the previous page.",
+    )
+
+    @field_validator("limit")
+    @classmethod
+    def _clamp(cls, value: int) -> int:
+        return min(value, LIMIT_MAX)
+
+
+class ExportQuery(PageQuery):
+    """A list that can also be exported whole as CSV (``?format=csv``)."""
+
+    format: Literal["json", "csv"] = Field(
+        default="json", description="`csv`: every row, one CSV with a header, unpaginated."
+    )
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+def encode_cursor(key: Sequence[str | int | float | None]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> list[Any] | None:
+    """The sort key a cursor stands for; anything not made by ``encode_cursor`` is a 422."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise _bad_cursor() from exc
+    if not isinstance(key, list):
+        raise _bad_cursor()
+    return key
+
+
+def _bad_cursor() -> ValidationError:
+    return ValidationError(
+        "the cursor is not valid", [ErrorDetail(("query", "cursor"), "not a cursor from this API")]
+    )
+
+
+def page(
+    rows: Sequence[R], limit: int, item: Callable[[R], T], sort_key: Callable[[R], Sequence[Any]]
+) -> Page[T]:
+    """A page from ``limit + 1`` fetched rows: the extra row only says that more exist."""
+    shown = rows[:limit]
+    more = len(rows) > limit and bool(shown)
+    return Page[T](
+        items=[item(row) for row in shown],
+        next_cursor=encode_cursor(sort_key(shown[-1])) if more else None,
+    )
+
+
+async def csv_response(
+    request: web.Request,
+    header: Sequence[str],
+    rows: AsyncIterable[Sequence[Any]],
+    filename: str = "export.csv",
+) -> web.StreamResponse:
+    """Streams one CSV (header + every row) without holding the whole export in memory."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        }
+    )
+    await response.prepare(request)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    count = 0
+    async for row in rows:
+        writer.writerow(["" if value is None else value for value in row])
+        count += 1
+        if count % CSV_FLUSH_ROWS == 0:
+            await response.write(buffer.getvalue().encode())
+            buffer.seek(0)
+            buffer.truncate()
+    await response.write(buffer.getvalue().encode())
+    await response.write_eof()
+    return response

@@ -1,0 +1,55 @@
+"""Builds the aiohttp application: typed state, middlewares, and every API module's routes.
+
+No business rules here: handlers live in ``syncsvc/api/<resource>.py`` and call ``service``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+
+from syncsvc.api._framework import DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
+from syncsvc.api._framework import openapi_document as _openapi_document
+from syncsvc.api.middleware import MIDDLEWARES
+from syncsvc.config import Settings
+from syncsvc.metrics import Metrics
+from syncsvc.store.crypto import SecretBox
+from syncsvc.store.db import Database
+
+#: Every ``syncsvc/api/<name>.py`` with a ``routes = Routes(...)`` table. Adding a resource is
+#: adding its name here.
+API_MODULES = ("health",)
+API_TITLE = "syncsvc"
+
+
+def api_routes() -> list[Routes]:
+    tables: list[Routes] = []
+    for name in API_MODULES:
+        table = importlib.import_module(f"syncsvc.api.{name}").routes
+        if not isinstance(table, Routes):
+            raise TypeError(f"syncsvc.api.{name}.routes is not a Routes table")
+        tables.append(table)
+    return tables
+
+
+def build_app(settings: Settings, db: Database) -> web.Application:
+    """The API application; the caller owns ``db`` (and closes it)."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=MIDDLEWARES)
+    app[SETTINGS] = settings
+    app[DB] = db
+    app[SECRET_BOX] = SecretBox(settings.secret_key)
+    app[METRICS] = Metrics()
+    endpoints = [ep for table in api_routes() for ep in table.endpoints]
+    for ep in endpoints:
+        app.router.add_route(ep.method, ep.path, ep)
+    app[OPENAPI] = _openapi_document(endpoints, title=API_TITLE, version=_version())
+    return app
+
+
+def _version() -> str:
+    try:
+        return version("syncsvc")
+    except PackageNotFoundError:
+        return "0.0.0"

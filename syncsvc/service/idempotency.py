@@ -1,0 +1,114 @@
+"""``Idempotency-Key`` on POST: the first 2xx answer is stored and replayed for the same body.
+
+A key is first *reserved* (``status`` 0) before the handler runs, so two concurrent requests
+with one key cannot both act: the second gets a 409. Only 2xx answers are kept; any other
+outcome releases the reservation so the client may retry with the same key. A reservation
+left by a crashed process expires after ``RESERVATION_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+
+from syncsvc.errors import Conflict, ErrorDetail
+from syncsvc.store.db import Database
+from syncsvc.store.models import IdempotencyKey
+from syncsvc.store.types import utcnow
+
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+RESERVATION_TTL_S = 300
+_RESERVED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    status: int
+    content_type: str | None
+    body: str | None
+
+
+def request_hash(method: str, path: str, body: bytes) -> str:
+    """The same key is only the same request for the same method, path and body bytes."""
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _mismatch(key: str) -> Conflict:
+    return Conflict(
+        "this Idempotency-Key was used with another request",
+        [ErrorDetail(("header", "Idempotency-Key"), f"{key!r} belongs to another request")],
+    )
+
+
+async def begin(
+    db: Database, tenant_id: str, key: str, method: str, path: str, digest: str
+) -> StoredAnswer | None:
+    """The stored answer to replay, or None after reserving the key for this request."""
+    async with db.session() as session, session.begin():
+        row = await session.get(IdempotencyKey, (tenant_id, key))
+        if row is not None:
+            if row.request_hash != digest:
+                raise _mismatch(key)
+            if row.status != _RESERVED:
+                return StoredAnswer(
+                    row.status, row.response.get("content_type"), row.response.get("body")
+                )
+            if row.created_at > utcnow() - timedelta(seconds=RESERVATION_TTL_S):
+                raise Conflict(
+                    "a request with this Idempotency-Key is still in progress",
+                    [ErrorDetail(("header", "Idempotency-Key"), "in progress; retry later")],
+                )
+            row.created_at = utcnow()
+            return None
+    try:
+        async with db.session() as session, session.begin():
+            session.add(
+                IdempotencyKey(
+                    tenant_id=tenant_id,
+                    key=key,
+                    method=method,
+                    path=path,
+                    request_hash=digest,
+                    status=_RESERVED,
+                    response={},
+                )
+            )
+    except IntegrityError as exc:
+        raise Conflict(
+            "a request with this Idempotency-Key is still in progress",
+            [ErrorDetail(("header", "Idempotency-Key"), "in progress; retry later")],
+        ) from exc
+    return None
+
+
+async def finish(
+    db: Database, tenant_id: str, key: str, status: int, content_type: str | None, body: str | None
+) -> None:
+    """Keeps a 2xx answer for replays."""
+    response: dict[str, Any] = {"content_type": content_type, "body": body}
+    async with db.session() as session, session.begin():
+        row = await session.get(IdempotencyKey, (tenant_id, key))
+        if row is not None:
+            row.status = status
+            row.response = response
+
+
+async def release(db: Database, tenant_id: str, key: str) -> None:
+    """Forgets a reservation whose request did not succeed."""
+    async with db.session() as session, session.begin():
+        await session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.tenant_id == tenant_id,
+                IdempotencyKey.key == key,
+                IdempotencyKey.status == _RESERVED,
+            )
+        )
