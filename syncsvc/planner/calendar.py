@@ -2,7 +2,8 @@
 
 Windows are local wall-clock times, so each slot is placed in the user's own IANA zone; a day
 with a DST change is checked slot by slot (a start in the spring-forward gap is skipped, an
-ambiguous one takes its first occurrence, ``fold=0``), every other day takes the fast path.
+end in it is moved to the real instant the meeting ends, an ambiguous time takes its first
+occurrence, ``fold=0``); every other day takes the fast path.
 """
 
 from __future__ import annotations
@@ -166,8 +167,11 @@ def free_days(
             for start_t, end_t in day_slots:
                 start = combine(day, start_t, zone)
                 end = combine(day, end_t, zone)
-                if dst_day and not (_is_real(start) and _is_real(end)):
-                    continue
+                if dst_day:
+                    if not _is_real(start):
+                        continue
+                    if not _is_real(end):
+                        end = end.astimezone(UTC).astimezone(zone)
                 if day == today and start < now:
                     continue
                 if busy is not None and busy.overlaps(start.timestamp(), end.timestamp()):
