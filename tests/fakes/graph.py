@@ -1,0 +1,1334 @@
+"""A faithful local stand-in for Microsoft Graph (calendar parts) and its Entra ID token service.
+
+Real clients talk to it unchanged: MSAL fetches the tenant's OpenID configuration and a
+client-credentials token over https, and the Graph adapter sends the same requests it sends to
+``graph.microsoft.com``. The fake keeps Graph's habits that matter to syncsvc (docs/providers.md):
+``transactionId`` idempotency, extended properties and the ``$filter`` that finds them, paging
+with ``@odata.nextLink``, ``$batch`` of at most 20 with per-item throttling, ``400`` for bodies
+Graph would reject, and the Outlook limits per mailbox (requests per window and 4 concurrent
+requests) answered with ``429`` and ``Retry-After``. It records what every mailbox saw so tests
+and benchmarks can assert that a client respected those limits.
+
+Routes live in one table (``FakeGraph._routes``); change notifications (``/subscriptions``) and
+delta queries slot in as more rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime as dt
+import json
+import math
+import random
+import re
+import secrets
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from aiohttp import web
+
+from tests.fakes._tls import TlsFiles, make_self_signed
+
+GRAPH_PATH_PREFIX = "/v1.0"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+GRAPH_BATCH_MAX = 20
+GRAPH_PAGE_SIZE_DEFAULT = 10
+GRAPH_PAGE_SIZE_MAX = 1000
+GET_SCHEDULE_MAX_SCHEDULES = 100
+TOKEN_LIFETIME_S = 3599
+
+SHOW_AS = ("free", "tentative", "busy", "oof", "workingElsewhere", "unknown")
+#: getSchedule's availabilityView digits, and which status wins when events overlap.
+AVAILABILITY_DIGIT = {
+    "free": "0",
+    "tentative": "1",
+    "busy": "2",
+    "oof": "3",
+    "workingElsewhere": "4",
+}
+STATUS_PRECEDENCE = ("oof", "busy", "tentative", "workingElsewhere", "free")
+
+#: Windows time zone names Graph accepts next to IANA names (the ones our users meet).
+WINDOWS_ZONES = {
+    "UTC": "UTC",
+    "Coordinated Universal Time": "UTC",
+    "GMT Standard Time": "Europe/London",
+    "Greenwich Standard Time": "Atlantic/Reykjavik",
+    "W. Europe Standard Time": "Europe/Berlin",
+    "Romance Standard Time": "Europe/Paris",
+    "Central Europe Standard Time": "Europe/Budapest",
+    "Central European Standard Time": "Europe/Warsaw",
+    "FLE Standard Time": "Europe/Helsinki",
+    "Eastern Standard Time": "America/New_York",
+    "Central Standard Time": "America/Chicago",
+    "Mountain Standard Time": "America/Denver",
+    "Pacific Standard Time": "America/Los_Angeles",
+}
+
+
+# --- Knobs and records ------------------------------------------------------------------------
+
+
+@dataclass
+class ThrottleLimits:
+    """Outlook limits per mailbox (docs/providers.md); mutable so a test can tighten them."""
+
+    requests: int = 10_000
+    window_s: float = 600.0
+    concurrency: int = 4
+    #: Retry-After given with a MailboxConcurrency 429.
+    concurrency_retry_after_s: int = 1
+    #: Time every accepted request takes, so concurrent requests really overlap.
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected failure: answer ``status`` (with ``Retry-After`` if set), or first hang."""
+
+    status: int = 503
+    retry_after_s: int | None = 2
+    hang_s: float | None = None
+
+
+@dataclass
+class FaultPlan:
+    """A ``fraction`` of accepted Graph calls fail with ``fault`` (seeded, so runs repeat)."""
+
+    fraction: float = 0.0
+    fault: Fault = field(default_factory=Fault)
+    seed: int = 0
+
+
+@dataclass
+class MailboxStats:
+    """What one mailbox saw. ``early`` counts requests sent while a Retry-After was running."""
+
+    requests: int = 0
+    accepted: int = 0
+    throttled: int = 0
+    early: int = 0
+    faults: int = 0
+    max_concurrency: int = 0
+    #: ``time.monotonic()`` of every accepted request.
+    accepted_at: list[float] = field(default_factory=list)
+    throttled_at: list[float] = field(default_factory=list)
+
+
+@dataclass
+class FakeEvent:
+    """An event as the fake stores it; ``start``/``end`` are aware (all-day: local midnights)."""
+
+    id: str
+    change_key: str
+    ical_uid: str
+    created: dt.datetime
+    modified: dt.datetime
+    props: dict[str, Any]
+    start: dt.datetime
+    end: dt.datetime
+    is_all_day: bool
+    extended: dict[str, str]
+    transaction_id: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return str(self.props.get("subject") or "")
+
+    @property
+    def show_as(self) -> str:
+        return str(self.props.get("showAs") or "busy")
+
+    def extended_value(self, name: str) -> str | None:
+        """The value of the String extended property called ``name`` (any property set)."""
+        suffix = f" name {name}".lower()
+        for key, value in self.extended.items():
+            if key.lower().endswith(suffix):
+                return value
+        return None
+
+
+@dataclass
+class _Mailbox:
+    address: str
+    timezone: str
+    events: dict[str, FakeEvent] = field(default_factory=dict)
+    by_transaction: dict[str, str] = field(default_factory=dict)
+    auto_replies: dict[str, Any] = field(default_factory=dict)
+    stats: MailboxStats = field(default_factory=MailboxStats)
+    window: deque[float] = field(default_factory=deque)
+    in_flight: int = 0
+    penalty_until: float = 0.0
+    penalty_message: str = ""
+    denied: bool = False
+    scripted: deque[Fault] = field(default_factory=deque)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]  # lower-case names
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class GraphError(Exception):
+    """A Graph error answer: ``{"error": {"code", "message", "innerError"}}``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def response(self) -> _Response:
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        body = {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "innerError": {"date": now, "request-id": str(uuid.uuid4())},
+            }
+        }
+        return _Response(self.status, body, self.headers)
+
+
+Handler = Callable[["_Request", "_Mailbox | None", re.Match[str]], Awaitable[_Response]]
+
+
+# --- Body validation, the way Graph's OData reader does it ------------------------------------
+
+
+def _read_error(message: str) -> GraphError:
+    return GraphError(400, "RequestBodyRead", message)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], edm: str, where: str) -> None:
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise _read_error(
+            f"Cannot convert the literal '{json.dumps(value)}' to the expected type '{edm}' "
+            f"(property '{where}')."
+        )
+
+
+def _check_object(value: Any, type_name: str, allowed: Mapping[str, str], where: str) -> None:
+    _expect(value, dict, type_name, where)
+    for key, kind in value.items():
+        if key not in allowed:
+            raise _read_error(
+                f"The property '{key}' does not exist on type '{type_name}'. Make sure to only "
+                "use property names that are defined by the type or mark the type as open type."
+            )
+        _check_value(value[key], kind, f"{where}.{key}")
+
+
+_OBJECTS: dict[str, tuple[str, dict[str, str]]] = {
+    "itemBody": ("microsoft.graph.itemBody", {"contentType": "bodyType", "content": "string"}),
+    "dateTimeTimeZone": (
+        "microsoft.graph.dateTimeTimeZone",
+        {"dateTime": "string", "timeZone": "string"},
+    ),
+    "location": (
+        "microsoft.graph.location",
+        {
+            "displayName": "string",
+            "locationType": "string",
+            "locationUri": "string",
+            "locationEmailAddress": "string",
+            "uniqueId": "string",
+            "uniqueIdType": "string",
+            "address": "any",
+            "coordinates": "any",
+        },
+    ),
+    "emailAddress": ("microsoft.graph.emailAddress", {"address": "string", "name": "string"}),
+    "attendee": (
+        "microsoft.graph.attendee",
+        {"emailAddress": "emailAddress", "type": "attendeeType", "status": "any"},
+    ),
+    "extendedProperty": (
+        "microsoft.graph.singleValueLegacyExtendedProperty",
+        {"id": "string", "value": "string"},
+    ),
+}
+_ENUMS = {
+    "bodyType": ("microsoft.graph.bodyType", ("text", "html")),
+    "attendeeType": ("microsoft.graph.attendeeType", ("required", "optional", "resource")),
+    "freeBusyStatus": ("microsoft.graph.freeBusyStatus", SHOW_AS),
+    "importance": ("microsoft.graph.importance", ("low", "normal", "high")),
+    "sensitivity": (
+        "microsoft.graph.sensitivity",
+        ("normal", "personal", "private", "confidential"),
+    ),
+}
+#: Writable event properties we model; anything else is rejected like an unknown property.
+EVENT_PROPERTIES = {
+    "@odata.type": "string",
+    "subject": "string",
+    "body": "itemBody",
+    "location": "location",
+    "locations": "list:location",
+    "start": "dateTimeTimeZone",
+    "end": "dateTimeTimeZone",
+    "isAllDay": "bool",
+    "showAs": "freeBusyStatus",
+    "isReminderOn": "bool",
+    "reminderMinutesBeforeStart": "int",
+    "attendees": "list:attendee",
+    "importance": "importance",
+    "sensitivity": "sensitivity",
+    "categories": "list:string",
+    "transactionId": "string",
+    "singleValueExtendedProperties": "list:extendedProperty",
+    "responseRequested": "bool",
+    "allowNewTimeProposals": "bool",
+    "hideAttendees": "bool",
+}
+GET_SCHEDULE_PROPERTIES = {
+    "schedules": "list:string",
+    "startTime": "dateTimeTimeZone",
+    "endTime": "dateTimeTimeZone",
+    "availabilityViewInterval": "int",
+}
+
+
+def _check_value(value: Any, kind: str, where: str) -> None:
+    if value is None or kind == "any":
+        return  # Graph's event properties are nullable; required ones are checked afterwards.
+    if kind.startswith("list:"):
+        _expect(value, list, f"Collection({kind[5:]})", where)
+        for index, item in enumerate(value):
+            if item is None:
+                raise _read_error(f"A null value was found in collection '{where}'.")
+            _check_value(item, kind[5:], f"{where}[{index}]")
+    elif kind == "string":
+        _expect(value, str, "Edm.String", where)
+    elif kind == "bool":
+        _expect(value, bool, "Edm.Boolean", where)
+    elif kind == "int":
+        _expect(value, int, "Edm.Int32", where)
+    elif kind in _ENUMS:
+        type_name, members = _ENUMS[kind]
+        _expect(value, str, type_name, where)
+        if value not in members:
+            raise _read_error(
+                f"Cannot convert the literal '{value}' to the expected type '{type_name}'."
+            )
+    else:
+        type_name, allowed = _OBJECTS[kind]
+        _check_object(value, type_name, allowed, where)
+
+
+def _check_body(body: Any, allowed: Mapping[str, str], type_name: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _read_error("The request body must be a JSON object.")
+    _check_object(body, type_name, allowed, "body")
+    return body
+
+
+def zone_for(name: str) -> dt.tzinfo | None:
+    """The zone for an IANA or (known) Windows name, or None as Graph's 'not supported'."""
+    target = WINDOWS_ZONES.get(name, name)
+    if target == "UTC":
+        return dt.UTC
+    try:
+        return ZoneInfo(target)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+_FRACTION = re.compile(r"\.(\d{1,7})")
+
+
+def _parse_local(text: str) -> dt.datetime | None:
+    """Graph's ``dateTime``: ``2027-06-16T09:00:00`` with up to 7 fraction digits."""
+    trimmed = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
+    if "T" not in trimmed:
+        return None
+    try:
+        return dt.datetime.fromisoformat(trimmed)
+    except ValueError:
+        return None
+
+
+def parse_date_time_time_zone(value: Mapping[str, Any], where: str) -> dt.datetime:
+    """``{"dateTime", "timeZone"}`` → an aware datetime, or the 400 Graph answers."""
+    zone_name = value.get("timeZone")
+    raw = value.get("dateTime")
+    if not isinstance(raw, str) or not isinstance(zone_name, str):
+        raise GraphError(400, "ErrorInvalidRequest", f"{where} needs dateTime and timeZone.")
+    zone = zone_for(zone_name)
+    if zone is None:
+        raise GraphError(
+            400,
+            "TimeZoneNotSupportedException",
+            "A valid TimeZone value must be specified. The following TimeZone value is not "
+            f"supported: '{zone_name}'.",
+        )
+    parsed = _parse_local(raw)
+    if parsed is None:
+        raise GraphError(400, "UnableToDeserializePostBody", "were unable to deserialize ")
+    if parsed.tzinfo is not None:
+        return parsed.astimezone(zone)
+    return parsed.replace(tzinfo=zone)
+
+
+def format_graph_time(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + ".0000000"
+
+
+_EXTENDED_ID = re.compile(
+    r"^(String|Integer|Boolean|SystemTime|Binary|Double|Currency|Long|Short|Float|CLSID)"
+    r" \{[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\}"
+    r" (Name \S.*|Id 0x[0-9a-fA-F]+)$"
+)
+_ANY_FILTER = re.compile(
+    r"^\s*singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id\s+eq\s+'((?:[^']|'')*)'"
+    r"\s+and\s+\1/value\s+eq\s+'((?:[^']|'')*)'\s*\)\s*$",
+    re.IGNORECASE,
+)
+_EXPAND = re.compile(r"^\s*singleValueExtendedProperties(?:\((.*)\))?\s*$", re.IGNORECASE)
+_QUOTED = re.compile(r"'((?:[^']|'')*)'")
+_PREFER_TZ = re.compile(r'outlook\.timezone\s*=\s*"([^"]+)"', re.IGNORECASE)
+
+
+def _unquote_odata(text: str) -> str:
+    return text.replace("''", "'")
+
+
+def _new_id() -> str:
+    return "AAMkAD" + base64.urlsafe_b64encode(secrets.token_bytes(30)).decode() + "AAA="
+
+
+def _new_change_key() -> str:
+    return base64.b64encode(secrets.token_bytes(12)).decode()
+
+
+# --- The server -------------------------------------------------------------------------------
+
+
+class FakeGraph:
+    """Entra ID token endpoints plus the Graph calendar API, on one https port."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str = "11111111-2222-3333-4444-555555555555",
+        client_id: str = "syncsvc-test-client",
+        client_secret: str = "s3cret-value",
+        token_lifetime_s: int = TOKEN_LIFETIME_S,
+        limits: ThrottleLimits | None = None,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_lifetime_s = token_lifetime_s
+        self.limits = limits or ThrottleLimits()
+        self.faults = FaultPlan()
+        self._rng = random.Random(0)
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._tokens: dict[str, float] = {}
+        #: Every token request (successful or not), and every HTTP request to Graph.
+        self.token_requests = 0
+        self.round_trips: list[tuple[str, str]] = []
+        self.tls: TlsFiles | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
+            ("POST", re.compile(r"^/users/([^/]+)/(?:calendar/)?events$"), self._create_event),
+            ("GET", re.compile(r"^/users/([^/]+)/(?:calendar/)?events$"), self._list_events),
+            ("GET", re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"), self._get_event),
+            (
+                "PATCH",
+                re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"),
+                self._patch_event,
+            ),
+            (
+                "DELETE",
+                re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"),
+                self._delete_event,
+            ),
+            (
+                "GET",
+                re.compile(r"^/users/([^/]+)/(?:calendar/)?calendarView$"),
+                self._calendar_view,
+            ),
+            (
+                "GET",
+                re.compile(r"^/users/([^/]+)/mailboxSettings/automaticRepliesSetting$"),
+                self._automatic_replies,
+            ),
+            ("POST", re.compile(r"^/users/([^/]+)/calendar/getSchedule$"), self._get_schedule),
+        ]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def authority_url(self) -> str:
+        """The authority *host*: clients append ``/<tenant id>`` like login.microsoftonline.com."""
+        return self.base_url
+
+    @property
+    def graph_url(self) -> str:
+        return self.base_url + GRAPH_PATH_PREFIX
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.tls is not None, "start() the fake first"
+        return self.tls.cert_path
+
+    async def start(self, directory: Path) -> None:
+        self.tls = make_self_signed(directory, "graph")
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+        app.router.add_route("*", GRAPH_PATH_PREFIX + "/{tail:.*}", self._graph_http)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, "127.0.0.1", 0, ssl_context=self.tls.server_context(), shutdown_timeout=1
+        )
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- direct access for tests -------------------------------------------------------------
+
+    def add_mailbox(self, address: str, timezone: str = "UTC") -> None:
+        self._mailboxes[address.lower()] = _Mailbox(address=address, timezone=timezone)
+        self.set_automatic_replies(address, "disabled")
+
+    def mailbox_events(self, address: str) -> list[FakeEvent]:
+        """A copy of the mailbox's events, oldest first."""
+        return [copy.deepcopy(e) for e in self._mailbox(address).events.values()]
+
+    def stats(self, address: str) -> MailboxStats:
+        return self._mailbox(address).stats
+
+    def deny(self, address: str, denied: bool = True) -> None:
+        """Make the mailbox answer 403 ErrorAccessDenied (the app lost its permission)."""
+        self._mailbox(address).denied = denied
+
+    def script_faults(self, address: str, *faults: Fault) -> None:
+        """The next accepted calls to this mailbox fail with these faults, in order."""
+        self._mailbox(address).scripted.extend(faults)
+
+    def reset_throttling(self, limits: ThrottleLimits | None = None) -> None:
+        """New limits; forgets windows and penalties (not stats) of every mailbox."""
+        self.limits = limits or ThrottleLimits()
+        for box in self._mailboxes.values():
+            box.window.clear()
+            box.penalty_until = 0.0
+
+    def revoke_tokens(self) -> None:
+        self._tokens.clear()
+
+    def add_foreign_event(
+        self,
+        address: str,
+        subject: str,
+        start: dt.datetime | dt.date,
+        end: dt.datetime | dt.date,
+        *,
+        show_as: str = "busy",
+        timezone: str | None = None,
+    ) -> str:
+        """An event the user made themselves. Dates (not datetimes) make an all-day event;
+        ``end`` is exclusive as in Graph."""
+        box = self._mailbox(address)
+        zone_name = timezone or box.timezone
+        zone = zone_for(zone_name)
+        assert zone is not None, zone_name
+        all_day = not isinstance(start, dt.datetime)
+
+        def as_local(value: dt.datetime | dt.date) -> dt.datetime:
+            if isinstance(value, dt.datetime):
+                return value.astimezone(zone) if value.tzinfo else value.replace(tzinfo=zone)
+            return dt.datetime.combine(value, dt.time(), zone)
+
+        begin, finish = as_local(start), as_local(end)
+        props = {
+            "subject": subject,
+            "showAs": show_as,
+            "isAllDay": all_day,
+            "start": {"dateTime": format_graph_time(begin), "timeZone": zone_name},
+            "end": {"dateTime": format_graph_time(finish), "timeZone": zone_name},
+        }
+        event = self._store(box, props, begin, finish, all_day, {}, None)
+        return event.id
+
+    def set_automatic_replies(
+        self,
+        address: str,
+        status: str,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+    ) -> None:
+        """``status`` is disabled / alwaysEnabled / scheduled; the window is kept in UTC."""
+        box = self._mailbox(address)
+        now = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+        begin = (start or now).astimezone(dt.UTC)
+        finish = (end or now + dt.timedelta(days=1)).astimezone(dt.UTC)
+        box.auto_replies = {
+            "status": status,
+            "externalAudience": "all",
+            "internalReplyMessage": "I am away.",
+            "externalReplyMessage": "I am away.",
+            "scheduledStartDateTime": {"dateTime": format_graph_time(begin), "timeZone": "UTC"},
+            "scheduledEndDateTime": {"dateTime": format_graph_time(finish), "timeZone": "UTC"},
+        }
+
+    # -- Entra ID ------------------------------------------------------------------------------
+
+    def _aad_error(self, status: int, error: str, code: int, description: str) -> web.Response:
+        body = {
+            "error": error,
+            "error_description": f"AADSTS{code}: {description} Trace ID: {uuid.uuid4()}",
+            "error_codes": [code],
+            "timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
+            "trace_id": str(uuid.uuid4()),
+            "correlation_id": str(uuid.uuid4()),
+            "error_uri": f"{self.base_url}/error?code={code}",
+        }
+        return web.json_response(body, status=status)
+
+    async def _openid(self, request: web.Request) -> web.Response:
+        tenant = request.match_info["tenant"]
+        if tenant != self.tenant_id:
+            return self._aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
+        root = f"{self.base_url}/{tenant}"
+        return web.json_response(
+            {
+                "issuer": f"{root}/v2.0",
+                "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
+                "token_endpoint": f"{root}/oauth2/v2.0/token",
+                "jwks_uri": f"{root}/discovery/v2.0/keys",
+                "response_types_supported": ["code", "id_token", "code id_token", "token id_token"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "tenant_region_scope": "EU",
+            }
+        )
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        form = await request.post()
+        tenant = request.match_info["tenant"]
+        if tenant != self.tenant_id:
+            return self._aad_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if form.get("grant_type") != "client_credentials":
+            return self._aad_error(
+                400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type."
+            )
+        client_id = str(form.get("client_id") or "")
+        if client_id != self.client_id:
+            return self._aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory.",
+            )
+        if form.get("client_secret") != self.client_secret:
+            return self._aad_error(
+                401,
+                "invalid_client",
+                7000215,
+                "Invalid client secret provided. Ensure the secret being sent in the request "
+                "is the client secret value, not the client secret ID.",
+            )
+        scopes = str(form.get("scope") or "").split()
+        if scopes != [GRAPH_SCOPE]:
+            return self._aad_error(
+                400,
+                "invalid_scope",
+                1002012,
+                f"The provided value for scope {' '.join(scopes)} is not valid. Client "
+                "credential flows must have a scope value with /.default suffixed.",
+            )
+        token = "fake." + secrets.token_urlsafe(24)
+        self._tokens[token] = time.monotonic() + self.token_lifetime_s
+        return web.json_response(
+            {
+                "token_type": "Bearer",
+                "expires_in": self.token_lifetime_s,
+                "ext_expires_in": self.token_lifetime_s,
+                "access_token": token,
+            }
+        )
+
+    # -- Graph over HTTP -----------------------------------------------------------------------
+
+    async def _graph_http(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        self.round_trips.append((request.method, path))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        body: Any = None
+        if request.can_read_body:
+            raw = await request.read()
+            if raw.strip():
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    return self._to_http(
+                        GraphError(
+                            400, "BadRequest", "Unable to read JSON request payload."
+                        ).response()
+                    )
+        req = _Request(request.method, path, dict(request.query), headers, body)
+        unauthorized = self._check_token(headers)
+        if unauthorized is not None:
+            return self._to_http(unauthorized)
+        if path == "/$batch" and request.method == "POST":
+            result = await self._batch(req)
+        else:
+            result = await self._dispatch(req)
+        return self._to_http(result)
+
+    @staticmethod
+    def _to_http(result: _Response) -> web.StreamResponse:
+        if result.body is None:
+            return web.Response(status=result.status, headers=result.headers)
+        return web.json_response(result.body, status=result.status, headers=result.headers)
+
+    def _check_token(self, headers: Mapping[str, str]) -> _Response | None:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            error = GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
+        elif self._tokens.get(token, 0.0) < time.monotonic():
+            error = GraphError(
+                401, "InvalidAuthenticationToken", "Access token validation failure."
+            )
+        else:
+            return None
+        error.headers["WWW-Authenticate"] = 'Bearer realm="", error="invalid_token"'
+        return error.response()
+
+    def _mailbox(self, address: str) -> _Mailbox:
+        return self._mailboxes[address.lower()]
+
+    async def _dispatch(self, req: _Request) -> _Response:
+        """Routes one (possibly batched) request: auth was checked by the caller."""
+        for method, pattern, handler in self._routes:
+            match = pattern.match(req.path)
+            if match is None or method != req.method:
+                continue
+            box = self._mailboxes.get(unquote(match.group(1)).lower())
+            if box is None:
+                user = unquote(match.group(1))
+                return GraphError(
+                    404, "ErrorInvalidUser", f"The requested user '{user}' is invalid."
+                ).response()
+            if box.denied:
+                return GraphError(
+                    403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
+                ).response()
+            return await self._metered(box, req, match, handler)
+        segment = req.path.strip("/").split("/")[0] or req.path
+        return GraphError(
+            400, "BadRequest", f"Resource not found for the segment '{segment}'."
+        ).response()
+
+    # -- throttling and faults -----------------------------------------------------------------
+
+    def _admit(self, box: _Mailbox) -> _Response | None:
+        """The Outlook limits: a running penalty, the request window, then concurrency."""
+        now = time.monotonic()
+        stats = box.stats
+        stats.requests += 1
+        limits = self.limits
+        if now < box.penalty_until:
+            stats.early += 1
+            return self._throttled(box, now, math.ceil(box.penalty_until - now), None)
+        while box.window and box.window[0] <= now - limits.window_s:
+            box.window.popleft()
+        if len(box.window) >= limits.requests:
+            wait_s = max(1, math.ceil(box.window[0] + limits.window_s - now))
+            return self._throttled(
+                box, now, wait_s, "Application is over its MailboxRequests limit."
+            )
+        if box.in_flight >= limits.concurrency:
+            return self._throttled(
+                box,
+                now,
+                limits.concurrency_retry_after_s,
+                "Application is over its MailboxConcurrency limit.",
+            )
+        box.window.append(now)
+        stats.accepted += 1
+        stats.accepted_at.append(now)
+        return None
+
+    @staticmethod
+    def _throttled(box: _Mailbox, now: float, wait_s: int, message: str | None) -> _Response:
+        if message is not None:
+            box.penalty_until = now + wait_s
+            box.penalty_message = message
+        box.stats.throttled += 1
+        box.stats.throttled_at.append(now)
+        return GraphError(
+            429, "ApplicationThrottled", box.penalty_message, {"Retry-After": str(wait_s)}
+        ).response()
+
+    def _next_fault(self, box: _Mailbox) -> Fault | None:
+        if box.scripted:
+            return box.scripted.popleft()
+        if self.faults.fraction > 0 and self._rng.random() < self.faults.fraction:
+            return self.faults.fault
+        return None
+
+    def set_faults(self, plan: FaultPlan) -> None:
+        self.faults = plan
+        self._rng = random.Random(plan.seed)
+
+    async def _metered(
+        self, box: _Mailbox, req: _Request, match: re.Match[str], handler: Handler
+    ) -> _Response:
+        rejected = self._admit(box)
+        if rejected is not None:
+            return rejected
+        box.in_flight += 1
+        box.stats.max_concurrency = max(box.stats.max_concurrency, box.in_flight)
+        try:
+            if self.limits.latency_s > 0:
+                await asyncio.sleep(self.limits.latency_s)
+            fault = self._next_fault(box)
+            if fault is not None:
+                box.stats.faults += 1
+                if fault.hang_s is not None:
+                    await asyncio.sleep(fault.hang_s)
+                headers = (
+                    {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
+                )
+                code = {503: "ServiceUnavailable", 504: "GatewayTimeout"}.get(
+                    fault.status, "InternalServerError"
+                )
+                return GraphError(fault.status, code, "Injected failure.", headers).response()
+            try:
+                return await handler(req, box, match)
+            except GraphError as error:
+                return error.response()
+        finally:
+            box.in_flight -= 1
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _output_zone(self, req: _Request) -> tuple[str, dt.tzinfo]:
+        found = _PREFER_TZ.search(req.headers.get("prefer", ""))
+        if found:
+            zone = zone_for(found.group(1))
+            if zone is not None:
+                return found.group(1), zone
+        return "UTC", dt.UTC
+
+    def _render(self, box: _Mailbox, event: FakeEvent, req: _Request) -> dict[str, Any]:
+        zone_name, zone = self._output_zone(req)
+        if event.is_all_day:
+            start_text = event.start.strftime("%Y-%m-%dT00:00:00.0000000")
+            end_text = event.end.strftime("%Y-%m-%dT00:00:00.0000000")
+        else:
+            start_text = format_graph_time(event.start.astimezone(zone))
+            end_text = format_graph_time(event.end.astimezone(zone))
+        props = event.props
+        body = props.get("body") or {"contentType": "text", "content": ""}
+        location = props.get("location") or {"displayName": ""}
+        rendered: dict[str, Any] = {
+            "@odata.etag": f'W/"{event.change_key}"',
+            "id": event.id,
+            "createdDateTime": event.created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "lastModifiedDateTime": event.modified.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "changeKey": event.change_key,
+            "categories": props.get("categories") or [],
+            "transactionId": event.transaction_id,
+            "originalStartTimeZone": (props.get("start") or {}).get("timeZone", "UTC"),
+            "originalEndTimeZone": (props.get("end") or {}).get("timeZone", "UTC"),
+            "iCalUId": event.ical_uid,
+            "reminderMinutesBeforeStart": props.get("reminderMinutesBeforeStart", 15),
+            "isReminderOn": props.get("isReminderOn", True),
+            "hasAttachments": False,
+            "subject": event.subject,
+            "bodyPreview": str(body.get("content") or "")[:255],
+            "importance": props.get("importance") or "normal",
+            "sensitivity": props.get("sensitivity") or "normal",
+            "isAllDay": event.is_all_day,
+            "isCancelled": False,
+            "isOrganizer": True,
+            "responseRequested": props.get("responseRequested", True),
+            "seriesMasterId": None,
+            "showAs": event.show_as,
+            "type": "singleInstance",
+            "webLink": f"https://outlook.office365.com/owa/?itemid={event.id}&exvsurl=1&path=/calendar/item",
+            "onlineMeetingUrl": None,
+            "isOnlineMeeting": False,
+            "responseStatus": {"response": "organizer", "time": "0001-01-01T00:00:00Z"},
+            "body": body,
+            "start": {"dateTime": start_text, "timeZone": zone_name},
+            "end": {"dateTime": end_text, "timeZone": zone_name},
+            "location": location,
+            "locations": props.get("locations")
+            or ([location] if location.get("displayName") else []),
+            "attendees": props.get("attendees") or [],
+            "organizer": {"emailAddress": {"name": box.address, "address": box.address}},
+        }
+        expand = req.query.get("$expand")
+        if expand:
+            wanted = self._expanded_ids(expand)
+            rendered["singleValueExtendedProperties"] = [
+                {"id": key, "value": value}
+                for key, value in event.extended.items()
+                if wanted is None or key.lower() in wanted
+            ]
+        return rendered
+
+    @staticmethod
+    def _expanded_ids(expand: str) -> set[str] | None:
+        match = _EXPAND.match(expand)
+        if match is None:
+            raise GraphError(400, "BadRequest", f"Parsing OData Select and Expand failed: {expand}")
+        inner = match.group(1)
+        if not inner:
+            return None
+        return {_unquote_odata(q).lower() for q in _QUOTED.findall(inner)}
+
+    def _validated_event(
+        self, body: Any, current: FakeEvent | None
+    ) -> tuple[dict[str, Any], dt.datetime, dt.datetime, bool, dict[str, str]]:
+        """Checks a create/patch body like Graph; returns the merged props and their meaning."""
+        props = _check_body(body, EVENT_PROPERTIES, "microsoft.graph.event")
+        merged = dict(current.props) if current else {}
+        merged.update(
+            {
+                k: v
+                for k, v in props.items()
+                if k not in ("transactionId", "singleValueExtendedProperties")
+            }
+        )
+        for required in ("start", "end"):
+            if not isinstance(merged.get(required), dict):
+                raise GraphError(
+                    400,
+                    "ErrorInvalidRequest",
+                    f"Your request can't be completed. '{required}' is required.",
+                )
+        start = parse_date_time_time_zone(merged["start"], "start")
+        end = parse_date_time_time_zone(merged["end"], "end")
+        all_day = bool(merged.get("isAllDay"))
+        if all_day and (
+            start.timetz().replace(tzinfo=None) != dt.time()
+            or end.timetz().replace(tzinfo=None) != dt.time()
+        ):
+            raise GraphError(
+                400, "ErrorPropertyValidationFailure", "At least one property failed validation."
+            )
+        if end < start or (all_day and end <= start):
+            raise GraphError(
+                400,
+                "ErrorInvalidRequest",
+                "Your request can't be completed. The end date of the event must be later "
+                "than the start date.",
+            )
+        extended = dict(current.extended) if current else {}
+        for item in props.get("singleValueExtendedProperties") or []:
+            key, value = item.get("id"), item.get("value")
+            if not isinstance(key, str) or not _EXTENDED_ID.match(key) or value is None:
+                raise GraphError(
+                    400, "ErrorInvalidProperty", f"The extended property id '{key}' is not valid."
+                )
+            extended[key] = value
+        return merged, start, end, all_day, extended
+
+    def _store(
+        self,
+        box: _Mailbox,
+        props: dict[str, Any],
+        start: dt.datetime,
+        end: dt.datetime,
+        all_day: bool,
+        extended: dict[str, str],
+        transaction_id: str | None,
+    ) -> FakeEvent:
+        now = dt.datetime.now(dt.UTC)
+        event = FakeEvent(
+            id=_new_id(),
+            change_key=_new_change_key(),
+            ical_uid="040000008200E00074C5B7101A82E008" + secrets.token_hex(28).upper(),
+            created=now,
+            modified=now,
+            props=props,
+            start=start,
+            end=end,
+            is_all_day=all_day,
+            extended=extended,
+            transaction_id=transaction_id,
+        )
+        box.events[event.id] = event
+        if transaction_id:
+            box.by_transaction[transaction_id] = event.id
+        return event
+
+    async def _create_event(
+        self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        transaction_id = req.body.get("transactionId") if isinstance(req.body, dict) else None
+        props, start, end, all_day, extended = self._validated_event(req.body, None)
+        if isinstance(transaction_id, str) and transaction_id in box.by_transaction:
+            existing = box.events[box.by_transaction[transaction_id]]
+            return _Response(201, self._render(box, existing, req))
+        event = self._store(box, props, start, end, all_day, extended, transaction_id)
+        return _Response(201, self._render(box, event, req))
+
+    def _event(self, box: _Mailbox, match: re.Match[str]) -> FakeEvent:
+        event = box.events.get(unquote(match.group(2)))
+        if event is None:
+            raise GraphError(
+                404, "ErrorItemNotFound", "The specified object was not found in the store."
+            )
+        return event
+
+    async def _get_event(
+        self, req: _Request, box: _Mailbox | None, match: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        return _Response(200, self._render(box, self._event(box, match), req))
+
+    async def _patch_event(
+        self, req: _Request, box: _Mailbox | None, match: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        event = self._event(box, match)
+        props, start, end, all_day, extended = self._validated_event(req.body, event)
+        event.props, event.start, event.end, event.is_all_day = props, start, end, all_day
+        event.extended = extended
+        event.change_key = _new_change_key()
+        event.modified = dt.datetime.now(dt.UTC)
+        return _Response(200, self._render(box, event, req))
+
+    async def _delete_event(
+        self, req: _Request, box: _Mailbox | None, match: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        event = self._event(box, match)
+        del box.events[event.id]
+        if event.transaction_id:
+            box.by_transaction.pop(event.transaction_id, None)
+        return _Response(204)
+
+    def _page(self, req: _Request, items: list[dict[str, Any]], context: str) -> _Response:
+        try:
+            top = int(req.query.get("$top", GRAPH_PAGE_SIZE_DEFAULT))
+            skip = int(req.query.get("$skip", 0))
+        except ValueError as exc:
+            raise GraphError(400, "BadRequest", "Invalid $top or $skip.") from exc
+        if not 1 <= top <= GRAPH_PAGE_SIZE_MAX or skip < 0:
+            raise GraphError(400, "BadRequest", f"Invalid page size {top}.")
+        body: dict[str, Any] = {
+            "@odata.context": f"{self.graph_url}/$metadata#{context}",
+            "value": items[skip : skip + top],
+        }
+        if skip + top < len(items):
+            query = {**req.query, "$top": str(top), "$skip": str(skip + top)}
+            body["@odata.nextLink"] = f"{self.graph_url}{req.path}?{urlencode(query)}"
+        return _Response(200, body)
+
+    @staticmethod
+    def _ordered(events: list[FakeEvent]) -> list[FakeEvent]:
+        return sorted(events, key=lambda e: (e.start, e.created))
+
+    async def _list_events(
+        self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        events = list(box.events.values())
+        text = req.query.get("$filter")
+        if text:
+            match = _ANY_FILTER.match(text)
+            if match is None:
+                raise GraphError(
+                    400, "ErrorInvalidUrlQueryFilter", f"Invalid filter clause: {text}"
+                )
+            key, value = _unquote_odata(match.group(2)).lower(), _unquote_odata(match.group(3))
+            events = [
+                e
+                for e in events
+                if any(k.lower() == key and v == value for k, v in e.extended.items())
+            ]
+        rendered = [self._render(box, e, req) for e in self._ordered(events)]
+        return self._page(req, rendered, f"users('{box.address}')/events")
+
+    async def _calendar_view(
+        self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        bounds = []
+        for name in ("startDateTime", "endDateTime"):
+            raw = req.query.get(name)
+            parsed = _parse_instant(raw) if raw else None
+            if parsed is None:
+                raise GraphError(
+                    400,
+                    "ErrorInvalidParameter",
+                    "This request requires a time window specified by the query string "
+                    "parameters StartDateTime and EndDateTime.",
+                )
+            bounds.append(parsed)
+        begin, finish = bounds
+        hits = [e for e in box.events.values() if e.start < finish and e.end > begin]
+        rendered = [self._render(box, e, req) for e in self._ordered(hits)]
+        return self._page(req, rendered, f"users('{box.address}')/calendarView")
+
+    async def _automatic_replies(
+        self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        body = {
+            "@odata.context": f"{self.graph_url}/$metadata#users('{box.address}')"
+            "/mailboxSettings/automaticRepliesSetting",
+            **box.auto_replies,
+        }
+        return _Response(200, body)
+
+    async def _get_schedule(
+        self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
+    ) -> _Response:
+        assert box is not None
+        body = _check_body(req.body, GET_SCHEDULE_PROPERTIES, "microsoft.graph.getSchedule")
+        schedules = body.get("schedules")
+        if not schedules or len(schedules) > GET_SCHEDULE_MAX_SCHEDULES:
+            raise GraphError(
+                400, "ErrorInvalidParameter", "schedules must list 1 to 100 addresses."
+            )
+        for required in ("startTime", "endTime"):
+            if not isinstance(body.get(required), dict):
+                raise GraphError(400, "ErrorInvalidParameter", f"'{required}' is required.")
+        begin = parse_date_time_time_zone(body["startTime"], "startTime")
+        finish = parse_date_time_time_zone(body["endTime"], "endTime")
+        interval_min = body.get("availabilityViewInterval") or 30
+        if not 5 <= interval_min <= 1440 or finish <= begin:
+            raise GraphError(400, "ErrorInvalidParameter", "Invalid time window or interval.")
+        zone_name, zone = self._output_zone(req)
+        answers = []
+        for address in schedules:
+            other = self._mailboxes.get(address.lower())
+            if other is None:
+                answers.append(
+                    {
+                        "scheduleId": address,
+                        "availabilityView": "",
+                        "error": {
+                            "message": "The user's mailbox couldn't be found.",
+                            "responseCode": "ErrorMailRecipientNotFound",
+                        },
+                    }
+                )
+                continue
+            hits = self._ordered(
+                [e for e in other.events.values() if e.start < finish and e.end > begin]
+            )
+            answers.append(
+                {
+                    "scheduleId": address,
+                    "availabilityView": _availability_view(hits, begin, finish, interval_min),
+                    "scheduleItems": [
+                        {
+                            "isPrivate": False,
+                            "status": e.show_as,
+                            "subject": e.subject,
+                            "location": str(
+                                (e.props.get("location") or {}).get("displayName") or ""
+                            ),
+                            "start": {
+                                "dateTime": format_graph_time(e.start.astimezone(zone)),
+                                "timeZone": zone_name,
+                            },
+                            "end": {
+                                "dateTime": format_graph_time(e.end.astimezone(zone)),
+                                "timeZone": zone_name,
+                            },
+                        }
+                        for e in hits
+                    ],
+                    "workingHours": {
+                        "daysOfWeek": ["monday", "tuesday", "wednesday", "thursday", "friday"],
+                        "startTime": "08:00:00.0000000",
+                        "endTime": "17:00:00.0000000",
+                        "timeZone": {"name": other.timezone},
+                    },
+                }
+            )
+        return _Response(
+            200,
+            {
+                "@odata.context": f"{self.graph_url}/$metadata"
+                "#Collection(microsoft.graph.scheduleInformation)",
+                "value": answers,
+            },
+        )
+
+    # -- $batch --------------------------------------------------------------------------------
+
+    async def _batch(self, req: _Request) -> _Response:
+        """JSON batching: ≤ 20 relative requests, each routed, throttled and answered alone."""
+        try:
+            items = self._batch_items(req.body)
+        except GraphError as error:
+            return error.response()
+        answers: dict[str, _Response] = {}
+        if any(item.get("dependsOn") for item in items):
+            for item in items:
+                failed = [
+                    d
+                    for d in item.get("dependsOn") or []
+                    if answers.get(d, _Response(424)).status >= 400
+                ]
+                if failed:
+                    answers[item["id"]] = GraphError(
+                        424, "FailedDependency", "A dependency failed."
+                    ).response()
+                else:
+                    answers[item["id"]] = await self._dispatch(self._sub_request(item))
+        else:
+            lanes: dict[str, asyncio.Semaphore] = {}
+
+            async def run(item: dict[str, Any]) -> None:
+                sub = self._sub_request(item)
+                parts = sub.path.strip("/").split("/")
+                lane = parts[1].lower() if len(parts) > 1 and parts[0] == "users" else ""
+                gate = lanes.setdefault(lane, asyncio.Semaphore(max(1, self.limits.concurrency)))
+                async with gate:
+                    answers[item["id"]] = await self._dispatch(sub)
+
+            await asyncio.gather(*(run(item) for item in items))
+        responses = []
+        for item in reversed(items):  # Graph answers in no particular order; clients map by id.
+            answer = answers[item["id"]]
+            entry: dict[str, Any] = {
+                "id": item["id"],
+                "status": answer.status,
+                "headers": {"Content-Type": "application/json", **answer.headers},
+            }
+            if answer.body is not None:
+                entry["body"] = answer.body
+            responses.append(entry)
+        return _Response(200, {"responses": responses})
+
+    @staticmethod
+    def _batch_items(body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+            raise GraphError(400, "BadRequest", "Invalid batch payload format.")
+        items = body["requests"]
+        if not items:
+            raise GraphError(400, "BadRequest", "Invalid batch payload format.")
+        if len(items) > GRAPH_BATCH_MAX:
+            raise GraphError(
+                400,
+                "BadRequest",
+                f"Number of batch requests exceeds the limit of {GRAPH_BATCH_MAX}.",
+            )
+        seen: set[str] = set()
+        for item in items:
+            if not isinstance(item, dict) or not all(
+                isinstance(item.get(k), str) for k in ("id", "method", "url")
+            ):
+                raise GraphError(400, "BadRequest", "Each batch request needs id, method and url.")
+            if item["id"] in seen:
+                raise GraphError(
+                    400, "BadRequest", f"Batch request id '{item['id']}' is duplicated."
+                )
+            seen.add(item["id"])
+            if "://" in item["url"]:
+                raise GraphError(400, "BadRequest", "Invalid request URL: batch URLs are relative.")
+            headers = {k.lower(): v for k, v in (item.get("headers") or {}).items()}
+            if item["method"].upper() in ("POST", "PATCH", "PUT") and (
+                "body" not in item or "content-type" not in headers
+            ):
+                raise GraphError(
+                    400,
+                    "BadRequest",
+                    f"Write request id : {item['id']} does not contain Content-Type header "
+                    "or body.",
+                )
+            unknown = [d for d in item.get("dependsOn") or [] if d not in seen - {item["id"]}]
+            if unknown:
+                raise GraphError(400, "BadRequest", f"dependsOn names unknown ids {unknown}.")
+        return list(items)
+
+    @staticmethod
+    def _sub_request(item: dict[str, Any]) -> _Request:
+        url = "/" + item["url"].lstrip("/")
+        path, _, query_text = url.partition("?")
+        query: dict[str, str] = {}
+        for pair in query_text.split("&") if query_text else []:
+            key, _, value = pair.partition("=")
+            query[unquote(key)] = unquote(value.replace("+", " "))
+        headers = {k.lower(): str(v) for k, v in (item.get("headers") or {}).items()}
+        return _Request(item["method"].upper(), path, query, headers, item.get("body"))
+
+
+def _parse_instant(text: str) -> dt.datetime | None:
+    """calendarView bounds: ISO 8601, an offset or ``Z``, or none (then UTC)."""
+    parsed = _parse_local(text.replace("Z", "+00:00"))
+    if parsed is None:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _availability_view(
+    events: list[FakeEvent], begin: dt.datetime, finish: dt.datetime, interval_min: int
+) -> str:
+    step = dt.timedelta(minutes=interval_min)
+    digits = []
+    slot = begin
+    while slot < finish:
+        statuses = {e.show_as for e in events if e.start < slot + step and e.end > slot}
+        winner = next((s for s in STATUS_PRECEDENCE if s in statuses), "free")
+        digits.append(AVAILABILITY_DIGIT[winner])
+        slot += step
+    return "".join(digits)
+
+
+@asynccontextmanager
+async def running_fake_graph(**kwargs: Any) -> AsyncIterator[FakeGraph]:
+    """A started fake with its certificate in a temporary folder; stopped on exit."""
+    fake = FakeGraph(**kwargs)
+    with tempfile.TemporaryDirectory(prefix="fake-graph-") as folder:
+        await fake.start(Path(folder))
+        try:
+            yield fake
+        finally:
+            await fake.stop()
