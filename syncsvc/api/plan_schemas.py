@@ -13,8 +13,8 @@ column only empties a text tag.
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
-from typing import Annotated, Any, Literal
+from datetime import date, datetime, timedelta
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,19 +27,12 @@ from pydantic import (
 )
 
 from syncsvc.planner.model import (
-    WEEKDAYS,
-    Assignment,
     AssignmentMode,
-    Contact,
     Grouping,
     Kind,
-    Schedule,
-    Target,
-    Template,
     Weekday,
-    Window,
 )
-from syncsvc.service.plans import PlanSpec
+from syncsvc.service.plans import PlanSpec, parse_hhmm, parse_span, spec_from_json
 
 #: Longest meeting or gap the API accepts; anything longer is a typo, not a plan.
 MAX_SPAN_MINUTES = 24 * 60
@@ -61,21 +54,6 @@ Span = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-
-
-def parse_hhmm(value: str) -> time:
-    hours, minutes = value.split(":")
-    return time(int(hours), int(minutes))
-
-
-def parse_span(value: str) -> timedelta:
-    hours, minutes = value.split(":")
-    return timedelta(hours=int(hours), minutes=int(minutes))
-
-
-def format_span(span: timedelta) -> str:
-    minutes = int(span.total_seconds()) // 60
-    return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 def _ordered_window(window: tuple[str, str]) -> tuple[str, str]:
@@ -117,9 +95,6 @@ class ContactIn(BaseModel):
     block_mass_email: bool = False
     status: Name = "active"
 
-    def to_value(self) -> Contact:
-        return Contact(**self.model_dump())
-
 
 class TargetIn(BaseModel):
     model_config = _RECORD
@@ -133,19 +108,6 @@ class TargetIn(BaseModel):
     second_owner_id: str | None = None
     organisation_id: str | None = None
     contacts: list[ContactIn] = []
-
-    def to_value(self) -> Target:
-        return Target(
-            id=self.id,
-            name=self.name,
-            email=self.email,
-            phone=self.phone,
-            postcode=self.postcode,
-            owner_id=self.owner_id,
-            second_owner_id=self.second_owner_id,
-            organisation_id=self.organisation_id,
-            contacts=tuple(c.to_value() for c in self.contacts),
-        )
 
 
 class TemplateIn(BaseModel):
@@ -163,9 +125,6 @@ class TemplateIn(BaseModel):
     due_days: Annotated[int, Field(ge=0, le=3650)] | None = None
     fields: dict[str, Text] = {}
 
-    def to_value(self) -> Template:
-        return Template(**self.model_dump())
-
 
 class WeekIn(BaseModel):
     """The standard week; a weekday left out has no windows. Unknown keys are 422."""
@@ -179,12 +138,6 @@ class WeekIn(BaseModel):
     fri: list[WindowIn] = []
     sat: list[WindowIn] = []
     sun: list[WindowIn] = []
-
-    def to_value(self) -> dict[Weekday, tuple[Window, ...]]:
-        return {
-            day: tuple((parse_hhmm(a), parse_hhmm(b)) for a, b in getattr(self, day))
-            for day in WEEKDAYS
-        }
 
 
 class ScheduleIn(BaseModel):
@@ -200,22 +153,6 @@ class ScheduleIn(BaseModel):
     skip_days_off: bool = True
     avoid_busy: bool = False
 
-    def to_value(self) -> Schedule:
-        extra: dict[str, Any] = {}
-        if self.week is not None:
-            extra["week"] = self.week.to_value()
-        return Schedule(
-            start_date=self.start_date,
-            duration=parse_span(self.duration),
-            interval=parse_span(self.interval),
-            max_per_day=self.max_per_day,
-            day_starts_at=parse_hhmm(self.day_starts_at) if self.day_starts_at else None,
-            skip_public_holidays=self.skip_public_holidays,
-            skip_days_off=self.skip_days_off,
-            avoid_busy=self.avoid_busy,
-            **extra,
-        )
-
 
 class AssignmentIn(BaseModel):
     model_config = _INSTRUCTION
@@ -229,9 +166,6 @@ class AssignmentIn(BaseModel):
         if self.mode in ("users", "balanced_finish") and not self.users:
             raise ValueError(f"mode {self.mode!r} needs at least one user in assignment.users")
         return self
-
-    def to_value(self) -> Assignment:
-        return Assignment(mode=self.mode, users=tuple(self.users), fallback_user=self.fallback_user)
 
 
 class PlanBody(BaseModel):
@@ -248,16 +182,7 @@ class PlanBody(BaseModel):
     assignment: AssignmentIn
 
     def to_spec(self) -> PlanSpec:
-        return PlanSpec(
-            targets=tuple(t.to_value() for t in self.targets),
-            template=self.template.to_value(),
-            schedule=self.schedule.to_value(),
-            assignment=self.assignment.to_value(),
-            targetgroup_name=self.targetgroup_name,
-            exclude=frozenset(self.exclude),
-            one_per_organisation=self.one_per_organisation,
-            body=self.model_dump(mode="json"),
-        )
+        return spec_from_json(self.model_dump(mode="json"))
 
 
 # --- Preview -------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Batches: commit a plan, read its progress, edit its template, delete it.
 
-Every write commits the batch's rows and their outbox operations in one transaction before it
-returns, so an answer the CRM sees is already true for every reader; only the external
-calendars follow later. A batch's ``state`` is derived from its ledger rows when read, so it
-can never disagree with them.
+Every write adds the batch's rows and their outbox operations to the caller's transaction
+(``async with session.begin()``), so they commit together or not at all, before the answer;
+only the external calendars follow later. A batch's ``state`` is derived from its ledger
+rows when read, so it can never disagree with them.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
-from syncsvc.planner.model import Contact, PlanUser, Target, UserSummary
+from syncsvc.planner.model import PlanUser, Target, UserSummary
 from syncsvc.planner.tags import fixed_values, parse
 from syncsvc.queue.outbox import NewEvent, add_events, calendar_of, request_deletes, request_updates
-from syncsvc.service.plans import PlanContext, PlanSpec, prepare
+from syncsvc.service.plans import PlanContext, PlanSpec, prepare, target_from_json
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.types import utcnow
 
@@ -76,13 +76,6 @@ class BatchPatched:
     skipped_user_edited: int
 
 
-@dataclass(frozen=True, slots=True)
-class BatchPage:
-    items: tuple[BatchView, ...]
-    #: The (created_at, id) of the last item when more follow, else ``None``.
-    next_after: tuple[datetime, str] | None
-
-
 def created_by_of(batch_id: str) -> str:
     """The seed's "Created by" value: what every activity and external event is stamped with."""
     return f"syncsvc:batch:{batch_id}"
@@ -120,8 +113,8 @@ async def commit(
 ) -> BatchCreated:
     """Plan and store a batch: batch, activities, ledger rows and operations in one commit.
 
-    A plan that fails validation raises before anything is added, and nothing is flushed
-    until the whole batch is built, so an error leaves no rows behind.
+    A plan that fails validation raises before anything is added; any later error rolls the
+    caller's transaction back, so an error leaves no rows behind.
     """
     ctx = await prepare(session, tenant_id, spec, now)
     batch_id = uuid.uuid4().hex
@@ -181,15 +174,10 @@ async def commit(
             updated_at=stamp,
         )
     )
-    try:
-        await session.flush()
-        if activity_rows:
-            await session.execute(insert(Activity), activity_rows)
-        await add_events(session, tenant_id, events, "bulk")
-        await session.commit()
-    except BaseException:
-        await session.rollback()
-        raise
+    await session.flush()
+    if activity_rows:
+        await session.execute(insert(Activity), activity_rows)
+    await add_events(session, tenant_id, events, "bulk")
     return BatchCreated(
         id=batch_id,
         created_by=created_by,
@@ -278,8 +266,11 @@ async def list_batches(
     tenant_id: str,
     limit: int,
     after: tuple[datetime, str] | None = None,
-) -> BatchPage:
-    """Newest first, by (created_at, id) so that a page boundary never skips or repeats."""
+) -> list[BatchView]:
+    """Newest first, by (created_at, id) so that a page boundary never skips or repeats.
+
+    Answers up to ``limit + 1`` batches: the extra one only tells that another page exists.
+    """
     limit = max(1, min(limit, LIST_LIMIT_MAX))
     query = select(Batch).where(Batch.tenant_id == tenant_id)
     if after is not None:
@@ -295,10 +286,8 @@ async def list_batches(
             query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
         )
     )
-    page = rows[:limit]
-    counts = await _counts(session, [b.id for b in page])
-    next_after = (page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return BatchPage(tuple(_view(b, counts[b.id]) for b in page), next_after)
+    counts = await _counts(session, [b.id for b in rows])
+    return [_view(b, counts[b.id]) for b in rows]
 
 
 # --- Edit ----------------------------------------------------------------------------------
@@ -383,19 +372,13 @@ async def patch(
             row["subject"] = subject.render(fixed, target)
             row["description"] = description.render(fixed, target)
         updates.append(row)
-    try:
-        for chunk in _same_keys(updates):
-            await session.execute(update(Activity), chunk)
-        await request_updates(
-            session, tenant_id, [u["id"] for u in updates], "bulk", batch_id=batch_id
-        )
-        body["template"] = template
-        batch.request = {**stored, "body": body}
-        batch.updated_at = stamp
-        await session.commit()
-    except BaseException:
-        await session.rollback()
-        raise
+    for chunk in _same_keys(updates):
+        await session.execute(update(Activity), chunk)
+    await request_updates(session, tenant_id, [u["id"] for u in updates], "bulk", batch_id=batch_id)
+    body["template"] = template
+    batch.request = {**stored, "body": body}
+    batch.updated_at = stamp
+    await session.flush()
     view = await get(session, tenant_id, batch_id)
     return BatchPatched(view, updated=len(updates), skipped_user_edited=skipped)
 
@@ -411,24 +394,7 @@ def _same_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def _target(targets: Sequence[Mapping[str, Any]], index: Sequence[int], seq: int) -> Target | None:
     if seq >= len(index) or index[seq] >= len(targets):
         return None
-    raw = targets[index[seq]]
-    return Target(
-        id=str(raw["id"]),
-        name=str(raw.get("name", "")),
-        email=str(raw.get("email", "")),
-        phone=str(raw.get("phone", "")),
-        contacts=tuple(
-            Contact(
-                id=str(c["id"]),
-                first_name=str(c.get("first_name", "")),
-                last_name=str(c.get("last_name", "")),
-                email=str(c.get("email", "")),
-                phone=str(c.get("phone", "")),
-                mobile=str(c.get("mobile", "")),
-            )
-            for c in raw.get("contacts", [])[:1]
-        ),
-    )
+    return target_from_json(targets[index[seq]])
 
 
 # --- Delete --------------------------------------------------------------------------------
@@ -440,20 +406,16 @@ async def delete(session: AsyncSession, tenant_id: str, batch_id: str) -> BatchV
     Asking twice changes nothing new; with no ledger rows the batch is ``deleted`` at once.
     """
     batch = await _get_batch(session, tenant_id, batch_id)
-    try:
-        if batch.state not in DELETION_REQUESTED:
-            stamp = utcnow()
-            await session.execute(
-                update(Activity)
-                .where(Activity.tenant_id == tenant_id, Activity.batch_id == batch_id)
-                .values(deleted=True, updated_at=stamp)
-                .execution_options(synchronize_session=False)
-            )
-            await request_deletes(session, tenant_id, None, "bulk", batch_id=batch_id)
-            batch.state = "deleting"
-            batch.updated_at = stamp
-            await session.commit()
-    except BaseException:
-        await session.rollback()
-        raise
+    if batch.state not in DELETION_REQUESTED:
+        stamp = utcnow()
+        await session.execute(
+            update(Activity)
+            .where(Activity.tenant_id == tenant_id, Activity.batch_id == batch_id)
+            .values(deleted=True, updated_at=stamp)
+            .execution_options(synchronize_session=False)
+        )
+        await request_deletes(session, tenant_id, None, "bulk", batch_id=batch_id)
+        batch.state = "deleting"
+        batch.updated_at = stamp
+        await session.flush()
     return await get(session, tenant_id, batch_id)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
-from typing import Any
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,13 +17,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.errors import ErrorDetail, NotFound, ValidationError
 from syncsvc.planner import plan
 from syncsvc.planner.model import (
+    WEEKDAYS,
     Assignment,
+    AssignmentMode,
+    Contact,
+    Grouping,
+    Kind,
     Plan,
     PlanRequest,
     PlanUser,
     Schedule,
     Target,
     Template,
+    Weekday,
+    Window,
 )
 from syncsvc.queue.outbox import chunks
 from syncsvc.store.models import Activity, Tenant, User
@@ -49,6 +56,110 @@ class PlanSpec:
     one_per_organisation: bool = False
     #: The body as JSON, stored with a committed batch so it can be re-rendered later.
     body: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_hhmm(value: str) -> time:
+    """``"09:30"`` → 09:30 (the API has checked the shape)."""
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def parse_span(value: str) -> timedelta:
+    """``"01:15"`` → 75 minutes."""
+    hours, minutes = value.split(":")
+    return timedelta(hours=int(hours), minutes=int(minutes))
+
+
+def contact_from_json(raw: Mapping[str, Any]) -> Contact:
+    return Contact(
+        id=str(raw["id"]),
+        first_name=str(raw.get("first_name", "")),
+        last_name=str(raw.get("last_name", "")),
+        email=str(raw.get("email", "")),
+        phone=str(raw.get("phone", "")),
+        mobile=str(raw.get("mobile", "")),
+        block_mass_email=bool(raw.get("block_mass_email", False)),
+        status=str(raw.get("status", "active")),
+    )
+
+
+def target_from_json(raw: Mapping[str, Any]) -> Target:
+    return Target(
+        id=str(raw["id"]),
+        name=str(raw.get("name", "")),
+        email=str(raw.get("email", "")),
+        phone=str(raw.get("phone", "")),
+        postcode=str(raw.get("postcode", "")),
+        owner_id=raw.get("owner_id"),
+        second_owner_id=raw.get("second_owner_id"),
+        organisation_id=raw.get("organisation_id"),
+        contacts=tuple(contact_from_json(c) for c in raw.get("contacts", [])),
+    )
+
+
+def template_from_json(raw: Mapping[str, Any]) -> Template:
+    return Template(
+        kind=cast(Kind, raw["kind"]),
+        subject=str(raw["subject"]),
+        description=str(raw.get("description", "")),
+        location=str(raw.get("location", "")),
+        status=str(raw.get("status", "planned")),
+        priority=str(raw.get("priority", "normal")),
+        reminder_minutes=raw.get("reminder_minutes"),
+        invite_contacts=bool(raw.get("invite_contacts", False)),
+        grouping=cast(Grouping, raw.get("grouping", "per_target")),
+        due_days=raw.get("due_days"),
+        fields=dict(raw.get("fields") or {}),
+    )
+
+
+def schedule_from_json(raw: Mapping[str, Any]) -> Schedule:
+    """A schedule from its JSON form; ``week`` left out (or null) is the default week."""
+    extra: dict[str, Any] = {}
+    week = raw.get("week")
+    if week is not None:
+        extra["week"] = week_from_json(week)
+    day_starts_at = raw.get("day_starts_at")
+    return Schedule(
+        start_date=date.fromisoformat(str(raw["start_date"])),
+        duration=parse_span(str(raw["duration"])),
+        interval=parse_span(str(raw.get("interval") or "00:00")),
+        max_per_day=raw.get("max_per_day"),
+        day_starts_at=parse_hhmm(day_starts_at) if day_starts_at else None,
+        skip_public_holidays=bool(raw.get("skip_public_holidays", True)),
+        skip_days_off=bool(raw.get("skip_days_off", True)),
+        avoid_busy=bool(raw.get("avoid_busy", False)),
+        **extra,
+    )
+
+
+def week_from_json(raw: Mapping[str, Any]) -> dict[Weekday, tuple[Window, ...]]:
+    return {
+        day: tuple((parse_hhmm(a), parse_hhmm(b)) for a, b in raw.get(day) or ())
+        for day in WEEKDAYS
+    }
+
+
+def spec_from_json(body: Mapping[str, Any]) -> PlanSpec:
+    """The one conversion from a (validated) JSON plan body to planner values.
+
+    The API validates the shape first; a stored batch's body converts the same way later.
+    """
+    assignment = body["assignment"]
+    return PlanSpec(
+        targets=tuple(target_from_json(t) for t in body["targets"]),
+        template=template_from_json(body["template"]),
+        schedule=schedule_from_json(body["schedule"]),
+        assignment=Assignment(
+            mode=cast(AssignmentMode, assignment["mode"]),
+            users=tuple(assignment.get("users") or ()),
+            fallback_user=assignment.get("fallback_user"),
+        ),
+        targetgroup_name=str(body.get("targetgroup_name", "")),
+        exclude=frozenset(body.get("exclude") or ()),
+        one_per_organisation=bool(body.get("one_per_organisation", False)),
+        body=body,
+    )
 
 
 @dataclass(frozen=True, slots=True)
