@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import aiohttp
+from multidict import CIMultiDict
 
 from syncsvc.errors import (
     AuthFailed,
@@ -94,7 +95,7 @@ def retry_after_s(value: str | None, now: datetime) -> float | None:
 @dataclass(frozen=True, slots=True)
 class _Response:
     status: int
-    headers: Mapping[str, str]
+    headers: CIMultiDict[str]
     body: bytes
 
     @property
@@ -235,7 +236,8 @@ class CalDAVProvider:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                return _Response(response.status, dict(response.headers), await response.read())
+                body = await response.read()
+                return _Response(response.status, CIMultiDict(response.headers), body)
         except aiohttp.InvalidURL as exc:
             raise Permanent(f"CalDAV {method}: invalid URL {url!r}") from exc
         except aiohttp.ClientConnectorCertificateError as exc:

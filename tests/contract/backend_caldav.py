@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from urllib.parse import quote, unquote, urljoin
@@ -108,16 +109,36 @@ class CalDAVHarness:
             f"BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:20260101T000000Z\r\n{times}"
             f"SUMMARY:{subject}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
         )
+        await self.put_raw(f"{uid}.ics", body.encode())
+
+    async def put_raw(self, name: str, body: bytes) -> int:
+        """PUT ``body`` as a new resource ``name`` (another client's write); returns the status."""
         headers = {**self._auth, "Content-Type": "text/calendar", "If-None-Match": "*"}
-        url = urljoin(self.calendar_url, f"{uid}.ics")
-        async with self.session.put(url, data=body.encode(), headers=headers) as response:
-            assert response.status == 201, await response.text()
+        url = urljoin(self.calendar_url, quote(name, safe=""))
+        async with self.session.put(url, data=body, headers=headers) as response:
+            return response.status
+
+    async def raw(self, name: str) -> bytes:
+        """The resource's bytes exactly as the server stores them."""
+        url = urljoin(self.calendar_url, quote(name, safe=""))
+        async with self.session.get(url, headers=self._auth) as response:
+            assert response.status == 200, name
+            return await response.read()
+
+
+@asynccontextmanager
+async def open_caldav_harness(radicale_url: str) -> AsyncIterator[CalDAVHarness]:
+    """A harness on a fresh collection, with its own session, closed on exit."""
+    async with aiohttp.ClientSession() as session:
+        calendar_url = await new_calendar(session, radicale_url)
+        provider = CalDAVProvider(calendar_url, RADICALE_USER, RADICALE_PASSWORD, session)
+        try:
+            yield CalDAVHarness(provider=provider, session=session, calendar_url=calendar_url)
+        finally:
+            await provider.aclose()
 
 
 @pytest.fixture
 async def harness_caldav(radicale_url: str) -> AsyncIterator[CalDAVHarness]:
-    async with aiohttp.ClientSession() as session:
-        calendar_url = await new_calendar(session, radicale_url)
-        provider = CalDAVProvider(calendar_url, RADICALE_USER, RADICALE_PASSWORD, session)
-        yield CalDAVHarness(provider=provider, session=session, calendar_url=calendar_url)
-        await provider.aclose()
+    async with open_caldav_harness(radicale_url) as harness:
+        yield harness
