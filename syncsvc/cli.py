@@ -30,6 +30,8 @@ WORKER_MODULE = "syncsvc.queue.worker"
 
 log = logging.getLogger("syncsvc")
 
+RunWorkers = Callable[[Settings, Database, asyncio.Event], Awaitable[None]]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -115,7 +117,7 @@ async def _tenants_create(db: Database, name: str) -> int:
 
 
 async def _serve(
-    settings: Settings, db: Database, host: str, port: int, with_workers: bool
+    settings: Settings, db: Database, host: str, port: int, *, with_workers: bool
 ) -> None:
     from aiohttp import web
 
@@ -136,19 +138,33 @@ async def _serve(
             await web.TCPSite(runner, host, port).start()
             for address in runner.addresses:
                 print(f"listening on http://{_host_port(address)}", flush=True)
-            if with_workers and importlib.util.find_spec(WORKER_MODULE) is not None:
-                await _workers(settings, db, stop)
-            else:
+            run_workers = _find_run_workers() if with_workers else None
+            if run_workers is None:
+                if with_workers:
+                    log.warning("no sync workers in this build: serving the API only")
                 await stop.wait()
+            else:
+                await run_workers(settings, db, stop)
         finally:
             await runner.cleanup()
 
     await _until_stopped(run)
 
 
-async def _workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    from syncsvc.queue.worker import run_workers
+def _find_run_workers() -> RunWorkers | None:
+    """The queue's ``run_workers``, looked up at run time so the API can ship before it."""
+    if importlib.util.find_spec(WORKER_MODULE) is None:
+        return None
+    run_workers: RunWorkers | None = getattr(
+        importlib.import_module(WORKER_MODULE), "run_workers", None
+    )
+    return run_workers
 
+
+async def _workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
+    run_workers = _find_run_workers()
+    if run_workers is None:
+        raise SyncSvcError("this build has no sync workers (syncsvc.queue.worker.run_workers)")
     await run_workers(settings, db, stop)
 
 

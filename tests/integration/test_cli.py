@@ -1,0 +1,181 @@
+"""The ``syncsvc`` command as an operator runs it: real processes on a SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from syncsvc.service.tenants import tenant_for_key
+from syncsvc.store.db import Database
+from tests.servers.postgres import free_port
+
+SYNCSVC = str(Path(sys.executable).with_name("syncsvc"))
+KEY_RE = re.compile(r"sk_[A-Za-z0-9_-]{43}")
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A clean SYNCSVC_* environment around an empty SQLite file."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SYNCSVC_")}
+    return {**base, "SYNCSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'syncsvc.db'}"}
+
+
+async def run(env: Mapping[str, str], *args: str) -> Result:
+    process = await asyncio.create_subprocess_exec(
+        SYNCSVC,
+        *args,
+        env=dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+async def tenant_name_for(url: str, key: str) -> str | None:
+    db = Database(url)
+    try:
+        async with db.session() as session:
+            tenant = await tenant_for_key(session, key)
+            return None if tenant is None else tenant.name
+    finally:
+        await db.aclose()
+
+
+async def test_tenants_create_prints_a_key_that_authenticates(env: dict[str, str]) -> None:
+    created = await run(env, "tenants", "create", "acme")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.splitlines()[-1]
+    assert KEY_RE.fullmatch(key)
+    url = env["SYNCSVC_DATABASE_URL"]
+    assert await tenant_name_for(url, key) == "acme"
+    assert await tenant_name_for(url, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+
+    again = await run(env, "tenants", "create", "acme")
+    assert again.returncode == 1
+    assert "exists already" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+async def test_migrate_twice_is_fine(env: dict[str, str]) -> None:
+    for _ in range(2):
+        result = await run(env, "migrate")
+        assert result.returncode == 0, result.stderr
+        assert "up to date" in result.stdout
+
+
+async def test_short_secret_key_exits_2_with_a_clear_message(env: dict[str, str]) -> None:
+    result = await run({**env, "SYNCSVC_SECRET_KEY": "too-short"}, "migrate")
+    assert result.returncode == 2
+    assert "SYNCSVC_SECRET_KEY" in result.stderr
+    assert "at least 32 characters" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@dataclass(slots=True)
+class Served:
+    process: asyncio.subprocess.Process
+    base_url: str
+    #: stdout up to and including the ``listening on`` line.
+    banner: list[str]
+
+
+class Launcher:
+    """Starts ``syncsvc serve`` as a user would and stops it with SIGTERM."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.started: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> Served:
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            SYNCSVC,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self.started.append(process)
+        assert process.stdout is not None
+        banner: list[str] = []
+        expected = f"listening on http://127.0.0.1:{port}"
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while not banner or banner[-1] != expected:
+                line = await process.stdout.readline()
+                assert line, f"serve exited before listening; stdout: {banner}"
+                banner.append(line.decode().rstrip("\n"))
+        return Served(process, f"http://127.0.0.1:{port}", banner)
+
+    async def stop(self, served: Served) -> int:
+        served.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            return await served.process.wait()
+
+    async def kill_all(self) -> None:
+        for process in self.started:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+@pytest.fixture
+async def launcher(env: dict[str, str]) -> AsyncIterator[Launcher]:
+    launcher = Launcher(env)
+    try:
+        yield launcher
+    finally:
+        await launcher.kill_all()
+
+
+async def test_serve_prints_the_dev_key_once_and_accepts_new_keys_at_once(
+    launcher: Launcher, env: dict[str, str]
+) -> None:
+    served = await launcher.start()
+    keys = [line for line in served.banner if KEY_RE.fullmatch(line)]
+    assert len(keys) == 1
+    dev_key = keys[0]
+    assert await tenant_name_for(env["SYNCSVC_DATABASE_URL"], dev_key) == "dev"
+
+    async with aiohttp.ClientSession(served.base_url) as http:
+        async with http.get("/healthz") as health:
+            assert health.status == 200
+        async with http.get("/v1/users/x") as anonymous:
+            assert anonymous.status == 401
+
+        # A tenant made by another process while serve runs: its key works on the next request.
+        created = await run(env, "tenants", "create", "acme")
+        assert created.returncode == 0, created.stderr
+        acme_key = created.stdout.splitlines()[-1]
+        for key in (dev_key, acme_key):
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.get("/v1/users/x", headers=headers) as known:
+                assert known.status == 404
+
+    assert await launcher.stop(served) == 0
+    again = await launcher.start()
+    assert not any(KEY_RE.search(line) for line in again.banner)
+    assert await launcher.stop(again) == 0
