@@ -205,15 +205,25 @@ class GoogleProvider:
         return await self._run(lambda http: self._create_sync(http, spec))
 
     async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
+        """Patches the event; a cancelled activity sets Google's ``cancelled`` status.
+
+        Google has no visible "cancelled" state: ``cancelled`` removes the event from the
+        calendar (as a delete does) while the server keeps it, so a later create with the same
+        key can bring it back. Patching an event the user deleted succeeds at Google but leaves
+        it deleted, so that answers ``ProviderNotFound`` rather than pretending it is there.
+        """
         body = event_body(spec)
         body.pop("id")
+        cancelling = spec.status == "cancelled"
+        if cancelling:
+            body["status"] = "cancelled"
 
         def call(http: google_auth_httplib2.AuthorizedHttp) -> EventRef:
             event = self._events().patch(
                 calendarId=self.calendar_id, eventId=ref.event_id, body=body, sendUpdates="none"
             )
             result = event.execute(http=http)
-            if result.get("status") == "cancelled":
+            if result.get("status") == "cancelled" and not cancelling:
                 raise ProviderNotFound(f"event {ref.event_id} was deleted in the calendar")
             return _ref(result)
 

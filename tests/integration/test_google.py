@@ -265,6 +265,23 @@ async def test_create_after_delete_brings_the_event_back(
     assert await provider.find("r1") == again
 
 
+async def test_cancelling_an_activity_removes_its_event_until_it_is_created_again(
+    fake: FakeGoogle, user_and_provider: tuple[str, GoogleProvider]
+) -> None:
+    user, provider = user_and_provider
+    ref = await provider.create(meeting("c1"))
+    cancelled = await provider.update(ref, meeting("c1", status="cancelled"))
+    assert cancelled.event_id == ref.event_id
+    assert [e["status"] for e in fake.events(user)] == ["cancelled"]
+    assert await provider.find("c1") is None
+    with pytest.raises(ProviderNotFound):  # a plain edit does not resurrect it
+        await provider.update(ref, meeting("c1", subject="edited"))
+    await provider.create(meeting("c1", subject="un-cancelled"))
+    assert [(e["status"], e["summary"]) for e in fake.events(user)] == [
+        ("confirmed", "un-cancelled")
+    ]
+
+
 # -- batches -------------------------------------------------------------------------------
 
 
