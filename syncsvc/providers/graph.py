@@ -10,8 +10,10 @@ Choices worth knowing:
 - Creates send a ``transactionId`` derived from ``EventSpec.key``, so a retried create returns
   the first event instead of a duplicate; the key, activity id and batch id also travel as
   String extended properties, which is how ``find`` and ``find_batch`` search.
-- A *cancelled* activity removes its event: Graph's ``/cancel`` action exists only for meetings
-  with attendees and mails them, and an event the user should no longer attend is clutter.
+- A *cancelled* activity keeps its event, marked: Graph has no cancelled state an organizer
+  can set (``isCancelled`` is read-only and ``/cancel`` deletes the organizer's copy), so the
+  event turns *free*, loses its reminder, gets a "Cancelled: " subject and the extended
+  property ``syncsvcStatus=cancelled``. It stays findable, so deleting the batch removes it.
 - Tasks become all-day items on their due date shown as *free*, so a to-do does not make the
   whole day busy for ``getSchedule``.
 """
@@ -64,6 +66,8 @@ PROPERTY_SET_GUID = "{5f0b8d6e-3c1a-4e2b-9a7d-6b1c2e3f4a50}"
 PROP_BATCH = f"String {PROPERTY_SET_GUID} Name syncsvcBatch"
 PROP_ACTIVITY = f"String {PROPERTY_SET_GUID} Name syncsvcActivity"
 PROP_KEY = f"String {PROPERTY_SET_GUID} Name syncsvcKey"
+PROP_STATUS = f"String {PROPERTY_SET_GUID} Name syncsvcStatus"
+CANCELLED_SUBJECT_PREFIX = "Cancelled: "
 _TRANSACTION_NAMESPACE = uuid.UUID("0b6f1d52-8c4e-4f7a-b0a1-2d3e4f5a6b7c")
 
 #: A day counts as off when an out-of-office window covers its core hours (local time):
@@ -268,9 +272,6 @@ class GraphProvider:
         return _ref_or_raise(answer, f"create {spec.key}")
 
     async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
-        if spec.status == "cancelled":
-            await self.delete(ref)
-            return EventRef(ref.event_id, None)
         body = event_body(spec, self.timezone, with_transaction=False)
         answer = await self.client.send("PATCH", self._event_url(ref.event_id), body)
         return _ref_or_raise(answer, f"update {spec.key}")
@@ -446,18 +447,21 @@ def event_body(spec: EventSpec, fallback_zone: str, *, with_transaction: bool) -
     """The Graph event for ``spec`` (times in ``spec.timezone``, as the user sees them)."""
     zone_name = spec.timezone or fallback_zone
     zone = _zone(zone_name)
+    cancelled = spec.status == "cancelled"
+    reminder = spec.reminder_minutes is not None and not cancelled
     body: dict[str, Any] = {
-        "subject": spec.subject,
+        "subject": (CANCELLED_SUBJECT_PREFIX if cancelled else "") + spec.subject,
         "body": {"contentType": "text", "content": spec.description},
         "location": {"displayName": spec.location},
-        "isReminderOn": spec.reminder_minutes is not None,
+        "isReminderOn": reminder,
         "singleValueExtendedProperties": [
             {"id": PROP_KEY, "value": spec.key},
             {"id": PROP_ACTIVITY, "value": spec.activity_id},
+            {"id": PROP_STATUS, "value": spec.status},
         ]
         + ([{"id": PROP_BATCH, "value": spec.batch_id}] if spec.batch_id else []),
     }
-    if spec.reminder_minutes is not None:
+    if reminder and spec.reminder_minutes is not None:
         body["reminderMinutesBeforeStart"] = spec.reminder_minutes
     if spec.kind == "task" or spec.start is None:
         day = spec.due or (spec.start.astimezone(zone).date() if spec.start else None)
@@ -476,7 +480,7 @@ def event_body(spec: EventSpec, fallback_zone: str, *, with_transaction: bool) -
         end = spec.end or spec.start
         body.update(
             isAllDay=False,
-            showAs="busy",
+            showAs="free" if cancelled else "busy",
             start={"dateTime": _local_text(spec.start, zone), "timeZone": zone_name},
             end={"dateTime": _local_text(end, zone), "timeZone": zone_name},
         )

@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 
-from tests.fakes._tls import TlsFiles, make_self_signed
+from tests.fakes._tls import TlsFiles, combined_ca_bundle, make_self_signed
 
 GRAPH_PATH_PREFIX = "/v1.0"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
@@ -236,13 +236,13 @@ def _expect(value: Any, kind: type | tuple[type, ...], edm: str, where: str) -> 
 
 def _check_object(value: Any, type_name: str, allowed: Mapping[str, str], where: str) -> None:
     _expect(value, dict, type_name, where)
-    for key, kind in value.items():
+    for key, item in value.items():
         if key not in allowed:
             raise _read_error(
                 f"The property '{key}' does not exist on type '{type_name}'. Make sure to only "
                 "use property names that are defined by the type or mark the type as open type."
             )
-        _check_value(value[key], kind, f"{where}.{key}")
+        _check_value(item, allowed[key], f"{where}.{key}")
 
 
 _OBJECTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -455,6 +455,8 @@ class FakeGraph:
         self.token_requests = 0
         self.round_trips: list[tuple[str, str]] = []
         self.tls: TlsFiles | None = None
+        #: System CAs plus the fake's certificate: what SSL_CERT_FILE should name in tests.
+        self.ca_bundle: Path | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
@@ -506,15 +508,16 @@ class FakeGraph:
 
     async def start(self, directory: Path) -> None:
         self.tls = make_self_signed(directory, "graph")
+        self.ca_bundle = combined_ca_bundle([self.tls.cert_path], directory / "ca-bundle.pem")
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
         app.router.add_route("*", GRAPH_PATH_PREFIX + "/{tail:.*}", self._graph_http)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, "127.0.0.1", 0, ssl_context=self.tls.server_context(), shutdown_timeout=1
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=1
         )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls.server_context())
         await site.start()
         self.port = self._runner.addresses[0][1]
 
