@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
+        # Alembic narrates its internals at INFO; store/migrate.py logs what changed.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         if settings.uses_dev_secret:
             log.warning(
                 "SYNCSVC_SECRET_KEY is not set: using the built-in development key; "
@@ -132,7 +134,8 @@ async def _serve(
             print(key, flush=True)
 
     async def run(stop: asyncio.Event) -> None:
-        runner = web.AppRunner(build_app(settings, db))
+        # The app logs every request itself (event=http.request); no second access log.
+        runner = web.AppRunner(build_app(settings, db), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()

@@ -28,16 +28,20 @@ Writing revisions (repository root, venv active):
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: PostgreSQL advisory lock key held while migrating: the bytes of ``syncsvc!`` as an int64.
 MIGRATION_LOCK_KEY = int.from_bytes(b"syncsvc!", "big")
+
+log = logging.getLogger(__name__)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -60,8 +64,12 @@ def _upgrade_serialised(conn: Connection) -> None:
     elif conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     try:
+        before = MigrationContext.configure(conn).get_current_revision()
         command.upgrade(alembic_config(conn), "head")
+        after = MigrationContext.configure(conn).get_current_revision()
     except BaseException:
         conn.rollback()
         raise
     conn.commit()
+    if after != before:
+        log.info("event=db.migrated from=%s to=%s", before, after)
