@@ -20,7 +20,7 @@ from syncsvc.store.db import Database
 
 #: Every ``syncsvc/api/<name>.py`` with a ``routes = Routes(...)`` table. Adding a resource is
 #: adding its name here.
-API_MODULES = ("health",)
+API_MODULES = ("health", "users")
 API_TITLE = "syncsvc"
 
 

@@ -69,6 +69,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
+from pydantic_core import ErrorDetails
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.config import Settings
@@ -275,10 +276,16 @@ def validation_error(
     exc: PydanticValidationError, prefix: tuple[str | int, ...]
 ) -> ValidationError:
     """A pydantic failure as our 422, each detail's ``loc`` naming the field."""
-    details = [
-        ErrorDetail((*prefix, *(part for part in err["loc"])), err["msg"]) for err in exc.errors()
-    ]
+    details = [ErrorDetail((*prefix, *err["loc"]), _message(err)) for err in exc.errors()]
     return ValidationError("the request is not valid", details)
+
+
+def _message(err: ErrorDetails) -> str:
+    """Our own validators' words without pydantic's "Value error, " prefix."""
+    cause = (err.get("ctx") or {}).get("error")
+    if err["type"] == "value_error" and isinstance(cause, ValueError):
+        return str(cause)
+    return err["msg"]
 
 
 def _query(request: web.Request, model: type[BaseModel]) -> dict[str, Any]:

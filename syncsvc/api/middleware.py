@@ -108,6 +108,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         # A model built below the edge (not the request's own): same 422 shape.
         err = validation_error(exc, ())
         return error_response(err.http_status, err.code, err.message, err.details)
+    except web.HTTPRequestEntityTooLarge:
+        limit_bytes = request.app[SETTINGS].max_body_bytes
+        return error_response(
+            413,
+            TooLarge.code,
+            f"the body is larger than {limit_bytes} bytes",
+            [ErrorDetail(("body",), f"at most {limit_bytes} bytes")],
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -88,12 +88,17 @@ def _bad_cursor() -> ValidationError:
 
 
 def page(
-    rows: Sequence[R], limit: int, item: Callable[[R], T], sort_key: Callable[[R], Sequence[Any]]
+    model: type[Page[T]],
+    rows: Sequence[R],
+    limit: int,
+    item: Callable[[R], T],
+    sort_key: Callable[[R], Sequence[Any]],
 ) -> Page[T]:
-    """A page from ``limit + 1`` fetched rows: the extra row only says that more exist."""
+    """A page (of ``model``, e.g. ``Page[UserOut]``) from ``limit + 1`` fetched rows: the extra
+    row only says that more exist."""
     shown = rows[:limit]
     more = len(rows) > limit and bool(shown)
-    return Page[T](
+    return model(
         items=[item(row) for row in shown],
         next_cursor=encode_cursor(sort_key(shown[-1])) if more else None,
     )
