@@ -102,6 +102,16 @@ async def test_the_resource_is_one_valid_vevent_with_its_vtimezone(caldav: CalDA
     assert "LAST-MODIFIED" in event
 
 
+async def test_a_cancelled_event_stays_visible_as_cancelled(caldav: CalDAVHarness) -> None:
+    spec = make_spec("act-1")
+    ref = await caldav.provider.create(spec)
+
+    await caldav.provider.update(ref, replace(spec, status="cancelled", sequence=1))
+
+    [event] = icalendar.Calendar.from_ical(await caldav.raw(ref.event_id)).events
+    assert (str(event["STATUS"]), event["SEQUENCE"]) == ("CANCELLED", 1)
+
+
 async def test_a_task_is_an_all_day_transparent_event(caldav: CalDAVHarness) -> None:
     task = make_spec("task-1", start=None, end=None, due=date(2027, 6, 16), kind="task")
     ref = await caldav.provider.create(task)
