@@ -14,6 +14,7 @@ import pytest
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
 
+from syncsvc.config import Settings
 from syncsvc.errors import AuthFailed, Permanent, ProviderNotFound, Throttled, Transient
 from syncsvc.providers.base import BusyInterval, EventRef, EventSpec
 from syncsvc.providers.google import (
@@ -134,6 +135,35 @@ async def test_user_oauth_refreshes_and_refreshes_again_after_expiry(fake: FakeG
     fake.expire_access_tokens()
     with pytest.raises(AuthFailed):
         await provider.find("o1")
+
+
+async def test_providers_built_from_settings(fake: FakeGoogle, sa_info: dict[str, str]) -> None:
+    settings = Settings(google_api_url=fake.api_url, google_token_url=fake.token_url)
+    user = new_user()
+    delegated = GoogleProvider.with_service_account(settings, user, info=sa_info)
+    await delegated.create(meeting("s1"))
+    fake.register_oauth_client("crm-client", "s3cret")
+    oauth = GoogleProvider.with_user_oauth(
+        settings,
+        "primary",
+        refresh_token=fake.issue_refresh_token("crm-client", user),
+        client_id="crm-client",
+        client_secret="s3cret",
+    )
+    found = await oauth.find("s1")
+    assert found is not None and found.event_id == event_id_for("s1")
+    with pytest.raises(AuthFailed):
+        GoogleProvider.with_service_account(settings, user)  # no key file configured
+
+
+async def test_concurrent_calls_on_one_provider(
+    fake: FakeGoogle, user_and_provider: tuple[str, GoogleProvider]
+) -> None:
+    user, provider = user_and_provider
+    refs = await asyncio.gather(*(provider.create(meeting(f"c{i:02}")) for i in range(20)))
+    assert sorted(r.event_id for r in refs) == sorted(event_id_for(f"c{i:02}") for i in range(20))
+    assert len(fake.events(user)) == 20
+    assert [g.subject for g in fake.token_grants].count(user) == 1  # one refresh, shared
 
 
 # -- single events -------------------------------------------------------------------------
