@@ -312,6 +312,12 @@ async def patch(
             f"template.{unknown[0]} cannot change after commit",
             [ErrorDetail(("template", k), "cannot change after commit") for k in unknown],
         )
+    nulls = [k for k, v in changes.items() if v is None and k != "reminder_minutes"]
+    if nulls:
+        raise ValidationError(
+            f"template.{nulls[0]} must not be null",
+            [ErrorDetail(("template", k), "must not be null") for k in nulls],
+        )
     batch = await _get_batch(session, tenant_id, batch_id)
     if batch.state in DELETION_REQUESTED:
         raise Conflict(f"batch {batch_id!r} is being deleted", [ErrorDetail(("id",), batch.state)])

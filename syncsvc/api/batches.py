@@ -1,0 +1,156 @@
+"""Batches: commit a plan, read progress, list, edit the template, delete."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from syncsvc.api._framework import Ctx, Routes
+from syncsvc.api.pagination import PageQuery, decode_cursor, encode_cursor
+from syncsvc.api.plan_schemas import (
+    BatchCreatedOut,
+    BatchListOut,
+    BatchOut,
+    BatchPatch,
+    BatchPatchedOut,
+    PlanBody,
+    SyncCountsOut,
+    instant,
+)
+from syncsvc.api.plans import body_errors, clock_of, users_out
+from syncsvc.errors import ErrorDetail, ValidationError
+from syncsvc.service import batches as service
+from syncsvc.service.batches import BatchView
+
+routes = Routes(tag="batches")
+
+
+class BatchPath(BaseModel):
+    batch_id: str = Field(min_length=1, max_length=64)
+
+
+def batch_out(view: BatchView) -> BatchOut:
+    return BatchOut(**_fields(view))
+
+
+def _fields(view: BatchView) -> dict[str, object]:
+    s = view.sync
+    return {
+        "id": view.id,
+        "state": view.state,
+        "total": view.total,
+        "created_at": instant(view.created_at),
+        "created_by": view.created_by,
+        "targetgroup_name": view.targetgroup_name,
+        "sync": SyncCountsOut(
+            pending=s.pending,
+            synced=s.synced,
+            failed=s.failed,
+            deleting=s.deleting,
+            deleted=s.deleted,
+        ),
+    }
+
+
+@routes.endpoint(
+    "POST",
+    "/v1/batches",
+    body=PlanBody,
+    response=BatchCreatedOut,
+    status=201,
+    summary="Commit a plan as a batch",
+)
+async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
+    """Plans like ``POST /v1/plans`` and stores the batch, its activities and their external
+    operations in one transaction; the calendars follow asynchronously."""
+    with body_errors(PlanBody):
+        async with ctx.session() as session, session.begin():
+            created = await service.commit(session, ctx.tenant_id, body.to_spec(), clock_of(ctx)())
+    return BatchCreatedOut(
+        id=created.id,
+        created_by=created.created_by,
+        state=created.state,
+        total=created.total,
+        users=users_out(created.users),
+    )
+
+
+@routes.endpoint(
+    "GET", "/v1/batches", query=PageQuery, response=BatchListOut, summary="List batches"
+)
+async def list_batches(ctx: Ctx, query: PageQuery) -> BatchListOut:
+    """The tenant's batches, newest first."""
+    after = _after(decode_cursor(query.cursor))
+    async with ctx.session() as session:
+        views = await service.list_batches(session, ctx.tenant_id, query.limit, after)
+    shown = views[: query.limit]
+    more = len(views) > query.limit
+    return BatchListOut(
+        items=[batch_out(v) for v in shown],
+        next_cursor=encode_cursor([shown[-1].created_at.isoformat(), shown[-1].id])
+        if more
+        else None,
+    )
+
+
+def _after(key: list[object] | None) -> tuple[datetime, str] | None:
+    if key is None:
+        return None
+    try:
+        if len(key) != 2 or not isinstance(key[0], str) or not isinstance(key[1], str):
+            raise ValueError(key)
+        return datetime.fromisoformat(key[0]), key[1]
+    except ValueError as exc:
+        raise ValidationError(
+            "the cursor is not valid",
+            [ErrorDetail(("query", "cursor"), "not a cursor from this list")],
+        ) from exc
+
+
+@routes.endpoint(
+    "GET", "/v1/batches/{batch_id}", path=BatchPath, response=BatchOut, summary="Batch progress"
+)
+async def get_batch(ctx: Ctx, path: BatchPath) -> BatchOut:
+    async with ctx.session() as session:
+        return batch_out(await service.get(session, ctx.tenant_id, path.batch_id))
+
+
+@routes.endpoint(
+    "PATCH",
+    "/v1/batches/{batch_id}",
+    path=BatchPath,
+    body=BatchPatch,
+    response=BatchPatchedOut,
+    summary="Edit a batch's template",
+)
+async def patch_batch(ctx: Ctx, path: BatchPath, body: BatchPatch) -> BatchPatchedOut:
+    """Applies to every activity of the batch and its external event, except those their
+    assignee edited in their own calendar, unless ``force``."""
+    changes = body.template.model_dump(exclude_unset=True)
+    with body_errors(BatchPatch):
+        async with ctx.session() as session, session.begin():
+            patched = await service.patch(
+                session, ctx.tenant_id, path.batch_id, changes, force=body.force
+            )
+    return BatchPatchedOut(
+        **_fields(patched.batch),
+        updated=patched.updated,
+        skipped_user_edited=patched.skipped_user_edited,
+    )
+
+
+@routes.endpoint(
+    "DELETE",
+    "/v1/batches/{batch_id}",
+    path=BatchPath,
+    response=BatchOut,
+    status=202,
+    summary="Delete a batch and every external event it created",
+)
+async def delete_batch(ctx: Ctx, path: BatchPath) -> BatchOut:
+    """Committed before the answer; ``GET`` shows progress until ``state`` is ``deleted``.
+    Deleting twice is fine."""
+    async with ctx.session() as session, session.begin():
+        view = await service.delete(session, ctx.tenant_id, path.batch_id)
+    return batch_out(view)
