@@ -26,7 +26,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from email.utils import parsedate_to_datetime
 from typing import NoReturn
 from urllib.parse import quote, unquote, urlsplit
 from xml.sax.saxutils import escape
@@ -43,6 +42,7 @@ from syncsvc.errors import (
     Throttled,
     Transient,
 )
+from syncsvc.providers._http import parse_retry_after
 from syncsvc.providers._ical import (
     BATCH_PROPERTY,
     ParsedEvent,
@@ -74,22 +74,6 @@ def resource_name(key: str) -> str:
     if _SAFE_KEY.fullmatch(key):
         return key + RESOURCE_SUFFIX
     return _HASHED_PREFIX + hashlib.sha256(key.encode()).hexdigest() + RESOURCE_SUFFIX
-
-
-def retry_after_s(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +235,9 @@ class CalDAVProvider:
         """Map an unexpected status onto the provider error vocabulary."""
         status = response.status
         message = f"CalDAV {method} answered {status}"
-        retry_after = retry_after_s(response.headers.get("Retry-After"), self._clock())
+        retry_after = parse_retry_after(
+            response.headers.get("Retry-After"), now_s=self._clock().timestamp()
+        )
         if 300 <= status < 400:
             location = response.headers.get("Location", "?")
             raise Permanent(f"{message}: redirected to {location}; configure that calendar URL")

@@ -29,7 +29,7 @@ from syncsvc.errors import (
 )
 from syncsvc.providers._ical import parse_event, render_resource
 from syncsvc.providers.base import BusyInterval, EventAttendee, EventRef, EventSpec
-from syncsvc.providers.caldav import CalDAVProvider, resource_name, retry_after_s
+from syncsvc.providers.caldav import CalDAVProvider, resource_name
 from tests.contract.backend_caldav import CalDAVHarness, open_caldav_harness
 
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -423,14 +423,6 @@ async def test_a_refused_connection_is_transient() -> None:
         with pytest.raises(Transient) as raised:
             await provider.find("act-1")
     assert isinstance(raised.value.__cause__, aiohttp.ClientError)
-
-
-def test_retry_after_reads_seconds_and_http_dates() -> None:
-    assert retry_after_s("120", NOW) == 120.0
-    assert retry_after_s("Tue, 01 Jun 2027 08:00:30 GMT", NOW) == 30.0
-    assert retry_after_s("Tue, 01 Jun 2027 07:00:00 GMT", NOW) == 0.0
-    assert retry_after_s("soon", NOW) is None
-    assert retry_after_s(None, NOW) is None
 
 
 # --- The iCalendar module on its own ---
