@@ -10,12 +10,15 @@ Conventions every backend follows so one assertion fits all providers:
 - ``ServerEvent.start``/``end`` are timezone-aware datetimes (compared as instants), or None
   for all-day items such as tasks.
 - ``ServerEvent.status`` is lower-case: ``"cancelled"`` for a cancelled event, otherwise
-  ``"confirmed"`` (or the provider's own lower-case word, e.g. ``"tentative"``).
+  ``"confirmed"`` (or the provider's own lower-case word, e.g. ``"tentative"``). Where the
+  provider has one state for cancelled and deleted (Google), a cancelled event may be absent.
+- A backend module lists every fixture it defines in ``__all__`` (``conftest.py`` imports them).
 - ``add_foreign_event(..., all_day_off=True)`` makes an all-day out-of-office event covering
   the dates from ``start.date()`` up to, not including, ``end.date()`` (at least one day);
   otherwise an ordinary timed, busy event from ``start`` to ``end``.
 
-Optional helper (looked up with ``getattr``; tests needing it skip with a reason without it):
+An extra every backend also provides (kept out of ``ProviderHarness`` so that stays as agreed;
+the reminder test checks for it with ``ReminderReader``):
 
 - ``async def server_reminder_minutes(self, event_id: str) -> int | None``: the reminder the
   server stores for the event, in minutes before its start, read directly from the server.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from syncsvc.providers.base import CalendarProvider
 
@@ -54,4 +57,11 @@ class ProviderHarness(Protocol):
         self, subject: str, start: datetime, end: datetime, *, all_day_off: bool = False
     ) -> None:
         """An event the user made themselves (``all_day_off=True``: an out-of-office day)."""
+        ...
+
+
+@runtime_checkable
+class ReminderReader(Protocol):
+    async def server_reminder_minutes(self, event_id: str) -> int | None:
+        """The reminder stored with the event, in minutes before its start, or None."""
         ...

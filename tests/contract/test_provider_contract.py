@@ -16,7 +16,7 @@ import pytest
 
 from syncsvc.errors import ProviderNotFound
 from syncsvc.providers.base import BusyInterval, EventSpec
-from tests.contract.harness import ProviderHarness, ServerEvent
+from tests.contract.harness import ProviderHarness, ReminderReader, ServerEvent
 
 CPH = ZoneInfo("Europe/Copenhagen")
 MONDAY_9 = datetime(2027, 6, 14, 9, 0, tzinfo=CPH)
@@ -178,14 +178,12 @@ async def test_a_cancelled_event_never_stays_confirmed(harness: ProviderHarness)
 
 
 async def test_reminder_reaches_the_server(harness: ProviderHarness) -> None:
-    reminder_minutes = getattr(harness, "server_reminder_minutes", None)
-    if reminder_minutes is None:
-        pytest.skip("this backend cannot read reminders from its server")
+    assert isinstance(harness, ReminderReader), "backends provide server_reminder_minutes"
     with_reminder = await harness.provider.create(make_spec(1, None, reminder_minutes=15))
     without = await harness.provider.create(make_spec(2, None))
 
-    assert await reminder_minutes(with_reminder.event_id) == 15
-    assert await reminder_minutes(without.event_id) is None
+    assert await harness.server_reminder_minutes(with_reminder.event_id) == 15
+    assert await harness.server_reminder_minutes(without.event_id) is None
 
 
 async def test_a_task_becomes_one_item_on_its_due_date(harness: ProviderHarness) -> None:
