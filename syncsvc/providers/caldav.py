@@ -154,7 +154,7 @@ def _dates_touched(start: datetime | date, end: datetime | date | None) -> list[
     return [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
 
 
-def _parse_or_skip(data: str) -> list[ParsedEvent]:
+def _parse_or_skip(data: bytes | str) -> list[ParsedEvent]:
     """Events of one resource; a resource we cannot read (another client's) counts as none."""
     try:
         return parse_events(data)
@@ -220,8 +220,8 @@ class CalDAVProvider:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
-                return _Response(response.status, CIMultiDict(response.headers), body)
+                content = await response.read()
+                return _Response(response.status, CIMultiDict(response.headers), content)
         except aiohttp.InvalidURL as exc:
             raise Permanent(f"CalDAV {method}: invalid URL {url!r}") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -296,9 +296,12 @@ class CalDAVProvider:
         # The name is taken: our earlier create happened (we crashed before recording it).
         found = await self._get(name)
         if found is None:
-            raise ProviderConflict(f"CalDAV resource {name!r} was deleted while being created")
+            raise ProviderConflict(
+                f"CalDAV PUT of {name!r} answered 412 yet nothing is there: deleted meanwhile, "
+                "or the server refused the body (Radicale: too large)"
+            )
         ref, body = found
-        if not any(event.uid == event_uid(spec.key) for event in _parse_or_skip(body.decode())):
+        if not any(event.uid == event_uid(spec.key) for event in _parse_or_skip(body)):
             raise ProviderConflict(f"CalDAV resource {name!r} holds another event")
         return ref
 
