@@ -1,4 +1,5 @@
-"""The ``syncsvc`` command as an operator runs it: real processes on a SQLite file."""
+"""The ``syncsvc`` command as an operator runs it (real processes on a SQLite file), and the
+tenant functions behind it on both backends."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from syncsvc.service.tenants import tenant_for_key
+from syncsvc.errors import Conflict
+from syncsvc.service.tenants import create_tenant, ensure_dev_tenant, tenant_for_key
 from syncsvc.store.db import Database
 from tests.servers.postgres import free_port
 
@@ -57,6 +59,29 @@ async def tenant_name_for(url: str, key: str) -> str | None:
         async with db.session() as session:
             tenant = await tenant_for_key(session, key)
             return None if tenant is None else tenant.name
+    finally:
+        await db.aclose()
+
+
+async def test_tenant_keys_on_both_backends(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        await db.migrate()
+        dev_key = await ensure_dev_tenant(db)
+        assert dev_key is not None and KEY_RE.fullmatch(dev_key)
+        assert await ensure_dev_tenant(db) is None  # only on an empty database
+        tenant, key = await create_tenant(db, "acme")
+        assert KEY_RE.fullmatch(key) and key != dev_key
+        assert tenant.api_key_hash != key  # only the hash is stored
+        with pytest.raises(Conflict):
+            await create_tenant(db, "acme")
+        async with db.session() as session:
+            found = await tenant_for_key(session, key)
+            assert found is not None and found.id == tenant.id
+            dev = await tenant_for_key(session, dev_key)
+            assert dev is not None and dev.name == "dev"
+            assert await tenant_for_key(session, "sk_" + "x" * 43) is None
+            assert await tenant_for_key(session, "") is None
     finally:
         await db.aclose()
 
