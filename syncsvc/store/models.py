@@ -230,3 +230,21 @@ class SyncCycle(Base):
     done: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     throttled: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Feed(Base):
+    """A user's secret iCal feed: at most one per user; rotating replaces the token's hash.
+
+    Only the SHA-256 of the token is kept (``hash_token``), so a leaked database row does not
+    reveal a working feed URL; the feed is found by that hash.
+    """
+
+    __tablename__ = "feeds"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
+    )
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

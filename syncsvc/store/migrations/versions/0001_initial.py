@@ -1,7 +1,7 @@
 """initial
 
 Revision ID: 0001
-Create Date: 2026-11-23 09:30:28.634358
+Create Date: 2026-11-23 09:36:45.528863
 """
 
 from __future__ import annotations
@@ -156,6 +156,23 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "feeds",
+        sa.Column("tenant_id", sa.String(length=64), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["tenant_id", "user_id"],
+            ["users.tenant_id", "users.id"],
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", "user_id"),
+        sa.UniqueConstraint("token_hash"),
+    )
+    op.create_table(
         "external_events",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("tenant_id", sa.String(length=64), nullable=False),
@@ -231,6 +248,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_external_events_batch_state")
 
     op.drop_table("external_events")
+    op.drop_table("feeds")
     with op.batch_alter_table("activities", schema=None) as batch_op:
         batch_op.drop_index("ix_activities_user_start")
         batch_op.drop_index("ix_activities_batch_seq")
