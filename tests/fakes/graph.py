@@ -171,6 +171,8 @@ class _Mailbox:
     in_flight: int = 0
     penalty_until: float = 0.0
     penalty_message: str = ""
+    #: When the client received the 429 that started the penalty (None: not yet delivered).
+    penalty_announced_at: float | None = None
     denied: bool = False
     scripted: deque[Fault] = field(default_factory=deque)
 
@@ -182,6 +184,9 @@ class _Request:
     query: Mapping[str, str]
     headers: Mapping[str, str]  # lower-case names
     body: Any
+    #: When the HTTP request carrying it arrived, and the mailboxes its answers will throttle.
+    arrived: float = 0.0
+    penalized: list[_Mailbox] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,7 +718,7 @@ class FakeGraph:
                             400, "BadRequest", "Unable to read JSON request payload."
                         ).response()
                     )
-        req = _Request(request.method, path, dict(request.query), headers, body)
+        req = _Request(request.method, path, dict(request.query), headers, body, time.monotonic())
         unauthorized = self._check_token(headers)
         if unauthorized is not None:
             return self._to_http(unauthorized)
@@ -721,6 +726,9 @@ class FakeGraph:
             result = await self._batch(req)
         else:
             result = await self._dispatch(req)
+        announced = time.monotonic()
+        for box in req.penalized:
+            box.penalty_announced_at = announced
         return self._to_http(result)
 
     @staticmethod
@@ -769,25 +777,32 @@ class FakeGraph:
 
     # -- throttling and faults -----------------------------------------------------------------
 
-    def _admit(self, box: _Mailbox) -> _Response | None:
-        """The Outlook limits: a running penalty, the request window, then concurrency."""
+    def _admit(self, box: _Mailbox, req: _Request) -> _Response | None:
+        """The Outlook limits: a running penalty, the request window, then concurrency.
+
+        A request counts as ``early`` only if it was sent after its client had the 429 in hand
+        (not, say, a later item of the very batch that got throttled).
+        """
         now = time.monotonic()
         stats = box.stats
         stats.requests += 1
         limits = self.limits
         if now < box.penalty_until:
-            stats.early += 1
-            return self._throttled(box, now, math.ceil(box.penalty_until - now), None)
+            announced = box.penalty_announced_at
+            if announced is not None and announced <= req.arrived:
+                stats.early += 1
+            return self._throttled(box, req, now, math.ceil(box.penalty_until - now), None)
         while box.window and box.window[0] <= now - limits.window_s:
             box.window.popleft()
         if len(box.window) >= limits.requests:
             wait_s = max(1, math.ceil(box.window[0] + limits.window_s - now))
             return self._throttled(
-                box, now, wait_s, "Application is over its MailboxRequests limit."
+                box, req, now, wait_s, "Application is over its MailboxRequests limit."
             )
         if box.in_flight >= limits.concurrency:
             return self._throttled(
                 box,
+                req,
                 now,
                 limits.concurrency_retry_after_s,
                 "Application is over its MailboxConcurrency limit.",
@@ -798,10 +813,14 @@ class FakeGraph:
         return None
 
     @staticmethod
-    def _throttled(box: _Mailbox, now: float, wait_s: int, message: str | None) -> _Response:
+    def _throttled(
+        box: _Mailbox, req: _Request, now: float, wait_s: int, message: str | None
+    ) -> _Response:
         if message is not None:
             box.penalty_until = now + wait_s
             box.penalty_message = message
+            box.penalty_announced_at = None
+            req.penalized.append(box)
         box.stats.throttled += 1
         box.stats.throttled_at.append(now)
         return GraphError(
@@ -822,7 +841,7 @@ class FakeGraph:
     async def _metered(
         self, box: _Mailbox, req: _Request, match: re.Match[str], handler: Handler
     ) -> _Response:
-        rejected = self._admit(box)
+        rejected = self._admit(box, req)
         if rejected is not None:
             return rejected
         box.in_flight += 1
@@ -1224,12 +1243,12 @@ class FakeGraph:
                         424, "FailedDependency", "A dependency failed."
                     ).response()
                 else:
-                    answers[item["id"]] = await self._dispatch(self._sub_request(item))
+                    answers[item["id"]] = await self._dispatch(self._sub_request(item, req))
         else:
             lanes: dict[str, asyncio.Semaphore] = {}
 
             async def run(item: dict[str, Any]) -> None:
-                sub = self._sub_request(item)
+                sub = self._sub_request(item, req)
                 parts = sub.path.strip("/").split("/")
                 lane = parts[1].lower() if len(parts) > 1 and parts[0] == "users" else ""
                 gate = lanes.setdefault(lane, asyncio.Semaphore(max(1, self.limits.concurrency)))
@@ -1292,7 +1311,7 @@ class FakeGraph:
         return list(items)
 
     @staticmethod
-    def _sub_request(item: dict[str, Any]) -> _Request:
+    def _sub_request(item: dict[str, Any], outer: _Request) -> _Request:
         url = "/" + item["url"].lstrip("/")
         path, _, query_text = url.partition("?")
         query: dict[str, str] = {}
@@ -1300,7 +1319,15 @@ class FakeGraph:
             key, _, value = pair.partition("=")
             query[unquote(key)] = unquote(value.replace("+", " "))
         headers = {k.lower(): str(v) for k, v in (item.get("headers") or {}).items()}
-        return _Request(item["method"].upper(), path, query, headers, item.get("body"))
+        return _Request(
+            item["method"].upper(),
+            path,
+            query,
+            headers,
+            item.get("body"),
+            outer.arrived,
+            outer.penalized,
+        )
 
 
 def _parse_instant(text: str) -> dt.datetime | None:
