@@ -43,7 +43,7 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app[METRICS] = Metrics()
     endpoints = [ep for table in api_routes() for ep in table.endpoints]
     for ep in endpoints:
-        app.router.add_route(ep.method, ep.path, ep)
+        app.router.add_route(ep.method, ep.path, ep.handle)
     app[OPENAPI] = _openapi_document(endpoints, title=API_TITLE, version=_version())
     return app
 

@@ -177,7 +177,8 @@ class Endpoint:
     def access(self) -> Access:
         return access_for(self.path)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler: validate the parts, call the handler, serialise its answer."""
         app = request.app
         ctx = Ctx(
             request=request,
