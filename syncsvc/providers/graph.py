@@ -156,6 +156,7 @@ class GraphClient:
     _app: msal.ConfidentialClientApplication | None = field(default=None, init=False, repr=False)
     _token_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _last_token: str | None = field(default=None, init=False, repr=False)
 
     def mailbox(self, address: str, timezone: str = "UTC") -> GraphProvider:
         """The calendar of ``address``; ``timezone`` is the user's, for days off."""
@@ -195,9 +196,10 @@ class GraphClient:
                 raise Transient(f"token request failed: {type(exc).__name__}") from exc
             except ValueError as exc:
                 raise Transient(f"token endpoint answered garbage: {exc}") from exc
-        token = result.get("access_token")
-        if isinstance(token, str):
-            return token
+            token = result.get("access_token")
+            if isinstance(token, str):
+                self._last_token = token
+                return token
         error = str(result.get("error") or "no_token")
         description = str(result.get("error_description") or "").split("\n")[0][:300]
         if error in ("temporarily_unavailable", "server_error"):
@@ -218,8 +220,25 @@ class GraphClient:
         return f"{self.api_url.rstrip('/')}{path}" + (f"?{query}" if query else "")
 
     async def send(self, method: str, url: str, body: Any = None) -> GraphAnswer:
-        """One Graph call with a fresh token; network trouble becomes ``Transient``."""
+        """One Graph call with a current token; network trouble becomes ``Transient``.
+
+        A ``401`` means Graph no longer takes the token MSAL has cached (revoked, or clocks
+        disagree): the token is dropped and the call tried once more with a new one.
+        """
         token = await self.token()
+        answer = await self._send_once(method, url, body, token)
+        if answer.status == 401:
+            await self._forget_token(token)
+            answer = await self._send_once(method, url, body, await self.token())
+        return answer
+
+    async def _forget_token(self, token: str) -> None:
+        async with self._token_lock:
+            if self._app is not None and token == self._last_token:
+                self._last_token = None
+                await asyncio.to_thread(self._app.remove_tokens_for_client)
+
+    async def _send_once(self, method: str, url: str, body: Any, token: str) -> GraphAnswer:
         headers = {
             "Authorization": f"Bearer {token}",
             "Accept": "application/json",

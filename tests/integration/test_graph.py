@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import certifi
 import pytest
 
@@ -25,16 +26,17 @@ from syncsvc.errors import (
     Throttled,
     Transient,
 )
-from syncsvc.providers._http import ca_bundle_path, parse_retry_after
+from syncsvc.providers._http import ca_bundle_path, parse_retry_after, ssl_context
 from syncsvc.providers.base import BusyInterval, EventAttendee, EventRef, EventSpec
 from syncsvc.providers.graph import (
+    PROP_BATCH,
     GraphAnswer,
     GraphClient,
     GraphProvider,
     error_for,
     transaction_id,
 )
-from tests.fakes.graph import FakeGraph, Fault, ThrottleLimits, running_fake_graph
+from tests.fakes.graph import FakeGraph, Fault, FaultPlan, ThrottleLimits, running_fake_graph
 
 CPH = ZoneInfo("Europe/Copenhagen")
 UTC = dt.UTC
@@ -134,6 +136,29 @@ async def test_unknown_tenant_is_auth_failed(fake: FakeGraph, mailbox: str) -> N
             await graph.mailbox(mailbox).find("k")
     finally:
         await graph.aclose()
+
+
+async def test_a_revoked_token_is_replaced_once(
+    fake: FakeGraph, client: GraphClient, provider: GraphProvider
+) -> None:
+    await provider.find("k")
+    before = fake.token_requests
+    fake.revoke_tokens()
+
+    assert await provider.find("k") is None
+
+    assert fake.token_requests - before == 1
+
+
+async def test_graph_wants_a_bearer_token(fake: FakeGraph, mailbox: str) -> None:
+    assert fake.ca_bundle is not None
+    context = ssl_context(str(fake.ca_bundle))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{fake.graph_url}/users/{mailbox}/events", ssl=context) as response,
+    ):
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "InvalidAuthenticationToken"
 
 
 async def test_a_mailbox_the_app_may_not_touch_is_auth_failed(
@@ -380,6 +405,24 @@ async def test_the_fake_refuses_batches_over_20(client: GraphClient, mailbox: st
     assert isinstance(error_for(answer, "batch"), Permanent)
 
 
+async def test_the_fake_expands_only_the_asked_extended_property(
+    client: GraphClient, provider: GraphProvider, mailbox: str
+) -> None:
+    await provider.create(spec(1, "batch-x"))
+    params = {"$expand": f"singleValueExtendedProperties($filter=id eq '{PROP_BATCH}')"}
+
+    answer = await client.send("GET", client.url(f"/users/{mailbox}/events", params))
+
+    [event] = answer.body["value"]
+    assert event["singleValueExtendedProperties"] == [{"id": PROP_BATCH, "value": "batch-x"}]
+
+
+async def test_the_fake_needs_a_window_for_calendar_view(client: GraphClient, mailbox: str) -> None:
+    answer = await client.send("GET", client.url(f"/users/{mailbox}/calendarView"))
+
+    assert (answer.status, answer.body["error"]["code"]) == (400, "ErrorInvalidParameter")
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -503,6 +546,28 @@ async def test_server_trouble_maps_onto_our_errors(
 
     assert type(caught.value) is error
     assert getattr(caught.value, "retry_after_s", None) == retry_after_s
+
+
+async def test_a_share_of_failing_calls_is_injected_and_counted(
+    fake: FakeGraph, provider: GraphProvider, mailbox: str
+) -> None:
+    fake.set_faults(FaultPlan(fraction=0.3, fault=Fault(status=503, retry_after_s=2), seed=7))
+    try:
+        outcomes = [await _outcome(provider.find(f"k{n}")) for n in range(20)]
+    finally:
+        fake.set_faults(FaultPlan())
+
+    failures = [o for o in outcomes if isinstance(o, Throttled)]
+    assert 0 < len(failures) < 20
+    assert len(failures) == fake.stats(mailbox).faults
+    assert {f.retry_after_s for f in failures} == {2.0}
+
+
+async def _outcome(call: Awaitable[object]) -> object:
+    try:
+        return await call
+    except Throttled as exc:
+        return exc
 
 
 async def test_a_hanging_call_times_out_as_transient(fake: FakeGraph, mailbox: str) -> None:
