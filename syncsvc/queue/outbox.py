@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.store.models import ExternalEvent, Operation, User
@@ -34,6 +34,9 @@ LIVE_STATES = ("pending_create", "synced", "pending_update")
 GONE_STATES = ("deleted", "pending_delete")
 #: Ids per ``IN (...)`` list: well below SQLite's and asyncpg's bound-parameter limits.
 IN_CHUNK = 1000
+#: Core tables for executemany inserts (the ORM bulk path costs a third more per row).
+LEDGER_TABLE = cast(Table, ExternalEvent.__table__)
+OPERATIONS_TABLE = cast(Table, Operation.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,24 +100,49 @@ async def add_events(
         }
         for e in events
     ]
-    ids = list(
-        await session.scalars(
-            insert(ExternalEvent).returning(ExternalEvent.id, sort_by_parameter_order=True),
-            ledger_rows,
-        )
-    )
+    # Plain executemany plus one read-back: RETURNING per row is several times slower here.
+    await session.execute(insert(LEDGER_TABLE), ledger_rows)
+    ids = await _ledger_ids(session, tenant_id, events)
     await _insert_operations(
         session,
         tenant_id,
         "create",
         [
-            (ledger_id, e.batch_id, e.calendar.mailbox, e.activity_id)
-            for ledger_id, e in zip(ids, events, strict=True)
+            (ids[(e.activity_id, e.calendar)], e.batch_id, e.calendar.mailbox, e.activity_id)
+            for e in events
         ],
         lane,
         now,
     )
     return len(events)
+
+
+async def _ledger_ids(
+    session: AsyncSession, tenant_id: str, events: Sequence[NewEvent]
+) -> dict[tuple[str, Calendar], int]:
+    """The ids just given to the events' ledger rows, by (activity, calendar): read by batch
+    when they share one (one query for any size), else by activity id."""
+    columns = (
+        ExternalEvent.id,
+        ExternalEvent.activity_id,
+        ExternalEvent.provider,
+        ExternalEvent.calendar,
+    )
+    base = select(*columns).where(ExternalEvent.tenant_id == tenant_id)
+    batch_ids = {e.batch_id for e in events}
+    queries = []
+    if len(batch_ids) == 1 and None not in batch_ids:
+        queries.append(base.where(ExternalEvent.batch_id == events[0].batch_id))
+    else:
+        queries.extend(
+            base.where(ExternalEvent.activity_id.in_(chunk))
+            for chunk in chunks(sorted({e.activity_id for e in events}))
+        )
+    ids: dict[tuple[str, Calendar], int] = {}
+    for query in queries:
+        for ledger_id, activity_id, provider, calendar in await session.execute(query):
+            ids[(activity_id, Calendar(provider, calendar))] = ledger_id
+    return ids
 
 
 async def request_updates(
@@ -258,4 +286,4 @@ async def _insert_operations(
         for ledger_id, batch_id, mailbox, activity_id in targets
     ]
     if rows:
-        await session.execute(insert(Operation), rows)
+        await session.execute(insert(OPERATIONS_TABLE), rows)

@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -38,6 +38,8 @@ PATCHABLE_FIELDS = (
     "fields",
 )
 LIST_LIMIT_MAX = 500
+#: The Core table, for one executemany of a whole batch's activities.
+ACTIVITIES_TABLE = cast(Table, Activity.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +178,7 @@ async def commit(
     )
     await session.flush()
     if activity_rows:
-        await session.execute(insert(Activity), activity_rows)
+        await session.execute(insert(ACTIVITIES_TABLE), activity_rows)
     await add_events(session, tenant_id, events, "bulk")
     return BatchCreated(
         id=batch_id,
