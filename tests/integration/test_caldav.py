@@ -403,12 +403,12 @@ async def test_a_slow_server_is_transient(scripted_server: tuple[str, dict[str, 
     url, handlers = scripted_server
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.3)
         return web.Response(status=204)
 
     handlers["act-1.ics"] = slow
     async with aiohttp.ClientSession() as session:
-        provider = CalDAVProvider(url, "u", "p", session, timeout_s=0.1)
+        provider = CalDAVProvider(url, "u", "p", session, timeout_s=0.05)
         with pytest.raises(Transient) as raised:
             await provider.delete(EventRef("act-1.ics"))
     assert isinstance(raised.value.__cause__, TimeoutError)
