@@ -41,6 +41,7 @@ from typing import Protocol, Self
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -243,6 +244,8 @@ class MemoryRateLimiter:
             held.pop(lease.id, None)
 
     async def pause(self, mailbox: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
         until = self._clock() + seconds
         paused = self._state.paused_until_s
         if until > paused.get(mailbox, -math.inf):
@@ -321,10 +324,11 @@ return 0
 
 @contextmanager
 def _redis_errors(operation: str) -> Iterator[None]:
-    """Turns an unreachable Redis (down, restarting, loading) into one retryable error."""
+    """Turns an unreachable Redis (down, restarting, loading, a replica mid-failover) into one
+    retryable error."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError) as exc:
         raise Transient(
             f"redis unavailable during rate-limit {operation}", retry_after_s=REDIS_RETRY_S
         ) from exc
@@ -337,6 +341,11 @@ class RedisRateLimiter:
     processes and the workers' clocks do not matter. Scripts are registered once; redis-py
     reloads them when a restarted server answers NOSCRIPT. Unreachable Redis raises
     ``Transient``, which the worker backs off on.
+
+    A restart with persistence (AOF) keeps every limit. If Redis loses its keys instead, buckets
+    restart empty, which is safe; pauses and held slots are forgotten, so until the requests in
+    flight finish a mailbox may see more than ``concurrency``, and a pause lasts only until the
+    provider's next 429 renews it.
     """
 
     def __init__(
