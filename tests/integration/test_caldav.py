@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -31,6 +34,7 @@ from syncsvc.providers._ical import parse_event, render_resource
 from syncsvc.providers.base import BusyInterval, EventAttendee, EventRef, EventSpec
 from syncsvc.providers.caldav import CalDAVProvider, resource_name
 from tests.contract.backend_caldav import CalDAVHarness, open_caldav_harness
+from tests.fakes._tls import make_self_signed
 
 CPH = ZoneInfo("Europe/Copenhagen")
 NOW = datetime(2027, 6, 1, 8, 0, tzinfo=UTC)
@@ -323,9 +327,11 @@ async def test_create_many_reports_each_failure_in_its_place(caldav: CalDAVHarne
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@pytest.fixture
-async def scripted_server() -> AsyncIterator[tuple[str, dict[str, Handler]]]:
-    """A local HTTP server; tests put a handler per resource name in the dict."""
+@asynccontextmanager
+async def serving(
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[tuple[str, dict[str, Handler]]]:
+    """A local HTTP(S) server; tests put a handler per resource name in the dict."""
     handlers: dict[str, Handler] = {}
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -335,13 +341,19 @@ async def scripted_server() -> AsyncIterator[tuple[str, dict[str, Handler]]]:
     app.router.add_route("*", "/cal/{name}", dispatch)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}/cal/", handlers
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/cal/", handlers
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def scripted_server() -> AsyncIterator[tuple[str, dict[str, Handler]]]:
+    async with serving() as server:
+        yield server
 
 
 def answer(status: int, headers: dict[str, str] | None = None) -> Handler:
@@ -412,6 +424,19 @@ async def test_a_slow_server_is_transient(scripted_server: tuple[str, dict[str, 
         with pytest.raises(Transient) as raised:
             await provider.delete(EventRef("act-1.ics"))
     assert isinstance(raised.value.__cause__, TimeoutError)
+
+
+async def test_tls_trusts_the_given_context_and_refuses_unknown_cas(tmp_path: Path) -> None:
+    certificate = make_self_signed(tmp_path, "caldav")
+    async with serving(certificate.server_context()) as (url, handlers):
+        handlers["act-1.ics"] = answer(204)
+        async with aiohttp.ClientSession() as session:
+            trusting = ssl.create_default_context(cafile=str(certificate.cert_path))
+            await CalDAVProvider(url, "u", "p", session, ssl_context=trusting).delete(
+                EventRef("act-1.ics")
+            )
+            with pytest.raises(Permanent):
+                await CalDAVProvider(url, "u", "p", session).delete(EventRef("act-1.ics"))
 
 
 async def test_a_refused_connection_is_transient() -> None:
