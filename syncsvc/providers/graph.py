@@ -35,10 +35,8 @@ import msal
 import requests
 from yarl import URL
 
-from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import (
     AuthFailed,
-    ErrorDetail,
     Permanent,
     ProviderConflict,
     ProviderError,
@@ -159,28 +157,6 @@ class GraphClient:
     _token_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _last_token: str | None = field(default=None, init=False, repr=False)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> GraphClient:
-        """The app registration configured by ``SYNCSVC_GRAPH_*`` (all three ids are needed)."""
-        missing = [
-            f"SYNCSVC_GRAPH_{name.upper()}"
-            for name in ("tenant_id", "client_id", "client_secret")
-            if not getattr(settings, f"graph_{name}")
-        ]
-        if missing:
-            raise ConfigError(
-                "Microsoft Graph is not configured",
-                [ErrorDetail((name,), "is required for graph calendars") for name in missing],
-            )
-        return cls(
-            tenant_id=str(settings.graph_tenant_id),
-            client_id=str(settings.graph_client_id),
-            client_secret=str(settings.graph_client_secret),
-            api_url=settings.graph_api_url,
-            authority_url=settings.graph_authority_url,
-            ca_bundle=ca_bundle_path(),
-        )
 
     def mailbox(self, address: str, timezone: str = "UTC") -> GraphProvider:
         """The calendar of ``address``; ``timezone`` is the user's, for days off."""

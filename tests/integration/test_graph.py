@@ -18,7 +18,6 @@ import certifi
 import pytest
 
 import syncsvc.providers.graph as graph_module
-from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import (
     AuthFailed,
     Permanent,
@@ -195,33 +194,6 @@ async def test_the_ca_bundle_comes_from_ssl_cert_file(
     finally:
         await graph.aclose()
     assert [e.id for e in fake.mailbox_events(mailbox)] == [ref.event_id]
-
-
-async def test_settings_name_the_endpoints_and_credentials(
-    fake: FakeGraph, mailbox: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert fake.ca_bundle is not None
-    monkeypatch.setenv("SSL_CERT_FILE", str(fake.ca_bundle))
-    env = {
-        "SYNCSVC_GRAPH_API_URL": fake.graph_url,
-        "SYNCSVC_GRAPH_AUTHORITY_URL": fake.authority_url,
-        "SYNCSVC_GRAPH_TENANT_ID": fake.tenant_id,
-        "SYNCSVC_GRAPH_CLIENT_ID": fake.client_id,
-        "SYNCSVC_GRAPH_CLIENT_SECRET": fake.client_secret,
-    }
-    graph = GraphClient.from_settings(Settings.from_env(env))
-    try:
-        ref = await graph.mailbox(mailbox).create(spec(1))
-    finally:
-        await graph.aclose()
-    assert [e.id for e in fake.mailbox_events(mailbox)] == [ref.event_id]
-
-    with pytest.raises(ConfigError) as caught:
-        GraphClient.from_settings(Settings.from_env({"SYNCSVC_GRAPH_CLIENT_ID": "x"}))
-    assert [d.loc for d in caught.value.details] == [
-        ("SYNCSVC_GRAPH_TENANT_ID",),
-        ("SYNCSVC_GRAPH_CLIENT_SECRET",),
-    ]
 
 
 async def test_a_client_that_does_not_trust_the_fake_fails_transiently(
