@@ -248,3 +248,55 @@ class Feed(Base):
     user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Schedule(Base):
+    """A saved plan that runs on a cron schedule: at each occurrence the service fetches the
+    targets from the CRM's ``targets_url`` and commits a batch (Finnish seed, "ajastus")."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        Index("ix_schedules_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_schedules_next_run", "next_run_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    #: Five-field cron expression, read in ``timezone`` (wall-clock time, DST-aware).
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    targets_url: Mapped[str] = mapped_column(Text)
+    #: The plan body without ``targets`` (and usually without ``schedule.start_date``).
+    plan: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: The next occurrence not yet claimed; a scheduler claims it by moving it on.
+    next_run_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ScheduleRun(Base):
+    """One occurrence of a schedule. Unique per (schedule, occurrence): inserting this row is
+    how one scheduler among several claims the occurrence, so it runs exactly once.
+
+    ``state``: ``running`` (``next_attempt_at`` = lease end) → ``ok`` | ``retrying``
+    (``next_attempt_at`` = next try) → … → ``failed`` after the last attempt.
+    """
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "occurrence"),
+        Index("ix_schedule_runs_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id"))
+    occurrence: Mapped[datetime] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    batch_id: Mapped[str | None] = mapped_column(String(ID_LEN))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()

@@ -1,7 +1,7 @@
 """initial
 
 Revision ID: 0001
-Create Date: 2026-11-23 09:36:45.528863
+Create Date: 2026-11-23 09:38:56.102064
 """
 
 from __future__ import annotations
@@ -85,6 +85,30 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("tenant_id", "key"),
     )
+    op.create_table(
+        "schedules",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("tenant_id", sa.String(length=64), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("cron", sa.String(length=200), nullable=False),
+        sa.Column("timezone", sa.String(length=64), nullable=False),
+        sa.Column("targets_url", sa.Text(), nullable=False),
+        sa.Column("plan", sa.JSON(), nullable=False),
+        sa.Column("next_run_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("schedules", schema=None) as batch_op:
+        batch_op.create_index("ix_schedules_next_run", ["next_run_at"], unique=False)
+        batch_op.create_index(
+            "ix_schedules_tenant_created", ["tenant_id", "created_at", "id"], unique=False
+        )
+
     op.create_table(
         "users",
         sa.Column("tenant_id", sa.String(length=64), nullable=False),
@@ -173,6 +197,33 @@ def upgrade() -> None:
         sa.UniqueConstraint("token_hash"),
     )
     op.create_table(
+        "schedule_runs",
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("tenant_id", sa.String(length=64), nullable=False),
+        sa.Column("schedule_id", sa.String(length=64), nullable=False),
+        sa.Column("occurrence", sa.DateTime(), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=True),
+        sa.Column("batch_id", sa.String(length=64), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("started_at", sa.DateTime(), nullable=False),
+        sa.Column("finished_at", sa.DateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["schedule_id"],
+            ["schedules.id"],
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("schedule_id", "occurrence"),
+    )
+    with op.batch_alter_table("schedule_runs", schema=None) as batch_op:
+        batch_op.create_index("ix_schedule_runs_due", ["state", "next_attempt_at"], unique=False)
+
+    op.create_table(
         "external_events",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("tenant_id", sa.String(length=64), nullable=False),
@@ -248,6 +299,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_external_events_batch_state")
 
     op.drop_table("external_events")
+    with op.batch_alter_table("schedule_runs", schema=None) as batch_op:
+        batch_op.drop_index("ix_schedule_runs_due")
+
+    op.drop_table("schedule_runs")
     op.drop_table("feeds")
     with op.batch_alter_table("activities", schema=None) as batch_op:
         batch_op.drop_index("ix_activities_user_start")
@@ -255,6 +310,11 @@ def downgrade() -> None:
 
     op.drop_table("activities")
     op.drop_table("users")
+    with op.batch_alter_table("schedules", schema=None) as batch_op:
+        batch_op.drop_index("ix_schedules_tenant_created")
+        batch_op.drop_index("ix_schedules_next_run")
+
+    op.drop_table("schedules")
     op.drop_table("idempotency_keys")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_index("ix_batches_tenant_created")
