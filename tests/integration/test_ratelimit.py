@@ -31,6 +31,7 @@ from tests.servers.redis import RedisServer
 from tests.unit.test_ratelimit import max_in_window
 
 MakeLimiter = Callable[..., RateLimiter]
+"""Takes ``lease_ttl_s`` (and ``slot_retry_s``) as keywords."""
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ async def make_limiter(request: pytest.FixtureRequest) -> AsyncIterator[MakeLimi
 
         def make(**options: float) -> RateLimiter:
             if not memory:
-                memory.append(MemoryRateLimiter(**options))
+                memory.append(MemoryRateLimiter(**options))  # type: ignore[arg-type]
             return memory[0]
 
     else:
@@ -310,13 +311,14 @@ async def test_limits_hold_across_a_redis_restart(
         return time.monotonic()
 
     try:
-        *runs, restarted_at = await asyncio.gather(
+        restarting = asyncio.create_task(restart())
+        runs = await asyncio.gather(
             *(
                 hammer(lim, "a@x", limit, workers=8, duration_s=duration_s, hold_s=(0.01, 0.03))
                 for lim in limiters
-            ),
-            restart(),
+            )
         )
+        restarted_at = await restarting
     finally:
         for lim in limiters:
             await lim.aclose()

@@ -64,7 +64,8 @@ async def granted(limiter: MemoryRateLimiter, mailbox: str = "a@x", n: int = 1) 
 
 def test_provider_defaults_fill_their_window_exactly_and_sustain_96_percent() -> None:
     assert (GRAPH_LIMIT.capacity, GRAPH_LIMIT.refill_per_s) == (400, 16.0)
-    assert (GOOGLE_LIMIT.capacity, GOOGLE_LIMIT.refill_per_s) == (24, pytest.approx(9.6))
+    assert GOOGLE_LIMIT.capacity == 24
+    assert GOOGLE_LIMIT.refill_per_s == pytest.approx(9.6)
     assert (CALDAV_LIMIT.capacity, CALDAV_LIMIT.refill_per_s) == (1, 19.0)
     assert (GRAPH_LIMIT.concurrency, GOOGLE_LIMIT.concurrency) == (4, 10)
     for limit in DEFAULT_LIMITS.values():
