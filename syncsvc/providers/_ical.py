@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from icalendar import Alarm, Calendar, Event, vCalAddress
+from icalendar import Alarm, Calendar, Event, Todo, vCalAddress
 from icalendar.enums import STATUS
 from icalendar.error import IncompleteComponent
 
@@ -102,6 +102,45 @@ def build_event(
             Alarm.new_display(ALARM_DESCRIPTION, trigger=timedelta(minutes=-spec.reminder_minutes))
         )
     return event
+
+
+#: Activity status → VTODO STATUS (RFC 5545 §3.8.1.11).
+TODO_STATUS = {"completed": "COMPLETED", "cancelled": "CANCELLED"}
+
+
+def build_todo(
+    spec: EventSpec, *, now: datetime | None = None, last_modified: datetime | None = None
+) -> Todo:
+    """One VTODO due on ``spec.due``, for the iCal feed (CalDAV keeps tasks as VEVENTs, above).
+
+    The reminder is relative to DUE (``RELATED=END``): a VTODO without DTSTART must not have
+    a start-relative trigger.
+    """
+    if spec.due is None:
+        raise UnrenderableEvent(f"task {spec.key!r} has no due date")
+    stamp = (now or datetime.now(UTC)).astimezone(UTC)
+    todo = Todo()
+    todo.add("UID", event_uid(spec.key))
+    todo.add("DTSTAMP", stamp)
+    todo.add("LAST-MODIFIED", (last_modified or stamp).astimezone(UTC))
+    todo.add("SEQUENCE", spec.sequence)
+    todo.add("SUMMARY", spec.subject)
+    todo.add("DUE", spec.due)
+    todo.add("STATUS", TODO_STATUS.get(spec.status, "NEEDS-ACTION"))
+    if spec.description:
+        todo.add("DESCRIPTION", spec.description)
+    if spec.location:
+        todo.add("LOCATION", spec.location)
+    if spec.batch_id is not None:
+        todo.add(BATCH_PROPERTY, spec.batch_id)
+    todo.add(ACTIVITY_PROPERTY, spec.activity_id)
+    if spec.reminder_minutes is not None:
+        alarm = Alarm.new_display(
+            ALARM_DESCRIPTION, trigger=timedelta(minutes=-spec.reminder_minutes)
+        )
+        alarm["TRIGGER"].params["RELATED"] = "END"
+        todo.add_component(alarm)
+    return todo
 
 
 def new_calendar(events: Iterable[Event] = ()) -> Calendar:

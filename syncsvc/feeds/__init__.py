@@ -1,0 +1,1 @@
+"""Per-user iCal feeds: rendering many activities into one subscribable calendar."""

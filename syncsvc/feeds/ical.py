@@ -1,0 +1,111 @@
+"""One user's activities as one subscribable VCALENDAR (RFC 5545, RFC 7986 hints).
+
+Each item is rendered by ``providers/_ical`` (the same VEVENT the CalDAV provider stores, same
+UID) and the bytes of every component are cached by the item's full value: a feed of 5,000
+activities in which one changed renders one component, not 5,000. The calendar's header and
+VTIMEZONE are rendered by ``icalendar`` too; only the concatenation happens here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from icalendar import Calendar, Component, Timezone, vDuration
+
+from syncsvc.providers._ical import add_timezones, build_event, build_todo, new_calendar
+from syncsvc.providers.base import EventSpec
+
+#: What RFC 7986 REFRESH-INTERVAL and X-PUBLISHED-TTL suggest to subscribers.
+REFRESH_INTERVAL = timedelta(hours=1)
+#: Rendered components kept in memory (a VEVENT is about 500 bytes: ~25 MB at most).
+COMPONENT_CACHE_MAX = 50_000
+CALSCALE = "GREGORIAN"
+END_OF_CALENDAR = b"END:VCALENDAR\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    """An activity as the feed shows it; ``modified`` is its DTSTAMP and LAST-MODIFIED.
+
+    DTSTAMP is the row's last change rather than the time of the request (RFC 5545 allows
+    either without METHOD), so the same data always gives the same bytes and a strong ETag.
+    """
+
+    spec: EventSpec
+    modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeedCalendar:
+    """The calendar-level properties: the name subscribers show and the user's zone."""
+
+    name: str
+    timezone: str
+
+
+def render_feed(calendar: FeedCalendar, items: Sequence[FeedItem]) -> bytes:
+    """The whole feed: header, VTIMEZONE of the user's zone, then one component per item."""
+    head: bytes = _header(calendar, items).to_ical()
+    if not head.endswith(END_OF_CALENDAR):
+        raise ValueError("icalendar wrote an unexpected calendar ending")
+    parts = [head[: -len(END_OF_CALENDAR)]]
+    parts.extend(component_bytes(item) for item in items)
+    parts.append(END_OF_CALENDAR)
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=COMPONENT_CACHE_MAX)
+def component_bytes(item: FeedItem) -> bytes:
+    """The VEVENT (meetings, calls) or VTODO (tasks with a due date) of one item."""
+    spec = item.spec
+    component: Component
+    if spec.kind == "task" and spec.due is not None:
+        component = build_todo(spec, now=item.modified, last_modified=item.modified)
+    else:
+        component = build_event(spec, now=item.modified, last_modified=item.modified)
+    ical: bytes = component.to_ical()
+    return ical
+
+
+def _header(calendar: FeedCalendar, items: Sequence[FeedItem]) -> Calendar:
+    refresh = REFRESH_INTERVAL
+    header = new_calendar()
+    header.add("CALSCALE", CALSCALE)
+    header.add("X-WR-CALNAME", calendar.name)
+    header.add("X-WR-TIMEZONE", calendar.timezone)
+    header.add("REFRESH-INTERVAL", refresh, parameters={"VALUE": "DURATION"})
+    # An X- property has no default type: without vDuration it would be written as 1:00:00.
+    header.add("X-PUBLISHED-TTL", vDuration(refresh))
+    for timezone in _timezones(items):
+        header.add_component(timezone)
+    return header
+
+
+def _timezones(items: Sequence[FeedItem]) -> tuple[Timezone, ...]:
+    """VTIMEZONEs covering every timed item, chosen exactly as a CalDAV resource's are."""
+    timed = [i.spec for i in items if i.spec.start is not None]
+    if not timed:
+        return ()
+    first = min(s.start for s in timed if s.start is not None)
+    last = max(s.end or s.start for s in timed if s.start is not None)
+    return _timezones_between(timed[0].timezone, first, last)
+
+
+@functools.lru_cache(maxsize=1024)
+def _timezones_between(timezone: str, first: datetime, last: datetime) -> tuple[Timezone, ...]:
+    """``add_timezones`` on a probe event spanning all items: same zones, same margins."""
+    probe = EventSpec(
+        key="probe",
+        activity_id="probe",
+        batch_id=None,
+        subject="",
+        start=first,
+        end=last,
+        timezone=timezone,
+    )
+    calendar = new_calendar([build_event(probe)])
+    add_timezones(calendar)
+    return tuple(calendar.timezones)
