@@ -116,7 +116,7 @@ async def list_batch_activities(
             return await csv_response(
                 ctx.request, CSV_HEADER, _rows(views), filename=f"batch-{path.batch_id}.csv"
             )
-        after = _after_seq(decode_cursor(query.cursor))
+        after = _after(decode_cursor(query.cursor))
         views_page = await service.list_for_batch(
             session, ctx.tenant_id, path.batch_id, query.limit, after
         )
@@ -124,7 +124,7 @@ async def list_batch_activities(
     more = len(views_page) > query.limit
     return ActivityListOut(
         items=[activity_out(v) for v in shown],
-        next_cursor=encode_cursor([shown[-1].seq]) if more else None,
+        next_cursor=encode_cursor([shown[-1].seq, shown[-1].id]) if more else None,
     )
 
 
@@ -133,15 +133,20 @@ async def _rows(views: AsyncIterator[ActivityView]) -> AsyncIterator[Sequence[ob
         yield csv_row(view)
 
 
-def _after_seq(key: list[object] | None) -> int | None:
+def _after(key: list[object] | None) -> tuple[int, str] | None:
     if key is None:
         return None
-    if len(key) != 1 or not isinstance(key[0], int) or isinstance(key[0], bool):
+    if (
+        len(key) != 2
+        or not isinstance(key[0], int)
+        or isinstance(key[0], bool)
+        or not isinstance(key[1], str)
+    ):
         raise ValidationError(
             "the cursor is not valid",
             [ErrorDetail(("query", "cursor"), "not a cursor from this list")],
         )
-    return key[0]
+    return key[0], key[1]
 
 
 @routes.endpoint(

@@ -14,7 +14,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -165,19 +165,27 @@ async def get(session: AsyncSession, tenant_id: str, activity_id: str) -> Activi
 
 
 async def list_for_batch(
-    session: AsyncSession, tenant_id: str, batch_id: str, limit: int, after_seq: int | None
+    session: AsyncSession,
+    tenant_id: str,
+    batch_id: str,
+    limit: int,
+    after: tuple[int, str] | None,
 ) -> list[ActivityView]:
-    """A page in batch order (``seq``): up to ``limit + 1`` rows, the extra one only says that
-    another page exists. An unknown or foreign batch is a 404."""
+    """A page in batch order, keyed by (``seq``, ``id``) since two follow-ups added at once may
+    share a ``seq``: up to ``limit + 1`` rows, the extra one only says that another page
+    exists. An unknown or foreign batch is a 404."""
     await _check_batch(session, tenant_id, batch_id)
     query = _with_zone().where(
         Activity.tenant_id == tenant_id,
         Activity.batch_id == batch_id,
         Activity.deleted.is_(False),
     )
-    if after_seq is not None:
-        query = query.where(Activity.seq > after_seq)
-    rows = list(await session.execute(query.order_by(Activity.seq).limit(limit + 1)))
+    if after is not None:
+        seq, last_id = after
+        query = query.where(
+            or_(Activity.seq > seq, and_(Activity.seq == seq, Activity.id > last_id))
+        )
+    rows = list(await session.execute(query.order_by(Activity.seq, Activity.id).limit(limit + 1)))
     externals = await _externals(session, [a.id for a, _ in rows])
     return [_view(a, tz, externals.get(a.id)) for a, tz in rows]
 
@@ -193,14 +201,15 @@ async def export_batch(
 async def _export(
     session: AsyncSession, tenant_id: str, batch_id: str
 ) -> AsyncIterator[ActivityView]:
-    after: int | None = None
+    after: tuple[int, str] | None = None
     while True:
         page = await list_for_batch(session, tenant_id, batch_id, EXPORT_CHUNK_ROWS, after)
         for view in page[:EXPORT_CHUNK_ROWS]:
             yield view
         if len(page) <= EXPORT_CHUNK_ROWS:
             return
-        after = page[EXPORT_CHUNK_ROWS - 1].seq
+        last = page[EXPORT_CHUNK_ROWS - 1]
+        after = (last.seq, last.id)
 
 
 async def _check_batch(session: AsyncSession, tenant_id: str, batch_id: str) -> Batch:

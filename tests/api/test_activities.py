@@ -113,6 +113,11 @@ async def test_list_pages_in_target_order_and_csv_has_every_row(
         "follow_up_of",
     ]
     assert [r[0] for r in rows[1:]] == [a["id"] for a in everything]
+    bad = await client.get(
+        f"/v1/batches/{batch_id}/activities?cursor=WzFd",  # "[1]"
+        headers=tenants.a.headers,
+    )
+    assert bad.status == 422
     assert rows[1][5] == "2030-06-05T09:00:00+02:00"
     assert rows[5][-3:] == ["caldav", "", "pending_create"]
 
@@ -268,6 +273,22 @@ async def test_follow_up_takes_the_next_free_slot(
         "2030-06-20T13:00:00+02:00",
         "2030-06-20T13:30:00+02:00",
     )
+    listed = await client.get(
+        f"/v1/batches/{acts[0]['batch_id']}/activities?limit=4", headers=tenants.a.headers
+    )
+    page = await listed.json()
+    rest = await (
+        await client.get(
+            f"/v1/batches/{acts[0]['batch_id']}/activities?cursor={page['next_cursor']}",
+            headers=tenants.a.headers,
+        )
+    ).json()
+    assert [a["id"] for a in page["items"] + rest["items"]] == [a["id"] for a in acts] + [
+        call["id"],
+        second["id"],
+        given["id"],
+    ]
+    assert rest["next_cursor"] is None
     async with db.session() as session:
         creates = list(
             await session.scalars(
