@@ -168,18 +168,23 @@ class AssignmentIn(BaseModel):
         return self
 
 
-class PlanBody(BaseModel):
-    """``POST /v1/plans`` and ``POST /v1/batches``: what to plan, for whom, when."""
+class PlanDefinition(BaseModel):
+    """A plan without its targets: what a schedule saves, fetching the targets at each run."""
 
     model_config = _INSTRUCTION
 
     targetgroup_name: Name = ""
-    targets: list[TargetIn]
     exclude: list[str] = []
     one_per_organisation: bool = False
     template: TemplateIn
     schedule: ScheduleIn
     assignment: AssignmentIn
+
+
+class PlanBody(PlanDefinition):
+    """``POST /v1/plans`` and ``POST /v1/batches``: what to plan, for whom, when."""
+
+    targets: list[TargetIn]
 
     def to_spec(self) -> PlanSpec:
         return spec_from_json(self.model_dump(mode="json"))
