@@ -30,10 +30,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from syncsvc.limits import RateLimit
 from syncsvc.queue.ratelimit import (
     Lease,
     MemoryRateLimiter,
-    RateLimit,
     RateLimiter,
     RedisRateLimiter,
 )

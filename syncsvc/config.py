@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncsvc.errors import ErrorDetail, ValidationError
+from syncsvc.limits import CALDAV_LIMIT, GOOGLE_LIMIT, GRAPH_LIMIT, RateLimit
 
 PREFIX = "SYNCSVC_"
 SECRET_KEY_MIN_CHARS = 32
@@ -18,15 +19,6 @@ DEV_SECRET_KEY = "dev-only-secret-key-change-me-in-production!"
 
 class ConfigError(ValidationError):
     code = "config_error"
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderLimits:
-    """Per-mailbox limits: ``requests`` per ``per_s`` seconds, at most ``concurrency`` at once."""
-
-    requests: int
-    per_s: float
-    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +40,12 @@ class Settings:
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
-    limits: Mapping[str, ProviderLimits] = field(
+    #: Per-mailbox limits by provider (providers.md's published figures by default).
+    limits: Mapping[str, RateLimit] = field(
         default_factory=lambda: {
-            "graph": ProviderLimits(requests=10_000, per_s=600.0, concurrency=4),
-            "google": ProviderLimits(requests=600, per_s=60.0, concurrency=10),
-            "caldav": ProviderLimits(requests=20, per_s=1.0, concurrency=4),
+            "graph": GRAPH_LIMIT,
+            "google": GOOGLE_LIMIT,
+            "caldav": CALDAV_LIMIT,
         }
     )
 
@@ -113,7 +106,7 @@ class Settings:
                 concurrency = int(conc) if conc is not None else current.concurrency
                 if requests < 1 or per_s <= 0 or concurrency < 1:
                     raise ValueError(rate)
-                limits[provider] = ProviderLimits(requests, per_s, concurrency)
+                limits[provider] = RateLimit(requests, per_s, concurrency)
             except ValueError:
                 errors.append(
                     ErrorDetail(

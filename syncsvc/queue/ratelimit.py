@@ -33,7 +33,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, Self
@@ -46,20 +46,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from syncsvc.errors import Transient
+from syncsvc.limits import RateLimit
 from syncsvc.queue import keys
-
-#: Share of ``requests`` the bucket may hold (its burst); the sustained rate is the rest.
-BURST_SHARE = 0.04
-
-GRAPH_REQUESTS_PER_WINDOW = 10_000
-GRAPH_WINDOW_S = 600.0
-GRAPH_CONCURRENCY = 4
-GOOGLE_REQUESTS_PER_WINDOW = 600
-GOOGLE_WINDOW_S = 60.0
-GOOGLE_CONCURRENCY = 10
-CALDAV_REQUESTS_PER_WINDOW = 20
-CALDAV_WINDOW_S = 1.0
-CALDAV_CONCURRENCY = 4
 
 #: How long a slot stays taken by a holder that never releases it (crash, lost connection).
 LEASE_TTL_S = 60.0
@@ -74,49 +62,8 @@ REDIS_SOCKET_TIMEOUT_S = 2.0
 SWEEP_EVERY_S = 60.0
 
 _US_PER_S = 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """At most ``requests`` per ``per_s`` seconds and ``concurrency`` at once, per mailbox.
-
-    ``burst`` overrides the bucket capacity (default ``BURST_SHARE`` of ``requests``); it must
-    stay below ``requests`` so that the bucket still refills.
-    """
-
-    requests: int
-    per_s: float
-    concurrency: int
-    burst: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.per_s <= 0 or self.concurrency < 1:
-            raise ValueError(f"per_s must be positive and concurrency at least 1: {self}")
-        if not 1 <= self.capacity < self.requests:
-            raise ValueError(f"need 1 <= burst < requests (at least 2 requests): {self}")
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the bucket holds when full: the largest ``n`` one acquire can take."""
-        if self.burst is not None:
-            return self.burst
-        return max(1, int(self.requests * BURST_SHARE))
-
-    @property
-    def refill_per_s(self) -> float:
-        """Sustained rate, chosen so that ``capacity + refill_per_s · per_s == requests``."""
-        return (self.requests - self.capacity) / self.per_s
-
-
-GRAPH_LIMIT = RateLimit(GRAPH_REQUESTS_PER_WINDOW, GRAPH_WINDOW_S, GRAPH_CONCURRENCY)
-GOOGLE_LIMIT = RateLimit(GOOGLE_REQUESTS_PER_WINDOW, GOOGLE_WINDOW_S, GOOGLE_CONCURRENCY)
-CALDAV_LIMIT = RateLimit(CALDAV_REQUESTS_PER_WINDOW, CALDAV_WINDOW_S, CALDAV_CONCURRENCY)
-#: Published per-mailbox defaults by provider name; configuration may replace any of them.
-DEFAULT_LIMITS: Mapping[str, RateLimit] = {
-    "graph": GRAPH_LIMIT,
-    "google": GOOGLE_LIMIT,
-    "caldav": CALDAV_LIMIT,
-}
+#: Float sums of refill intervals drift by ~1e-13 s; a wait below this is no wait.
+_FLOAT_SLACK_S = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +176,7 @@ class MemoryRateLimiter:
         leases = self._live_leases(mailbox, now)
         if len(leases) >= limit.concurrency:
             wait = max(wait, min(min(leases.values()) - now, self._slot_retry_s))
-        if wait > 0:
+        if wait > _FLOAT_SLACK_S:
             return wait
 
         bucket.tat_s, bucket.forget_at_s = new_tat, new_tat + limit.per_s

@@ -19,10 +19,10 @@ import pytest
 from redis.asyncio import Redis
 
 from syncsvc.errors import Transient
+from syncsvc.limits import RateLimit
 from syncsvc.queue.ratelimit import (
     Lease,
     MemoryRateLimiter,
-    RateLimit,
     RateLimiter,
     RedisRateLimiter,
     acquire_wait,

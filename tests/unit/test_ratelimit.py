@@ -10,16 +10,12 @@ from collections.abc import Sequence
 
 import pytest
 
+from syncsvc.limits import CALDAV_LIMIT, DEFAULT_LIMITS, GOOGLE_LIMIT, GRAPH_LIMIT, RateLimit
 from syncsvc.queue.ratelimit import (
-    CALDAV_LIMIT,
-    DEFAULT_LIMITS,
-    GOOGLE_LIMIT,
-    GRAPH_LIMIT,
     SLOT_RETRY_S,
     SWEEP_EVERY_S,
     Lease,
     MemoryRateLimiter,
-    RateLimit,
 )
 
 LIMIT = RateLimit(requests=10, per_s=1.0, concurrency=2, burst=2)
