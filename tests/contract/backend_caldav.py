@@ -58,11 +58,7 @@ class CalDAVHarness:
         return [unquote(href.rsplit("/", 1)[-1]) for href in hrefs if not href.endswith("/")]
 
     async def resource(self, name: str) -> icalendar.Calendar:
-        async with self.session.get(
-            urljoin(self.calendar_url, quote(name, safe="")), headers=self._auth
-        ) as resp:
-            assert resp.status == 200, name
-            return icalendar.Calendar.from_ical(await resp.read())
+        return icalendar.Calendar.from_ical(await self.raw(name))
 
     async def server_events(self) -> list[ServerEvent]:
         events = []
