@@ -20,7 +20,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -51,6 +51,19 @@ LANE_INTERACTIVE = "interactive"
 FALLBACK_LIMIT = RateLimit(10, 1.0, 1)
 
 ProviderFactory = Callable[[User], Awaitable[CalendarProvider]]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a task handler may use: it raises ``syncsvc.errors`` to ask for a retry
+    (``Throttled``, ``Transient``) or to give up (any other ``SyncSvcError``)."""
+
+    settings: Settings
+    db: Database
+    providers: ProviderFactory
+
+
+TaskHandler = Callable[[TaskContext, Operation], Awaitable[None]]
 
 
 def backoff_s(attempt: int) -> float:
@@ -86,12 +99,15 @@ class Worker:
         providers: ProviderFactory,
         *,
         embedded: bool,
+        tasks: Mapping[str, TaskHandler] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.limiter = limiter
         self.providers = providers
         self.embedded = embedded
+        #: Handlers of ledger-less operations by ``Operation.kind`` (see ``queue/tasks.py``).
+        self.tasks: Mapping[str, TaskHandler] = tasks or {}
         self._active: dict[str, asyncio.Task[None]] = {}
         self._throttle_streak: dict[str, int] = {}
 
@@ -262,8 +278,7 @@ class Worker:
         stop: asyncio.Event,
     ) -> None:
         if claimed.ledger_id is None:
-            # Callbacks to the CRM run elsewhere; a ledger-less op here is a no-op.
-            await self._finish_op(claimed.op_id)
+            await self._run_task(mailbox, limit, claimed, stats, stop)
             return
         loaded = await self._load(claimed.ledger_id)
         if loaded is None:
@@ -300,6 +315,56 @@ class Worker:
         self._throttle_streak.pop(mailbox, None)
         await self._succeeded(claimed.op_id, ledger, decision, ref)
         stats.done += 1
+
+    async def _run_task(
+        self,
+        mailbox: str,
+        limit: RateLimit,
+        claimed: _Claimed,
+        stats: CycleStats,
+        stop: asyncio.Event,
+    ) -> None:
+        """A ledger-less operation (a CRM callback, a calendar's incremental sync, …) runs its
+        kind's handler under the same limits and retry rules as event operations."""
+        handler = self.tasks.get(claimed.kind)
+        if handler is None:
+            await self._give_up_task(claimed.op_id, f"no handler for operation kind {claimed.kind}")
+            stats.failed += 1
+            return
+        async with self.db.session() as s:
+            op = await s.get(Operation, claimed.op_id)
+        if op is None:
+            return
+        lease = await self._acquire(mailbox, limit, stop)
+        if lease is None:
+            await self._requeue(claimed.op_id, 0.0, count_attempt=False)
+            return
+        try:
+            await handler(TaskContext(self.settings, self.db, self.providers), op)
+        except errors.Throttled as exc:
+            stats.throttled += 1
+            await self._throttled(mailbox, claimed.op_id, exc.retry_after_s)
+            return
+        except (errors.Transient, OSError, TimeoutError) as exc:
+            retry_after = exc.retry_after_s if isinstance(exc, errors.Transient) else None
+            stats.failed += await self._failed_attempt(claimed.op_id, None, str(exc), retry_after)
+            return
+        except errors.SyncSvcError as exc:
+            await self._give_up_task(claimed.op_id, f"{exc.code}: {exc}")
+            stats.failed += 1
+            return
+        finally:
+            await self.limiter.release(lease)
+        await self._finish_op(claimed.op_id)
+        stats.done += 1
+
+    async def _give_up_task(self, op_id: int, error: str) -> None:
+        async with self.db.session() as s, s.begin():
+            await s.execute(
+                update(Operation)
+                .where(Operation.id == op_id)
+                .values(state="dead", last_error=error[:2000], attempts=Operation.attempts + 1)
+            )
 
     async def _execute(
         self,
@@ -393,13 +458,16 @@ class Worker:
         await self._requeue(op_id, wait, count_attempt=False)
 
     async def _failed_attempt(
-        self, op_id: int, ledger_id: int, error: str, retry_after_s: float | None
+        self, op_id: int, ledger_id: int | None, error: str, retry_after_s: float | None
     ) -> bool:
         async with self.db.session() as s:
             attempts = (await s.get(Operation, op_id)) or None
             count = (attempts.attempts if attempts else 0) + 1
         if count >= MAX_ATTEMPTS:
-            await self._give_up(op_id, ledger_id, error)
+            if ledger_id is None:
+                await self._give_up_task(op_id, error)
+            else:
+                await self._give_up(op_id, ledger_id, error)
             return True
         async with self.db.session() as s, s.begin():
             await s.execute(
@@ -464,7 +532,16 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
     else:
         limiter = MemoryRateLimiter()
     registry = ProviderRegistry(settings, SecretBox(settings.secret_key))
-    worker = Worker(settings, db, limiter, registry, embedded=settings.redis_url is None)
+    from syncsvc.queue.tasks import TASK_HANDLERS
+
+    worker = Worker(
+        settings,
+        db,
+        limiter,
+        registry,
+        embedded=settings.redis_url is None,
+        tasks=TASK_HANDLERS,
+    )
     try:
         await worker.run(stop)
     finally:
