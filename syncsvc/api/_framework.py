@@ -49,6 +49,7 @@ Rules:
   strict JSON mode (``"3"`` is not an int; ISO strings are dates) — a failure is a 422 whose
   details name the field (``loc`` starts with ``body``/``query``/``path``). Strings with NUL or
   lone surrogates are refused with 422 before any model sees them (databases cannot store them).
+- Query parameters the ``query`` model does not name are refused with 422 (typos show).
 - Handlers raise ``syncsvc.errors`` exceptions; the error middleware turns them into answers.
   Handlers never build error responses themselves.
 - Who may call a path is decided by ``access_for(path)`` (public / tenant / operator), used both
@@ -188,6 +189,7 @@ class Endpoint:
             tenant=request.get(TENANT),
         )
         kwargs: dict[str, BaseModel] = {}
+        _refuse_unknown_query(request, self.query_model)
         if self.path_model is not None:
             kwargs["path"] = _validate(self.path_model, dict(request.match_info), "path")
         if self.query_model is not None:
@@ -289,6 +291,17 @@ def _message(err: ErrorDetails) -> str:
     return err["msg"]
 
 
+def _refuse_unknown_query(request: web.Request, model: type[BaseModel] | None) -> None:
+    """A misspelt parameter (``?limt=10``) is an error, not silently the default."""
+    known = set() if model is None else {f.alias or n for n, f in model.model_fields.items()}
+    unknown = sorted(set(request.query) - known)
+    if unknown:
+        raise ValidationError(
+            "unknown query parameters",
+            [ErrorDetail(("query", name), "unknown parameter") for name in unknown],
+        )
+
+
 def _query(request: web.Request, model: type[BaseModel]) -> dict[str, Any]:
     """Query parameters, as lists only where the model asks for a list."""
     out: dict[str, Any] = {}
@@ -372,6 +385,10 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
 
     error_content = {JSON_MEDIA_TYPE: {"schema": ref(ErrorEnvelope, "serialization")}}
     paths: dict[str, dict[str, Any]] = {}
+    names = [ep.handler.__name__ for ep in endpoints]
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"handler names are operationIds and must be unique: {twice}")
     for ep in endpoints:
         op: dict[str, Any] = {
             "operationId": ep.handler.__name__,

@@ -41,6 +41,7 @@ class PageQuery(BaseModel):
     cursor: str | None = Field(
         default=None,
         max_length=CURSOR_MAX_CHARS,
+        pattern=r"^[A-Za-z0-9_-]*$",
         description="The `next_cursor` of the previous page.",
     )
 

@@ -86,9 +86,16 @@ class UserIn(BaseModel):
     name: str = Field(default="", max_length=TEXT_MAX_CHARS)
     email: str = Field(default="", max_length=EMAIL_MAX_CHARS)
     mobile: str = Field(default="", max_length=MOBILE_MAX_CHARS)
-    timezone: str = Field(description="IANA zone, e.g. Europe/Copenhagen.", max_length=64)
+    timezone: str = Field(
+        description="IANA zone, e.g. Europe/Copenhagen.",
+        max_length=64,
+        json_schema_extra={"enum": list(service.timezones())},
+    )
     country: str | None = Field(
-        default=None, max_length=8, description="ISO 3166-1 alpha-2 (public holidays), e.g. DK."
+        default=None,
+        max_length=8,
+        description="ISO 3166-1 alpha-2 (public holidays), e.g. DK.",
+        json_schema_extra={"enum": [*service.countries(), None]},
     )
     subdivision: str | None = Field(
         default=None, max_length=16, description="The country's subdivision code, e.g. BY for DE."

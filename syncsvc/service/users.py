@@ -43,6 +43,16 @@ def _countries() -> Mapping[str, tuple[str, ...]]:
     return {code: tuple(subs) for code, subs in holidays.list_supported_countries().items()}
 
 
+def timezones() -> tuple[str, ...]:
+    """Every accepted zone name, sorted (the API documents them as an enum)."""
+    return tuple(sorted(_zones()))
+
+
+def countries() -> tuple[str, ...]:
+    """Every accepted country code, sorted."""
+    return tuple(sorted(_countries()))
+
+
 def check_timezone(name: str) -> str:
     """An IANA zone name known to this machine's tz database (``Europe/Copenhagen``)."""
     if name not in _zones():

@@ -150,6 +150,12 @@ async def test_a_bad_user_id_is_422(client: Client, tenants: Tenants) -> None:
     assert _locs(await got.json()) == [["path", "user_id"]]
 
 
+async def test_unknown_query_parameters_are_422(client: Client, tenants: Tenants) -> None:
+    got = await client.get("/v1/users?limt=10&limit=5", headers=tenants.a.headers)
+    assert got.status == 422
+    assert _locs(await got.json()) == [["query", "limt"]]
+
+
 async def test_unknown_route_and_method_answer_the_envelope(
     client: Client, tenants: Tenants
 ) -> None:
