@@ -26,7 +26,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-WORKER_MODULE = "syncsvc.queue.worker"
+WORKER_MODULE = "syncsvc.runtime"
 
 log = logging.getLogger("syncsvc")
 

@@ -106,7 +106,7 @@ class Worker:
         self.limiter = limiter
         self.providers = providers
         self.embedded = embedded
-        #: Handlers of ledger-less operations by ``Operation.kind`` (see ``queue/tasks.py``).
+        #: Handlers of ledger-less operations by ``Operation.kind`` (see ``syncsvc/runtime.py``).
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
         self._active: dict[str, asyncio.Task[None]] = {}
         self._throttle_streak: dict[str, int] = {}
@@ -518,33 +518,3 @@ async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
                         else ("pending_update" if ledger.event_id else "pending_create")
                     )
         return len(ops)
-
-
-async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    """One worker process: the limiter is Redis when configured, else this process's own."""
-    from syncsvc.providers.registry import ProviderRegistry
-    from syncsvc.queue.ratelimit import MemoryRateLimiter, RedisRateLimiter
-    from syncsvc.store.crypto import SecretBox
-
-    limiter: RateLimiter
-    if settings.redis_url:
-        limiter = RedisRateLimiter.from_url(settings.redis_url)
-    else:
-        limiter = MemoryRateLimiter()
-    registry = ProviderRegistry(settings, SecretBox(settings.secret_key))
-    from syncsvc.queue.tasks import TASK_HANDLERS
-
-    worker = Worker(
-        settings,
-        db,
-        limiter,
-        registry,
-        embedded=settings.redis_url is None,
-        tasks=TASK_HANDLERS,
-    )
-    try:
-        await worker.run(stop)
-    finally:
-        await registry.aclose()
-        if isinstance(limiter, RedisRateLimiter):
-            await limiter.aclose()

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.providers._ical import parse_events
-from syncsvc.queue.worker import run_workers
+from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar

@@ -1,0 +1,45 @@
+"""Assembles the long-running parts of a process: the sync workers (and their task handlers).
+
+It sits above every layer, so it may wire ``service`` handlers into the ``queue`` worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from syncsvc.config import Settings
+from syncsvc.providers.registry import ProviderRegistry
+from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from syncsvc.queue.worker import TaskHandler, Worker
+from syncsvc.store.crypto import SecretBox
+from syncsvc.store.db import Database
+
+#: Handlers of ledger-less operations, by ``Operation.kind``. A handler receives the operation
+#: (``payload``, ``tenant_id``, ``mailbox``) and raises ``syncsvc.errors`` to ask for a retry
+#: (``Throttled``, ``Transient``) or to give up (any other ``SyncSvcError``).
+TASK_HANDLERS: Mapping[str, TaskHandler] = {}
+
+
+async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
+    """One worker process: the limiter is Redis when configured, else this process's own."""
+    limiter: RateLimiter
+    if settings.redis_url:
+        limiter = RedisRateLimiter.from_url(settings.redis_url)
+    else:
+        limiter = MemoryRateLimiter()
+    registry = ProviderRegistry(settings, SecretBox(settings.secret_key))
+    worker = Worker(
+        settings,
+        db,
+        limiter,
+        registry,
+        embedded=settings.redis_url is None,
+        tasks=TASK_HANDLERS,
+    )
+    try:
+        await worker.run(stop)
+    finally:
+        await registry.aclose()
+        if isinstance(limiter, RedisRateLimiter):
+            await limiter.aclose()
