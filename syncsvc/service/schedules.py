@@ -20,6 +20,7 @@ the CRM and commits a batch. This module holds the rules it relies on:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from syncsvc.service import batches
 from syncsvc.service.plans import PlanSpec, load_users, referenced_users, spec_from_json
 from syncsvc.store.db import Database
 from syncsvc.store.models import Batch, Schedule, ScheduleRun
+
+log = logging.getLogger("syncsvc.scheduler")
 
 #: ``@daily`` and friends, which croniter reads as the five-field expressions they stand for.
 CRON_ALIASES = frozenset(
@@ -84,10 +87,10 @@ def check_cron(expr: str) -> str:
 class Cron:
     """A cron expression on the wall clock of an IANA zone.
 
-    Candidates are local times; each is placed in the zone with ``fold=0`` (PEP 495): a local
-    time skipped by spring-forward runs as far after the gap as it was into it (03:30 in a
-    03:00→04:00 gap runs at 04:30), and a local time that happens twice at fall-back runs
-    once, the first time. Instants returned are UTC.
+    Candidates are local times, placed in the zone as cron does: a local time skipped by
+    spring-forward (03:30 in a 03:00→04:00 gap) runs at the moment of the change, and one that
+    happens twice at fall-back runs once, the first time. Placing is monotonic (a later local
+    time is never an earlier instant), so walking candidates walks instants. Instants are UTC.
     """
 
     expr: str
@@ -98,7 +101,19 @@ class Cron:
         return cls(expr, ZoneInfo(timezone))
 
     def _instant(self, local: datetime) -> datetime:
-        return local.replace(tzinfo=self.zone).astimezone(UTC)
+        first = local.replace(tzinfo=self.zone, fold=0).astimezone(UTC)
+        if first.astimezone(self.zone).replace(tzinfo=None) == local:
+            return first
+        # In a gap: the change happens between the two readings of ``local``.
+        before = local.replace(tzinfo=self.zone, fold=1).astimezone(UTC)
+        lo, hi = min(before, first), max(before, first)
+        while hi - lo > timedelta(seconds=1):
+            mid = lo + (hi - lo) / 2
+            if mid.astimezone(self.zone).utcoffset() == hi.astimezone(self.zone).utcoffset():
+                hi = mid
+            else:
+                lo = mid
+        return hi.replace(microsecond=0)
 
     def _local(self, instant: datetime) -> datetime:
         return instant.astimezone(self.zone).replace(tzinfo=None)
@@ -118,8 +133,14 @@ class Cron:
         for _ in range(CRON_SEARCH_STEPS):
             found = self._instant(candidates.get_prev(datetime))
             if found <= instant:
-                return found
-        raise ValueError(f"no occurrence of {self.expr!r} before {instant.isoformat()}")
+                break
+        else:
+            raise ValueError(f"no occurrence of {self.expr!r} before {instant.isoformat()}")
+        # In the second pass of a fall-back hour the wall clock reads earlier than it did:
+        # occurrences of the first pass lie ahead of ``found`` on the wall clock.
+        while (later := self.next_after(found)) <= instant:
+            found = later
+        return found
 
 
 # --- The saved plan ------------------------------------------------------------------------
@@ -333,9 +354,15 @@ async def claim_occurrence(db: Database, due: DueSchedule, now: datetime) -> Cla
             if _changed(moved) != 1:
                 raise _ClaimLost
             return await _claimed(session, run_id, 1)
-    except (IntegrityError, _ClaimLost):
+    except (IntegrityError, _ClaimLost) as exc:
         # The run row exists (unique violation) or the schedule is gone (foreign key) or
         # moved on: another scheduler has it.
+        log.debug(
+            "event=schedule.claim.lost schedule=%s occurrence=%s why=%s",
+            due.id,
+            occurrence.isoformat(),
+            type(exc).__name__,
+        )
         return None
 
 
@@ -347,7 +374,7 @@ async def _claimed(session: AsyncSession, run_id: str, attempt: int) -> ClaimedR
             .where(ScheduleRun.id == run_id)
         )
     ).one()
-    run, schedule = row.tuple()
+    run, schedule = row
     return ClaimedRun(
         run_id=run.id,
         attempt=attempt,
