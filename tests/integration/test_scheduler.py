@@ -479,3 +479,31 @@ def test_the_latest_occurrence_in_the_repeated_hour_is_the_first_pass() -> None:
     """At 03:29 EET (second pass), 03:30 EEST of the first pass is the latest occurrence."""
     schedule = service.Cron.of("30 3 * * *", HELSINKI)
     assert schedule.latest_at_or_before(utc(2027, 10, 31, 1, 29)) == utc(2027, 10, 31, 0, 30)
+
+
+async def test_a_crashed_runners_attempt_is_retried_after_its_lease_and_it_writes_nothing(
+    db: Database, crm: FakeCrm
+) -> None:
+    tenant_id = await make_tenant(db)
+    url = crm.script("daily", targets_reply("Alko Oy"))
+    schedule_id = await make_schedule(db, tenant_id, url, WEDNESDAY)
+    occurrence = utc(2027, 3, 25, 4, 0)
+    # A runner claims the occurrence and dies before finishing it.
+    async with db.session() as session:
+        [due] = await service.due_schedules(session, occurrence, 10)
+    stale = await service.claim_occurrence(db, due, occurrence)
+    assert stale is not None and stale.attempt == 1
+    clock = FakeClock(occurrence + timedelta(seconds=service.RUN_LEASE_S - 1))
+    async with scheduler(db, clock) as s:
+        assert await s.tick() == 0  # still leased
+        clock.now += timedelta(seconds=1)
+        assert await s.tick() == 1
+    [run] = await runs_of(db, schedule_id)
+    assert (run.occurrence, run.state, run.attempts) == (occurrence, "ok", 2)
+    # The dead runner coming back cannot commit a second batch or overwrite the run.
+    assert await service.finish(db, stale, None, clock.now) is None
+    assert await service.record_failure(db, stale, "late", clock.now) is None
+    [after] = await runs_of(db, schedule_id)
+    assert (after.state, after.batch_id, after.error) == ("ok", run.batch_id, None)
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Batch)) == 1
