@@ -1,4 +1,4 @@
-"""Assembles the long-running parts of a process: the sync workers (and their task handlers).
+"""Assembles the long-running parts of a process: sync workers, their task handlers, scheduler.
 
 It sits above every layer, so it may wire ``service`` handlers into the ``queue`` worker.
 """
@@ -12,6 +12,7 @@ from syncsvc.config import Settings
 from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
+from syncsvc.scheduler import run_scheduler
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 
@@ -22,7 +23,10 @@ TASK_HANDLERS: Mapping[str, TaskHandler] = {}
 
 
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    """One worker process: the limiter is Redis when configured, else this process's own."""
+    """The sync workers and the scheduler of saved batches, until ``stop`` is set.
+
+    The limiter is Redis when configured (shared by every process), else this process's own.
+    """
     limiter: RateLimiter
     if settings.redis_url:
         limiter = RedisRateLimiter.from_url(settings.redis_url)
@@ -38,7 +42,9 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         tasks=TASK_HANDLERS,
     )
     try:
-        await worker.run(stop)
+        async with asyncio.TaskGroup() as group:  # one failing cancels the other
+            group.create_task(worker.run(stop))
+            group.create_task(run_scheduler(settings, db, stop))
     finally:
         await registry.aclose()
         if isinstance(limiter, RedisRateLimiter):
