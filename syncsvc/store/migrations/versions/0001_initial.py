@@ -1,7 +1,7 @@
 """initial
 
 Revision ID: 0001
-Create Date: 2026-11-23 09:38:56.102064
+Create Date: 2026-11-23 10:04:05.558238
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_activities_user_start", ["tenant_id", "user_id", "start"], unique=False
         )
+        batch_op.create_index(
+            "ix_activities_user_updated", ["tenant_id", "user_id", "updated_at"], unique=False
+        )
 
     op.create_table(
         "feeds",
@@ -305,6 +308,7 @@ def downgrade() -> None:
     op.drop_table("schedule_runs")
     op.drop_table("feeds")
     with op.batch_alter_table("activities", schema=None) as batch_op:
+        batch_op.drop_index("ix_activities_user_updated")
         batch_op.drop_index("ix_activities_user_start")
         batch_op.drop_index("ix_activities_batch_seq")
 
