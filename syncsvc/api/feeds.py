@@ -74,7 +74,7 @@ async def get_feed(ctx: Ctx, path: FeedPath) -> web.StreamResponse:
     headers = {"ETag": state.etag, "Cache-Control": f"private, max-age={FEED_MAX_AGE_S}"}
     if etag_matches(ctx.request.headers.get("If-None-Match"), state.etag):
         return web.Response(status=304, headers=headers)
-    body = await service.feed_body(ctx.db, state, now)
+    body = await service.feed_body(ctx.db, state)
     return web.Response(body=body, headers=headers, content_type=ICAL_MEDIA_TYPE, charset="utf-8")
 
 

@@ -3,11 +3,10 @@
 The token is shown once (in the URL) and only its SHA-256 is stored; a feed is found by that
 hash with an indexed equality, so no secret is ever compared in Python.
 
-Feeds are polled often and mostly unchanged, so answering is split in two. ``feed_state`` is
-ONE query (feed + user + an aggregate over the user's visible activities) that yields a
-strong ETag: a ``304`` needs nothing else. ``feed_body`` renders only when the ETag is new to
-this process; bodies are cached by ETag, and concurrent requests for the same new ETag share
-one render.
+Feeds are polled often and mostly unchanged, so answering is split in two. ``feed_state``
+yields a strong ETag from the database alone, usually with ONE indexed query: a ``304`` needs
+nothing else. ``feed_body`` renders only when the ETag is new to this process; bodies are
+cached by ETag, and concurrent requests for the same new ETag share one render.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -37,9 +37,14 @@ from syncsvc.store.types import utcnow
 
 #: ``secrets.token_urlsafe`` bytes: 256 bits, well above the 128 a guess must face.
 FEED_TOKEN_BYTES = 32
-#: Activities of a deleted batch stay in the feed as CANCELLED this long (so subscribers
-#: remove them), then leave it.
+#: Activities of a deleted batch stay in the feed as CANCELLED for this many whole UTC days
+#: after the day of deletion (so subscribers remove them), then leave it at a midnight: the
+#: feed changes with the data or the date, never with the time of the request.
 DELETED_KEPT_DAYS = 30
+#: Longest a write to activities may take from stamping ``updated_at`` to committing, clock
+#: skew between processes included. A feed whose newest change is older than this cannot
+#: still receive an older-stamped commit, so that change alone identifies its state.
+WRITE_SETTLE_S = 300
 #: Rendered bodies kept per process, by total size.
 BODY_CACHE_MAX_BYTES = 64 * 1024 * 1024
 #: Raised when the rendered form changes, so clients holding an old ETag get the new form.
@@ -88,78 +93,76 @@ class FeedState:
     user_id: str
     #: A strong entity tag, quoted (``"<hex>"``).
     etag: str
+    #: Deleted activities stamped before this are left out; the body must use the same.
+    cutoff: datetime
 
 
-def _visible(now: datetime) -> ColumnElement[bool]:
-    """Activities the feed shows: renderable, and not deleted longer ago than the grace
-    period (a deleted activity's last change is its deletion)."""
-    cutoff = now - timedelta(days=DELETED_KEPT_DAYS)
+def deleted_cutoff(now: datetime) -> datetime:
+    """Midnight UTC starting the oldest day whose deletions are still shown."""
+    day = now.astimezone(UTC).date() - timedelta(days=DELETED_KEPT_DAYS)
+    return datetime.combine(day, time(), tzinfo=UTC)
+
+
+def _visible(cutoff: datetime) -> ColumnElement[bool]:
+    """Activities the feed shows: renderable, and not deleted before ``cutoff`` (a deleted
+    activity's last change is its deletion)."""
     return and_(
         or_(Activity.start.is_not(None), Activity.due.is_not(None)),
         or_(Activity.deleted.is_(False), Activity.updated_at >= cutoff),
     )
 
 
-async def feed_state(session: AsyncSession, token: str, now: datetime) -> FeedState:
-    """The feed of ``token`` and its ETag, in one query; unknown or revoked → ``NotFound``.
+def _of_user(tenant_id: Any, user_id: Any) -> ColumnElement[bool]:
+    return and_(Activity.tenant_id == tenant_id, Activity.user_id == user_id)
 
-    The ETag covers everything the body is made of: the feed (its token), the user (zone,
-    name: ``updated_at``), and the visible activities by count, newest change, sum of
-    versions and number deleted. The sums catch changes that commit out of time order (an
-    older ``updated_at`` landing after a newer one), since every edit raises a version and a
-    deletion flips ``deleted``.
+
+async def feed_state(session: AsyncSession, token: str, now: datetime) -> FeedState:
+    """The feed of ``token`` and its ETag; unknown or revoked → ``NotFound``.
+
+    The ETag covers all the body is made of: the feed (its token), the user (zone, name:
+    ``updated_at``), the day (which deletions are shown) and the user's activities, whose
+    every change stamps ``updated_at``. Their newest stamp (one index lookup) identifies them
+    once it is older than ``WRITE_SETTLE_S``. Until then a slower transaction could still
+    commit an older stamp, so the count, the sum of versions and the number deleted are
+    added (a scan of the user's activities): every edit raises a version, a deletion flips
+    ``deleted``, a new activity adds one.
     """
+    newest_change = (
+        select(func.max(Activity.updated_at))
+        .where(_of_user(Feed.tenant_id, Feed.user_id))
+        .scalar_subquery()
+    )
     stmt = (
-        select(
-            Feed.tenant_id,
-            Feed.user_id,
-            Feed.token_hash,
-            User.updated_at,
-            func.count(Activity.id),
-            func.max(Activity.updated_at),
-            func.coalesce(func.sum(Activity.version), 0),
-            func.coalesce(func.sum(case((Activity.deleted.is_(True), 1), else_=0)), 0),
-        )
+        select(Feed.tenant_id, Feed.user_id, Feed.token_hash, User.updated_at, newest_change)
         .join(User, and_(User.tenant_id == Feed.tenant_id, User.id == Feed.user_id))
-        .outerjoin(
-            Activity,
-            and_(
-                Activity.tenant_id == Feed.tenant_id,
-                Activity.user_id == Feed.user_id,
-                _visible(now),
-            ),
-        )
         .where(Feed.token_hash == hash_token(token))
-        .group_by(Feed.tenant_id, Feed.user_id, Feed.token_hash, User.updated_at)
     )
     row = (await session.execute(stmt)).one_or_none()
     if row is None:
         raise NotFound("no such feed", [ErrorDetail(("path", "token"), "unknown or revoked")])
-    tenant_id, user_id, token_hash, user_updated, count, newest, versions, deleted = row
-    fingerprint = "|".join(
-        str(part)
-        for part in (
-            FEED_FORMAT_VERSION,
-            token_hash,
-            user_updated.isoformat(),
-            count,
-            newest.isoformat() if newest is not None else "-",
-            versions,
-            deleted,
-        )
-    )
+    tenant_id, user_id, token_hash, user_updated, newest = row
+    cutoff = deleted_cutoff(now)
+    parts: list[object] = [FEED_FORMAT_VERSION, token_hash, user_updated, cutoff, newest]
+    if newest is not None and newest > now - timedelta(seconds=WRITE_SETTLE_S):
+        totals = select(
+            func.count(),
+            func.coalesce(func.sum(Activity.version), 0),
+            func.coalesce(func.sum(case((Activity.deleted.is_(True), 1), else_=0)), 0),
+        ).where(_of_user(tenant_id, user_id))
+        parts.extend((await session.execute(totals)).one())
+    fingerprint = "|".join(p.isoformat() if isinstance(p, datetime) else str(p) for p in parts)
     etag = '"' + hashlib.sha256(fingerprint.encode()).hexdigest()[:40] + '"'
-    return FeedState(tenant_id=tenant_id, user_id=user_id, etag=etag)
+    return FeedState(tenant_id=tenant_id, user_id=user_id, etag=etag, cutoff=cutoff)
 
 
 async def feed_items(
-    session: AsyncSession, tenant_id: str, user_id: str, now: datetime
+    session: AsyncSession, tenant_id: str, user_id: str, cutoff: datetime
 ) -> tuple[FeedCalendar, list[FeedItem]]:
     """The user's visible activities as feed items, by start (tasks by due date after)."""
     user = await get_user(session, tenant_id, user_id)
     rows = await session.scalars(
         select(Activity)
-        .where(Activity.tenant_id == tenant_id, Activity.user_id == user_id, _visible(now))
+        .where(_of_user(tenant_id, user_id), _visible(cutoff))
         .order_by(Activity.start.is_(None), Activity.start, Activity.due, Activity.id)
     )
     items = [
@@ -217,13 +220,15 @@ class _BodyCache:
 _bodies = _BodyCache(BODY_CACHE_MAX_BYTES)
 
 
-async def feed_body(db: Database, state: FeedState, now: datetime) -> bytes:
+async def feed_body(db: Database, state: FeedState) -> bytes:
     """The feed's iCalendar body for ``state.etag``: cached, or rendered once (off the event
     loop, so a large cold feed does not stall other requests)."""
 
     async def render() -> bytes:
         async with db.session() as session:
-            calendar, items = await feed_items(session, state.tenant_id, state.user_id, now)
+            calendar, items = await feed_items(
+                session, state.tenant_id, state.user_id, state.cutoff
+            )
         return await asyncio.to_thread(render_feed, calendar, items)
 
     return await _bodies.get_or_render(state.etag, render)

@@ -15,9 +15,11 @@ import recurring_ical_events
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from icalendar import Calendar, Component
+from sqlalchemy import update
 
 from syncsvc.service import feeds as feeds_service
 from syncsvc.store.db import Database
+from syncsvc.store.models import Activity
 from tests.api.conftest import TenantKey, Tenants
 
 Client = TestClient[web.Request, web.Application]
@@ -210,13 +212,18 @@ async def test_deleted_batch_stays_cancelled_for_30_days(
     assert {e["SEQUENCE"] for e in events.values()} == {1}
 
     token = path.removeprefix("/feeds/").removesuffix(".ics")
-    later = datetime.now(UTC) + timedelta(days=feeds_service.DELETED_KEPT_DAYS, hours=1)
+    # Kept through the 30th day after the day of deletion, gone from the 31st (UTC days).
+    now = datetime.now(UTC)
+    last_kept = now + timedelta(days=feeds_service.DELETED_KEPT_DAYS)
+    dropped = now + timedelta(days=feeds_service.DELETED_KEPT_DAYS + 1)
     async with db.session() as session:
-        state_now = await feeds_service.feed_state(session, token, datetime.now(UTC))
-        state_later = await feeds_service.feed_state(session, token, later)
-        _, items_later = await feeds_service.feed_items(session, tenants.a.id, USER_ID, later)
-    assert items_later == []
-    assert state_later.etag != state_now.etag
+        etags = []
+        for when, expected in ((now, 3), (last_kept, 3), (dropped, 0)):
+            state = await feeds_service.feed_state(session, token, when)
+            _, items = await feeds_service.feed_items(session, tenants.a.id, USER_ID, state.cutoff)
+            assert len(items) == expected, when
+            etags.append(state.etag)
+    assert etags[2] not in etags[:2]
 
 
 async def test_rotation_kills_the_old_url_and_revoke_kills_the_feed(
@@ -288,3 +295,38 @@ async def test_feed_route_is_in_the_spec(client: Client) -> None:
     assert operation["security"] == []
     assert "post" in spec["paths"]["/v1/users/{user_id}/feed"]
     assert "delete" in spec["paths"]["/v1/users/{user_id}/feed"]
+
+
+async def test_etag_follows_every_change_even_a_late_commit(
+    client: Client, tenants: Tenants, db: Database
+) -> None:
+    """Within ``WRITE_SETTLE_S`` of the newest change the ETag also counts versions, so a
+    transaction that commits after a newer one (its stamp older than the newest) still
+    changes it; later, the newest stamp alone decides."""
+    await _put_user(client, tenants.a)
+    first, _, _ = await _commit(client, tenants.a)
+    token = (await _new_feed(client, tenants.a)).removeprefix("/feeds/").removesuffix(".ics")
+    settled = timedelta(seconds=feeds_service.WRITE_SETTLE_S + 1)
+
+    async def etag(now: datetime) -> str:
+        async with db.session() as session:
+            return (await feeds_service.feed_state(session, token, now)).etag
+
+    recent, old = await etag(datetime.now(UTC)), await etag(datetime.now(UTC) + settled)
+    assert await etag(datetime.now(UTC)) == recent
+    assert await etag(datetime.now(UTC) + settled) == old
+
+    # A late commit: the version rises but updated_at keeps a stamp older than the newest.
+    async with db.session() as session, session.begin():
+        await session.execute(
+            update(Activity)
+            .where(Activity.id == first["id"])
+            .values(version=Activity.version + 1, updated_at=Activity.updated_at)
+        )
+    assert await etag(datetime.now(UTC)) != recent
+
+    response = await client.patch(
+        f"/v1/activities/{first['id']}", json={"subject": "Edited"}, headers=tenants.a.headers
+    )
+    assert response.status == 200
+    assert await etag(datetime.now(UTC) + settled) != old
