@@ -8,6 +8,11 @@ pool keeps connections alive between calls without ever sharing one between thre
 Idempotency comes from Google's client-chosen event ids: the id is derived from
 ``EventSpec.key``, so a repeated create answers ``409 duplicate`` and we adopt the event that is
 already there.
+
+Beyond the Protocol, push and incremental sync: :meth:`GoogleProvider.watch` opens a push
+channel (``events.watch``), :meth:`GoogleProvider.stop` closes one (``channels.stop``) and
+:meth:`GoogleProvider.changes` lists what changed since a sync token (``events.list``), raising
+:class:`FullSyncRequired` when Google answers ``410`` so the caller lists everything again.
 """
 
 from __future__ import annotations
@@ -77,6 +82,49 @@ PROP_ACTIVITY = "syncsvcActivity"
 RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 #: The statuses our delete treats as "already gone".
 GONE_STATUSES = frozenset({404, 410})
+CHANNEL_TYPE = "web_hook"
+
+
+class FullSyncRequired(ProviderError):
+    """The sync token is no longer valid (``410 fullSyncRequired``): list from scratch."""
+
+    code = "full_sync_required"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchChannel:
+    """A push channel as Google confirmed it; ``resource_id`` is needed to stop it."""
+
+    channel_id: str
+    resource_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedEvent:
+    """One event from an incremental (or full) list; ``cancelled`` means deleted.
+
+    ``start``/``end`` are instants for timed events and ``None`` for all-day ones;
+    ``activity_id`` is our private property, present on events syncsvc created.
+    """
+
+    event_id: str
+    cancelled: bool
+    etag: str | None
+    event_type: str
+    subject: str | None
+    start: datetime | None
+    end: datetime | None
+    activity_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """What changed since a sync token (or, when ``full``, every event) and the next token."""
+
+    events: tuple[ChangedEvent, ...]
+    next_sync_token: str
+    full: bool
 
 
 def event_id_for(key: str) -> str:
@@ -329,6 +377,74 @@ class GoogleProvider:
                 stop = throttled[0]
         return results
 
+    # -- push channels and incremental sync ------------------------------------------------
+
+    async def watch(
+        self, channel_id: str, address: str, token: str, expiration: datetime
+    ) -> WatchChannel:
+        """Opens a push channel on the calendar's events; Google may shorten ``expiration``."""
+        body = {
+            "id": channel_id,
+            "type": CHANNEL_TYPE,
+            "address": address,
+            "token": token,
+            "expiration": str(int(expiration.timestamp() * 1000)),
+        }
+
+        def call(http: google_auth_httplib2.AuthorizedHttp) -> dict[str, Any]:
+            answer: dict[str, Any] = (
+                self._events().watch(calendarId=self.calendar_id, body=body).execute(http=http)
+            )
+            return answer
+
+        answer = await self._run(call)
+        granted_ms = int(answer.get("expiration") or body["expiration"])
+        return WatchChannel(
+            channel_id=str(answer.get("id", channel_id)),
+            resource_id=str(answer["resourceId"]),
+            expires_at=datetime.fromtimestamp(granted_ms / 1000, UTC),
+        )
+
+    async def stop(self, channel_id: str, resource_id: str) -> None:
+        """Closes a channel; one Google no longer knows (expired, stopped) counts as closed."""
+        body = {"id": channel_id, "resourceId": resource_id}
+
+        def call(http: google_auth_httplib2.AuthorizedHttp) -> None:
+            try:
+                self._service.channels().stop(body=body).execute(http=http)
+            except HttpError as exc:
+                if exc.resp.status not in GONE_STATUSES:
+                    raise
+
+        await self._run(call)
+
+    async def changes(self, sync_token: str | None) -> ChangeSet:
+        """Events changed since ``sync_token`` (cancelled ones included), every page of them.
+
+        Without a token it lists the whole calendar, deleted events included, and the answer is
+        ``full``. A token Google no longer honours raises :class:`FullSyncRequired`.
+        """
+
+        def call(http: google_auth_httplib2.AuthorizedHttp) -> ChangeSet:
+            params: dict[str, Any] = (
+                {"syncToken": sync_token} if sync_token is not None else {"showDeleted": True}
+            )
+            try:
+                items, next_token = self._list_pages(http, **params)
+            except HttpError as exc:
+                if exc.resp.status == 410:
+                    raise FullSyncRequired(f"Google 410: {_message(exc)}") from exc
+                raise
+            if next_token is None:
+                raise Transient("Google's last page of the list carried no nextSyncToken")
+            return ChangeSet(
+                events=tuple(_changed_event(item) for item in items),
+                next_sync_token=next_token,
+                full=sync_token is None,
+            )
+
+        return await self._run(call)
+
     async def aclose(self) -> None:
         while True:
             try:
@@ -482,14 +598,22 @@ class GoogleProvider:
     def _list_all(
         self, http: google_auth_httplib2.AuthorizedHttp, **params: Any
     ) -> list[dict[str, Any]]:
+        return self._list_pages(http, **params)[0]
+
+    def _list_pages(
+        self, http: google_auth_httplib2.AuthorizedHttp, **params: Any
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Every page's items, and the ``nextSyncToken`` that only the last page carries."""
         events = self._events()
         request = events.list(calendarId=self.calendar_id, maxResults=LIST_PAGE_SIZE, **params)
         items: list[dict[str, Any]] = []
+        sync_token: str | None = None
         while request is not None:
             page = request.execute(http=http)
             items.extend(page.get("items", []))
+            sync_token = page.get("nextSyncToken", sync_token)
             request = events.list_next(request, page)
-        return items
+        return items, sync_token
 
 
 # -- mapping between EventSpec and Google's JSON -------------------------------------------
@@ -588,6 +712,23 @@ def _reason(exc: HttpError) -> str | None:
 
 def _message(exc: HttpError) -> str:
     return str(_error_json(exc).get("message") or exc.resp.reason or "")
+
+
+def _changed_event(event: Mapping[str, Any]) -> ChangedEvent:
+    private = (event.get("extendedProperties") or {}).get("private") or {}
+    start, end = event.get("start") or {}, event.get("end") or {}
+    timed = bool(start.get("dateTime")) and bool(end.get("dateTime"))
+    zone = ZoneInfo(start["timeZone"]) if timed and start.get("timeZone") else None
+    return ChangedEvent(
+        event_id=str(event["id"]),
+        cancelled=event.get("status") == "cancelled",
+        etag=event.get("etag"),
+        event_type=str(event.get("eventType", "default")),
+        subject=event.get("summary"),
+        start=_in_zone(_parse_instant(start["dateTime"]), zone) if timed else None,
+        end=_in_zone(_parse_instant(end["dateTime"]), zone) if timed else None,
+        activity_id=private.get(PROP_ACTIVITY),
+    )
 
 
 def _ref(event: Mapping[str, Any]) -> EventRef:

@@ -9,8 +9,13 @@ parts are metered one by one, per-user rate limits answered with ``403``/``429``
 ``Retry-After``, and bodies validated against the schemas of the ``calendar.v3.json`` discovery
 document that ships inside ``googleapiclient``.
 
-Routes live in :data:`_ROUTES` (method, path regex, handler): ``events.watch`` and
-``channels.stop`` are one entry each when push channels are added.
+Push channels (``events.watch`` / ``channels.stop``) deliver real HTTP notifications to the
+channel's address, as Google does: a ``sync`` message right after the channel is created, then
+``exists`` after changes to the watched calendar (several quick changes coalesce into one
+message), each with an empty body and the ``X-Goog-*`` headers; expired and stopped channels
+fall silent. Every delivery is recorded in :attr:`FakeGoogle.deliveries`.
+
+Routes live in :data:`_ROUTES` (method, path regex, handler).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import base64
 import copy
 import email.parser
 import email.policy
+import email.utils
+import hashlib
 import json
 import random
 import re
@@ -28,7 +35,7 @@ import time
 import urllib.parse
 import zoneinfo
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -37,6 +44,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import googleapiclient
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -90,6 +98,13 @@ STATUS_NAMES: Mapping[int, str] = {
     503: "UNAVAILABLE",
 }
 JSON_TYPE = "application/json; charset=UTF-8"
+#: Channel ids: at most 64 characters of this alphabet (Google's push guide).
+CHANNEL_ID_RE = re.compile(r"^[A-Za-z0-9\-_+/=]{1,64}$")
+CHANNEL_TOKEN_MAX_CHARS = 256
+CHANNEL_TYPES = frozenset({"web_hook", "webhook"})
+#: Hosts a channel address may use plain http for (Google itself insists on https).
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+NOTIFY_TIMEOUT_S = 10.0
 RATE_LIMIT_MESSAGES = {"userRateLimitExceeded": "User Rate Limit Exceeded"}
 
 
@@ -124,6 +139,10 @@ class FakeGoogleConfig:
     #: Requests per project before ``403 quotaExceeded`` (the daily quota); ``None`` = unlimited.
     project_daily_requests: int | None = None
     access_token_lifetime_s: int = 3600
+    #: Lifetime of a channel that asks for none, and the longest one granted (a longer
+    #: requested ``expiration`` is cut to it).
+    channel_default_ttl_s: float = 7 * 24 * 3600.0
+    channel_max_ttl_s: float = 30 * 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -157,6 +176,36 @@ class TokenGrant:
     grant_type: str
     client: str
     subject: str
+
+
+@dataclass(slots=True)
+class Channel:
+    """A push channel on one user's primary calendar, as created by ``events.watch``."""
+
+    id: str
+    resource_id: str
+    resource_uri: str
+    user: str
+    address: str
+    token: str | None
+    expiration_ms: int
+    message_number: int = 0
+    stopped: bool = False
+
+    def active(self, now_ms: int) -> bool:
+        return not self.stopped and now_ms < self.expiration_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One notification POSTed to a channel address and what the receiver answered."""
+
+    channel_id: str
+    state: str
+    message_number: int
+    #: HTTP status of the answer; 0 when the address could not be reached.
+    status: int
+    elapsed_s: float
 
 
 @dataclass(slots=True)
@@ -382,6 +431,8 @@ class FakeGoogle:
         self.token_grants: list[TokenGrant] = []
         self._random = random.Random(seed)
         self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.base_url = ""
         self._reset_state()
         self._oauth_clients: dict[str, str] = {}
@@ -396,6 +447,9 @@ class FakeGoogle:
         self._project_requests = 0
         self.token_grants = []
         self.failure = None
+        self._channels: dict[str, Channel] = {}
+        self._notify_pending: set[str] = set()
+        self.deliveries: list[Delivery] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -415,6 +469,12 @@ class FakeGoogle:
         return self.base_url
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -508,6 +568,35 @@ class FakeGoogle:
 
     def invalidate_sync_tokens(self, user: str) -> None:
         self._calendar_of(user).token_epoch += 1
+
+    def user_patch_event(
+        self, user: str, event_id: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The user edits one event in their calendar app (moves it, renames it): patch
+        semantics, validated like ``events.patch``; watchers are notified."""
+        calendar = self._calendar_of(user)
+        event = calendar.events.get(event_id)
+        if event is None or event["status"] == "cancelled":
+            raise KeyError(event_id)
+        _validate(dict(patch), {"$ref": "Event"}, "resource")
+        return copy.deepcopy(_apply_change(self, calendar, event, patch, replace=False))
+
+    def user_delete_event(self, user: str, event_id: str) -> None:
+        """The user deletes one event in their calendar app; it lingers as ``cancelled``."""
+        calendar = self._calendar_of(user)
+        event = calendar.events[event_id]
+        event["status"] = "cancelled"
+        self._touch(calendar, event)
+
+    def channels(self, user: str | None = None) -> list[Channel]:
+        """Every channel created so far (stopped and expired ones included), copies."""
+        return [copy.copy(c) for c in self._channels.values() if user is None or c.user == user]
+
+    async def settle(self, timeout_s: float = 5.0) -> None:
+        """Waits until every notification scheduled so far has been delivered."""
+        deadline = time.monotonic() + timeout_s
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic())
 
     # -- token endpoint -------------------------------------------------------------------
 
@@ -710,6 +799,106 @@ class FakeGoogle:
         calendar.changed_at[event["id"]] = calendar.seq
         event["etag"] = f'"{3_400_000_000_000_000 + calendar.seq}"'
         event["updated"] = _now_rfc3339()
+        self._changed(calendar.owner)
+
+    # -- push channels --------------------------------------------------------------------
+
+    def _changed(self, user: str) -> None:
+        """Queues one ``exists`` message per active channel on the user's calendar; changes
+        made before it goes out ride on the same message."""
+        now = _now_ms()
+        for channel in self._channels.values():
+            if channel.user != user or not channel.active(now):
+                continue
+            if channel.id in self._notify_pending:
+                continue
+            self._notify_pending.add(channel.id)
+            self._spawn(self._deliver(channel, "exists"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return  # no loop (a synchronous caller): nobody could receive it anyway
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, channel: Channel, state: str) -> None:
+        await asyncio.sleep(0)  # the watch answer (or the change's own answer) goes first
+        self._notify_pending.discard(channel.id)
+        if not channel.active(_now_ms()):
+            return
+        channel.message_number += 1
+        expires = datetime.fromtimestamp(channel.expiration_ms / 1000, UTC)
+        headers = {
+            "X-Goog-Channel-ID": channel.id,
+            "X-Goog-Channel-Expiration": email.utils.format_datetime(expires, usegmt=True),
+            "X-Goog-Resource-ID": channel.resource_id,
+            "X-Goog-Resource-URI": channel.resource_uri,
+            "X-Goog-Resource-State": state,
+            "X-Goog-Message-Number": str(channel.message_number),
+        }
+        if channel.token is not None:
+            headers["X-Goog-Channel-Token"] = channel.token
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=NOTIFY_TIMEOUT_S)
+            )
+        started = time.monotonic()
+        try:
+            async with self._http.post(channel.address, data=b"", headers=headers) as answer:
+                await answer.read()
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        self.deliveries.append(
+            Delivery(channel.id, state, channel.message_number, status, time.monotonic() - started)
+        )
+
+    def _open_channel(self, user: str, body: Mapping[str, Any], calendar_path: str) -> Channel:
+        channel_id = str(body.get("id") or "")
+        if not CHANNEL_ID_RE.match(channel_id):
+            raise _ApiError(
+                400, "required", "Channel id must be 1 to 64 characters [A-Za-z0-9-_+/=]."
+            )
+        if channel_id in self._channels:
+            raise _ApiError(400, "channelIdNotUnique", f"Channel id {channel_id} not unique")
+        if body.get("type") not in CHANNEL_TYPES:
+            raise _ApiError(400, "push.webhookTypeInvalid", "Invalid channel type.")
+        address = str(body.get("address") or "")
+        parsed = urllib.parse.urlsplit(address)
+        if parsed.scheme != "https" and not (
+            parsed.scheme == "http" and parsed.hostname in LOOPBACK_HOSTS
+        ):
+            raise _ApiError(
+                400, "push.webhookUrlNotHttps", "WebHook callback must be HTTPS: " + address
+            )
+        token = body.get("token")
+        if token is not None and len(str(token)) > CHANNEL_TOKEN_MAX_CHARS:
+            raise _invalid(f"Channel token longer than {CHANNEL_TOKEN_MAX_CHARS} characters.")
+        now = _now_ms()
+        longest = now + int(self.config.channel_max_ttl_s * 1000)
+        requested = body.get("expiration")
+        expiration = (
+            min(int(requested), longest)
+            if requested is not None
+            else now + int(self.config.channel_default_ttl_s * 1000)
+        )
+        if expiration <= now:
+            raise _invalid("Channel expiration must be in the future.")
+        channel = Channel(
+            id=channel_id,
+            resource_id=_resource_id(user),
+            resource_uri=f"{self.api_url}calendars/{calendar_path}/events?alt=json",
+            user=user,
+            address=address,
+            token=None if token is None else str(token),
+            expiration_ms=expiration,
+        )
+        self._channels[channel_id] = channel
+        self._spawn(self._deliver(channel, "sync"))
+        return channel
 
     def _store_new(self, calendar: _Calendar, body: dict[str, Any], creator: str) -> dict[str, Any]:
         _check_event(body)
@@ -1048,8 +1237,54 @@ def _span_json(start: datetime, end: datetime) -> dict[str, str]:
     return {"start": _utc_text(start), "end": _utc_text(end)}
 
 
+async def _watch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+    _check_params(call, "events.watch")
+    calendar = fake._calendar(call, match["cal"])
+    body = _json_body(call)
+    _validate(body, {"$ref": "Channel"}, "resource")
+    channel = fake._open_channel(calendar.owner, body, match["cal"])
+    answer: dict[str, Any] = {
+        "kind": "api#channel",
+        "id": channel.id,
+        "resourceId": channel.resource_id,
+        "resourceUri": channel.resource_uri,
+        "expiration": str(channel.expiration_ms),
+    }
+    if channel.token is not None:
+        answer["token"] = channel.token
+    return _Response.json(200, answer)
+
+
+async def _stop(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+    """``channels.stop``: the channel must exist for this user with this resource id."""
+    body = _json_body(call)
+    _validate(body, {"$ref": "Channel"}, "resource")
+    channel = fake._channels.get(str(body.get("id") or ""))
+    if (
+        channel is None
+        or channel.stopped
+        or channel.user != call.user
+        or channel.resource_id != body.get("resourceId")
+    ):
+        raise _ApiError(404, "notFound", f"Channel '{body.get('id')}' not found for project")
+    channel.stopped = True
+    return _Response(204)
+
+
+def _resource_id(user: str) -> str:
+    """Opaque and stable per watched collection, as Google's is."""
+    digest = hashlib.sha256(b"events:" + user.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")[:27]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 _CAL = r"/calendar/v3/calendars/(?P<cal>[^/]+)"
 _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
+    ("POST", re.compile(_CAL + r"/events/watch"), _watch),
+    ("POST", re.compile(r"/calendar/v3/channels/stop"), _stop),
     ("POST", re.compile(_CAL + r"/events"), _insert),
     ("GET", re.compile(_CAL + r"/events"), _list),
     ("GET", re.compile(_CAL + r"/events/(?P<event>[^/]+)"), _get),
