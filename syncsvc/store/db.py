@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 from syncsvc.errors import ErrorDetail, ValidationError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_RECYCLE_S = 1800
 
 
 def async_url(url: str) -> URL:
@@ -44,7 +45,10 @@ class Database:
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         else:
             kwargs["pool_size"] = 10
-            kwargs["pool_pre_ping"] = True
+            # No pre-ping: it costs a round trip on every checkout (a third of a feed's 304).
+            # Recycling bounds a connection's age; a connection that died still fails once
+            # and the pool replaces it.
+            kwargs["pool_recycle"] = POOL_RECYCLE_S
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
