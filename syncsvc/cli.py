@@ -155,7 +155,7 @@ async def _serve(
 
 
 def _find_run_workers() -> RunWorkers | None:
-    """The queue's ``run_workers``, looked up at run time so the API can ship before it."""
+    """``run_workers`` (workers + scheduler), looked up at run time so ``api`` never loads it."""
     if importlib.util.find_spec(WORKER_MODULE) is None:
         return None
     run_workers: RunWorkers | None = getattr(
@@ -167,7 +167,7 @@ def _find_run_workers() -> RunWorkers | None:
 async def _workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
     run_workers = _find_run_workers()
     if run_workers is None:
-        raise SyncSvcError("this build has no sync workers (syncsvc.queue.worker.run_workers)")
+        raise SyncSvcError(f"this build has no sync workers ({WORKER_MODULE}.run_workers)")
     await run_workers(settings, db, stop)
 
 
