@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import signal
 import sys
@@ -26,11 +25,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-WORKER_MODULE = "syncsvc.runtime"
-
 log = logging.getLogger("syncsvc")
-
-RunWorkers = Callable[[Settings, Database, asyncio.Event], Awaitable[None]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,33 +136,20 @@ async def _serve(
             await web.TCPSite(runner, host, port).start()
             for address in runner.addresses:
                 print(f"listening on http://{_host_port(address)}", flush=True)
-            run_workers = _find_run_workers() if with_workers else None
-            if run_workers is None:
-                if with_workers:
-                    log.warning("no sync workers in this build: serving the API only")
-                await stop.wait()
+            if with_workers:
+                await _workers(settings, db, stop)
             else:
-                await run_workers(settings, db, stop)
+                await stop.wait()
         finally:
             await runner.cleanup()
 
     await _until_stopped(run)
 
 
-def _find_run_workers() -> RunWorkers | None:
-    """``run_workers`` (workers + scheduler), looked up at run time so ``api`` never loads it."""
-    if importlib.util.find_spec(WORKER_MODULE) is None:
-        return None
-    run_workers: RunWorkers | None = getattr(
-        importlib.import_module(WORKER_MODULE), "run_workers", None
-    )
-    return run_workers
-
-
 async def _workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    run_workers = _find_run_workers()
-    if run_workers is None:
-        raise SyncSvcError(f"this build has no sync workers ({WORKER_MODULE}.run_workers)")
+    """Workers and scheduler; imported here so that ``api`` never loads them."""
+    from syncsvc.runtime import run_workers
+
     await run_workers(settings, db, stop)
 
 
