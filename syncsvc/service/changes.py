@@ -1,0 +1,183 @@
+"""What assignees change in their own calendars: applied to activities, reported to the CRM.
+
+Every provider's incremental sync (Graph delta, Google sync tokens, CalDAV sync-collection)
+turns what it saw into :class:`ExternalChange` values; :func:`apply_external_changes` decides
+which of them are the user's own edits of *our* events and records them. The assignee's change
+wins (XS Office rule): the activity takes their start, end and subject and is marked
+``user_edited``, so later batch edits leave it alone unless forced. Nothing is pushed back to
+the calendar: it already shows the user's version.
+
+A deleted event cancels its activity: ``status='cancelled'`` and ``user_edited=True``; the
+activity itself stays (the CRM owns its records and learns of it through the callback), and
+its ledger row becomes ``deleted``, so no later edit recreates the event.
+
+Each applied change writes a ``callback`` operation in the same transaction::
+
+    {"type": "activity.changed", "activity_id", "batch_id",
+     "changes": {"start": {"from": "...", "to": "..."}, "end": {...}, "subject": {...}}}
+    {"type": "activity.deleted", "activity_id", "batch_id",
+     "changes": {"status": {"from": "planned", "to": "cancelled"}}}
+
+Instants in ``changes`` are ISO 8601 in the assignee's zone, like the activity API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.queue.outbox import GONE_STATES, chunks
+from syncsvc.store.db import Database
+from syncsvc.store.models import Activity, ExternalEvent, Operation, User
+from syncsvc.store.types import utcnow
+
+CALLBACK_KIND = "callback"
+CHANGED = "activity.changed"
+DELETED = "activity.deleted"
+#: The status a user's deletion of the event gives its activity.
+DELETED_STATUS = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalChange:
+    """One event as a provider's incremental sync saw it after a change."""
+
+    provider: str  # "graph" | "google" | "caldav"
+    calendar: str  # as in ExternalEvent.calendar (mailbox / calendar id / collection URL)
+    event_id: str  # the provider's event id (ExternalEvent.event_id)
+    deleted: bool = False
+    start: datetime | None = None  # aware
+    end: datetime | None = None
+    subject: str | None = None
+    #: changeKey / etag after the change; equal to the ledger's → our own write, ignored.
+    etag: str | None = None
+
+
+def callback_mailbox(tenant_id: str) -> str:
+    """Callbacks are rate-limited and kept fair per tenant's CRM, like a calendar mailbox."""
+    return f"crm:{tenant_id}"
+
+
+async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]) -> int:
+    """Applies the users' own changes of our events; returns how many activities changed.
+
+    Unknown events (the user's own appointments), events we are deleting or deleted, and our
+    own writes (same etag as the ledger, or the same start/end/subject as the activity) are
+    ignored. The latest change per event counts when one event appears more than once.
+    """
+    latest: dict[tuple[str, str, str], ExternalChange] = {}
+    for change in changes:
+        latest[(change.provider, change.calendar, change.event_id)] = change
+    if not latest:
+        return 0
+    applied = 0
+    async with db.session() as session, session.begin():
+        ledgers = await _ledgers(session, list(latest), lock=db.dialect == "postgresql")
+        for key, change in latest.items():
+            ledger = ledgers.get(key)
+            if ledger is None or ledger.state in GONE_STATES:
+                continue
+            activity = await session.get(Activity, ledger.activity_id)
+            if activity is None or activity.deleted:
+                continue
+            if change.etag is not None and change.etag == ledger.etag:
+                continue
+            user = await session.get(User, (activity.tenant_id, activity.user_id))
+            zone = ZoneInfo(user.timezone if user is not None else "UTC")
+            diff = _deleted(activity, ledger) if change.deleted else _edited(activity, change)
+            if not diff:
+                continue
+            if change.etag is not None:
+                ledger.etag = change.etag
+            activity.user_edited = True
+            activity.version += 1
+            activity.updated_at = utcnow()
+            session.add(_callback(activity, change.deleted, diff, zone))
+            applied += 1
+    return applied
+
+
+async def _ledgers(
+    session: AsyncSession, keys: Sequence[tuple[str, str, str]], *, lock: bool
+) -> dict[tuple[str, str, str], ExternalEvent]:
+    """Ledger rows by (provider, calendar, event id), locked on PostgreSQL so a concurrent
+    sync of the same calendar waits instead of double-reporting."""
+    found: dict[tuple[str, str, str], ExternalEvent] = {}
+    wanted = set(keys)
+    for provider in sorted({k[0] for k in keys}):
+        event_ids = sorted({k[2] for k in keys if k[0] == provider})
+        for chunk in chunks(event_ids):
+            query = select(ExternalEvent).where(
+                ExternalEvent.provider == provider, ExternalEvent.event_id.in_(chunk)
+            )
+            if lock:
+                query = query.with_for_update()
+            for row in (await session.execute(query)).scalars():
+                key = (row.provider, row.calendar, row.event_id or "")
+                if key in wanted:
+                    found[key] = row
+    return found
+
+
+def _edited(activity: Activity, change: ExternalChange) -> dict[str, tuple[Any, Any]]:
+    """The fields the user changed, applied to the activity; empty for our own write."""
+    diff: dict[str, tuple[Any, Any]] = {}
+    if change.start is not None and change.start != activity.start:
+        diff["start"] = (activity.start, change.start)
+        activity.start = change.start
+    if change.end is not None and change.end != activity.end:
+        diff["end"] = (activity.end, change.end)
+        activity.end = change.end
+    if change.subject is not None and change.subject != activity.subject:
+        diff["subject"] = (activity.subject, change.subject)
+        activity.subject = change.subject
+    return diff
+
+
+def _deleted(activity: Activity, ledger: ExternalEvent) -> dict[str, tuple[Any, Any]]:
+    """The event is gone for good: the ledger says so, and the activity is cancelled."""
+    ledger.state = "deleted"
+    ledger.updated_at = utcnow()
+    previous = activity.status
+    activity.status = DELETED_STATUS
+    return {"status": (previous, DELETED_STATUS)}
+
+
+def _json(value: Any, zone: ZoneInfo) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(zone).isoformat(timespec="seconds")
+    return value
+
+
+def _callback(
+    activity: Activity, deleted: bool, diff: dict[str, tuple[Any, Any]], zone: ZoneInfo
+) -> Operation:
+    now = utcnow()
+    return Operation(
+        tenant_id=activity.tenant_id,
+        kind=CALLBACK_KIND,
+        ledger_id=None,
+        batch_id=activity.batch_id,
+        mailbox=callback_mailbox(activity.tenant_id),
+        lane="interactive",
+        state="pending",
+        attempts=0,
+        not_before=now,
+        payload={
+            "type": DELETED if deleted else CHANGED,
+            "activity_id": activity.id,
+            "batch_id": activity.batch_id,
+            "changes": {
+                name: {"from": _json(old, zone), "to": _json(new, zone)}
+                for name, (old, new) in diff.items()
+            },
+        },
+        created_at=now,
+        updated_at=now,
+    )
