@@ -305,3 +305,42 @@ class ScheduleRun(Base):
 #: A feed's ETag reads the newest change among one user's activities; with this index that is
 #: an index lookup instead of a scan of all of them (5,000 rows: ~3 ms per conditional GET).
 Index("ix_activities_user_updated", Activity.tenant_id, Activity.user_id, Activity.updated_at)
+
+
+class Subscription(Base):
+    """A provider's promise to tell us when a calendar changes: a Graph change-notification
+    subscription or a Google push channel, with the incremental-sync token read after it.
+
+    ``client_state`` is the secret the provider echoes in every notification (Graph
+    ``clientState``, Google channel token). Graph subscriptions keep only its SHA-256 hex
+    (``hash_token``): Graph never needs it back, and a leaked row then forges nothing.
+    Compare in constant time (``hmac.compare_digest``).
+    """
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        UniqueConstraint("provider", "external_id"),
+        Index("ix_subscriptions_tenant_user", "tenant_id", "provider", "user_id"),
+        Index("ix_subscriptions_expires", "provider", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    user_id: Mapped[str] = mapped_column(String(200))
+    #: As in ``ExternalEvent.calendar``: the mailbox / calendar id the subscription watches.
+    calendar: Mapped[str] = mapped_column(Text)
+    #: The provider's id: Graph subscription id, Google channel id.
+    external_id: Mapped[str] = mapped_column(String(255))
+    client_state: Mapped[str] = mapped_column(String(128))
+    #: Graph: the watched resource (``/users/{m}/events``); Google: the channel's resourceId.
+    resource_id: Mapped[str | None] = mapped_column(Text)
+    #: Graph ``@odata.deltaLink`` / Google ``nextSyncToken``; ``None`` means a full sync next.
+    sync_token: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+#: A user's own calendar change is matched to our ledger by the provider's event id.
+Index("ix_external_events_event", ExternalEvent.provider, ExternalEvent.event_id)

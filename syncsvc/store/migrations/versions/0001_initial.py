@@ -1,7 +1,7 @@
 """initial
 
 Revision ID: 0001
-Create Date: 2026-11-23 10:04:05.558238
+Create Date: 2026-11-23 10:16:29.586576
 """
 
 from __future__ import annotations
@@ -107,6 +107,33 @@ def upgrade() -> None:
         batch_op.create_index("ix_schedules_next_run", ["next_run_at"], unique=False)
         batch_op.create_index(
             "ix_schedules_tenant_created", ["tenant_id", "created_at", "id"], unique=False
+        )
+
+    op.create_table(
+        "subscriptions",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("provider", sa.String(length=16), nullable=False),
+        sa.Column("tenant_id", sa.String(length=64), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("calendar", sa.Text(), nullable=False),
+        sa.Column("external_id", sa.String(length=255), nullable=False),
+        sa.Column("client_state", sa.String(length=128), nullable=False),
+        sa.Column("resource_id", sa.Text(), nullable=True),
+        sa.Column("sync_token", sa.Text(), nullable=True),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("provider", "external_id"),
+    )
+    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
+        batch_op.create_index("ix_subscriptions_expires", ["provider", "expires_at"], unique=False)
+        batch_op.create_index(
+            "ix_subscriptions_tenant_user", ["tenant_id", "provider", "user_id"], unique=False
         )
 
     op.create_table(
@@ -255,6 +282,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("external_events", schema=None) as batch_op:
         batch_op.create_index("ix_external_events_batch_state", ["batch_id", "state"], unique=False)
+        batch_op.create_index("ix_external_events_event", ["provider", "event_id"], unique=False)
 
     op.create_table(
         "operations",
@@ -299,6 +327,7 @@ def downgrade() -> None:
 
     op.drop_table("operations")
     with op.batch_alter_table("external_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_external_events_event")
         batch_op.drop_index("ix_external_events_batch_state")
 
     op.drop_table("external_events")
@@ -314,6 +343,11 @@ def downgrade() -> None:
 
     op.drop_table("activities")
     op.drop_table("users")
+    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
+        batch_op.drop_index("ix_subscriptions_tenant_user")
+        batch_op.drop_index("ix_subscriptions_expires")
+
+    op.drop_table("subscriptions")
     with op.batch_alter_table("schedules", schema=None) as batch_op:
         batch_op.drop_index("ix_schedules_tenant_created")
         batch_op.drop_index("ix_schedules_next_run")
