@@ -21,8 +21,10 @@ its keys (restart without persistence, eviction), forgetting never lets a burst 
 provider's window still remembers. It costs one refill interval (Graph: 62 ms) on the first
 request to a mailbox idle for longer than its window.
 
-A ``Lease`` holds one concurrency slot until released or until it expires (``lease_ttl_s``), so
-a crashed worker's slot frees itself; provider request timeouts must stay below the lease TTL.
+A ``Lease`` holds one concurrency slot (or ``slots`` of them: a Graph ``$batch`` to one mailbox
+has up to 4 of its items served at once, and each counts against the mailbox's concurrency)
+until released or until it expires (``lease_ttl_s``), so a crashed worker's slots free
+themselves; provider request timeouts must stay below the lease TTL.
 ``acquire`` never waits: it grants or answers how long to wait, so one worker can serve other
 mailboxes meanwhile. ``acquire_wait`` is the simple loop for callers with nothing else to do.
 """
@@ -68,7 +70,7 @@ _FLOAT_SLACK_S = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """One granted concurrency slot (and the tokens taken with it).
+    """Granted concurrency slots (and the tokens taken with them).
 
     Times are on the limiter's clock (Redis server time for ``RedisRateLimiter``), so compare
     them only with each other.
@@ -78,16 +80,25 @@ class Lease:
     id: str
     granted_at_s: float
     expires_at_s: float
+    slots: int = 1
+
+    @property
+    def slot_ids(self) -> list[str]:
+        """One id per held slot: the lease id, then ``<id>#1``, ``<id>#2``, …"""
+        return [self.id] + [f"{self.id}#{i}" for i in range(1, self.slots)]
 
 
 class RateLimiter(Protocol):
     """What the queue needs from a limiter; the in-process and Redis ones behave the same."""
 
-    async def acquire(self, mailbox: str, limit: RateLimit, n: int = 1) -> Lease | float:
-        """Takes ``n`` tokens and one slot together, or nothing and answers seconds to wait.
+    async def acquire(
+        self, mailbox: str, limit: RateLimit, n: int = 1, slots: int = 1
+    ) -> Lease | float:
+        """Takes ``n`` tokens and ``slots`` slots together, or nothing and answers seconds to
+        wait.
 
         Refused while the mailbox is paused. ``n`` (e.g. the size of a batch) must not exceed
-        ``limit.capacity``.
+        ``limit.capacity``, nor ``slots`` ``limit.concurrency``.
         """
         ...
 
@@ -116,9 +127,11 @@ async def acquire_wait(limiter: RateLimiter, mailbox: str, limit: RateLimit, n: 
         await asyncio.sleep(granted)
 
 
-def _check_n(limit: RateLimit, n: int) -> None:
+def _check_n(limit: RateLimit, n: int, slots: int = 1) -> None:
     if not 1 <= n <= limit.capacity:
         raise ValueError(f"cannot take {n} tokens at once from a bucket of {limit.capacity}")
+    if not 1 <= slots <= limit.concurrency:
+        raise ValueError(f"cannot take {slots} slots of a concurrency of {limit.concurrency}")
 
 
 @dataclass(slots=True)
@@ -159,8 +172,10 @@ class MemoryRateLimiter:
         s = self._state
         return len(s.buckets.keys() | s.leases.keys() | s.paused_until_s.keys())
 
-    async def acquire(self, mailbox: str, limit: RateLimit, n: int = 1) -> Lease | float:
-        _check_n(limit, n)
+    async def acquire(
+        self, mailbox: str, limit: RateLimit, n: int = 1, slots: int = 1
+    ) -> Lease | float:
+        _check_n(limit, n, slots)
         now = self._clock()
         self._sweep(now)
         interval = 1.0 / limit.refill_per_s
@@ -174,21 +189,23 @@ class MemoryRateLimiter:
         wait = max(wait, new_tat - now - limit.capacity * interval)
 
         leases = self._live_leases(mailbox, now)
-        if len(leases) >= limit.concurrency:
+        if len(leases) + slots > limit.concurrency:
             wait = max(wait, min(min(leases.values()) - now, self._slot_retry_s))
         if wait > _FLOAT_SLACK_S:
             return wait
 
         bucket.tat_s, bucket.forget_at_s = new_tat, new_tat + limit.per_s
-        lease = Lease(mailbox, uuid.uuid4().hex, now, now + self._lease_ttl_s)
-        leases[lease.id] = lease.expires_at_s
+        lease = Lease(mailbox, uuid.uuid4().hex, now, now + self._lease_ttl_s, slots)
+        for slot_id in lease.slot_ids:
+            leases[slot_id] = lease.expires_at_s
         self._state.leases[mailbox] = leases
         return lease
 
     async def release(self, lease: Lease) -> None:
         held = self._state.leases.get(lease.mailbox)
         if held is not None:
-            held.pop(lease.id, None)
+            for slot_id in lease.slot_ids:
+                held.pop(slot_id, None)
 
     async def pause(self, mailbox: str, seconds: float) -> None:
         if seconds <= 0:
@@ -218,7 +235,8 @@ class MemoryRateLimiter:
 
 
 # KEYS: rate, concurrency, pause.  ARGV: n, capacity, interval_us, concurrency, lease_ttl_us,
-# lease_id, forget_us (how long a bucket is remembered once full), slot_retry_us.
+# lease_id, forget_us (how long a bucket is remembered once full), slot_retry_us, slots (the
+# first slot's member is lease_id, the others lease_id#1, lease_id#2, …).
 # Times are integer microseconds of the server's clock, exact in Lua's doubles; the stored tat
 # is rounded up, which only ever leaves fewer tokens.
 # Replies {1, granted_at_us, expires_at_us} or {0, wait_us}.
@@ -228,6 +246,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n, capacity, interval = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local concurrency, lease_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local forget, slot_retry = tonumber(ARGV[7]), tonumber(ARGV[8])
+local slots = tonumber(ARGV[9])
 
 local function remember(tat)
   tat = math.ceil(tat)
@@ -245,7 +264,7 @@ local new_tat = math.max(tat, now) + n * interval
 wait = math.max(wait, new_tat - now - capacity * interval)
 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= concurrency then
+if redis.call('ZCARD', KEYS[2]) + slots > concurrency then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   wait = math.max(wait, math.min(tonumber(first[2]) - now, slot_retry))
 end
@@ -254,6 +273,9 @@ if wait > 0 then return {0, math.ceil(wait)} end
 remember(new_tat)
 local expires = now + lease_ttl
 redis.call('ZADD', KEYS[2], string.format('%d', expires), ARGV[6])
+for i = 1, slots - 1 do
+  redis.call('ZADD', KEYS[2], string.format('%d', expires), ARGV[6] .. '#' .. i)
+end
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', KEYS[2], math.ceil((tonumber(last[2]) - now) / 1000))
 return {1, now, expires}
@@ -328,8 +350,10 @@ class RedisRateLimiter:
         if self._owns_client:
             await self._client.aclose()
 
-    async def acquire(self, mailbox: str, limit: RateLimit, n: int = 1) -> Lease | float:
-        _check_n(limit, n)
+    async def acquire(
+        self, mailbox: str, limit: RateLimit, n: int = 1, slots: int = 1
+    ) -> Lease | float:
+        _check_n(limit, n, slots)
         lease_id = uuid.uuid4().hex
         keys_ = [keys.rate_key(mailbox), keys.concurrency_key(mailbox), keys.pause_key(mailbox)]
         args: list[str | int] = [
@@ -341,18 +365,19 @@ class RedisRateLimiter:
             lease_id,
             math.ceil(limit.per_s * _US_PER_S),
             self._slot_retry_us,
+            slots,
         ]
         with _redis_errors("acquire"):
             reply = await self._acquire(keys=keys_, args=args)
         if reply[0] == 0:
             return int(reply[1]) / _US_PER_S
-        return Lease(mailbox, lease_id, int(reply[1]) / _US_PER_S, int(reply[2]) / _US_PER_S)
+        return Lease(mailbox, lease_id, int(reply[1]) / _US_PER_S, int(reply[2]) / _US_PER_S, slots)
 
     async def release(self, lease: Lease) -> None:
         """Frees the slot. If Redis is unreachable this raises ``Transient``: retry the release
         later, or the slot stays taken until the lease expires."""
         with _redis_errors("release"):
-            await self._client.zrem(keys.concurrency_key(lease.mailbox), lease.id)
+            await self._client.zrem(keys.concurrency_key(lease.mailbox), *lease.slot_ids)
 
     async def pause(self, mailbox: str, seconds: float) -> None:
         if seconds <= 0:

@@ -6,11 +6,15 @@ Shape of one worker process:
   mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once;
 - a cycle claims small chunks of that mailbox's operations, interactive lane first, runs up to
   the mailbox's concurrency at once through the limiter, and ends after ``CYCLE_MAX_OPS`` so
-  that no mailbox holds a task slot for long; each cycle is recorded (``sync_cycles``).
+  that no mailbox holds a task slot for long; each cycle is recorded (``sync_cycles``);
+- creates of one chunk go through the provider's batch endpoint (Graph ``$batch``, Google
+  batch) when it has one: one grant of ``n`` tokens, and as many concurrency slots as the
+  provider serves items of one batch at once.
 
 Claims are leases (``state='running'`` with ``not_before`` = lease end): a crashed worker's
 operations become claimable again when the lease ends. The embedded default is one process, so
-it frees every lease at start-up. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED``.
+it frees every lease at start-up. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED`` and
+lock the ledger rows too, so two workers never work on one ledger row at once.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import Row, and_, case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from syncsvc import errors
 from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
-from syncsvc.providers.base import CalendarProvider, EventRef, EventSpec
-from syncsvc.queue.ratelimit import Lease, RateLimiter
+from syncsvc.metrics import SYNC_OPERATIONS
+from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
+from syncsvc.queue.outbox import chunks
+from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Decision, decide, spec_for
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
@@ -48,6 +55,12 @@ BACKOFF_MAX_S = 600.0
 #: Google's throttling answers carry no Retry-After: back off from this, doubling per streak.
 THROTTLE_BASE_S = 1.0
 LANE_INTERACTIVE = "interactive"
+#: An operation waits in the process for a grant at most this long (a long pause, a busy
+#: mailbox); then it goes back to the queue, so its claim never runs out while it waits.
+HOLD_MAX_S = 10.0
+#: A limiter that cannot be reached when a lease ends is asked again this often, until the
+#: lease would have expired anyway.
+RELEASE_RETRY_S = 0.5
 FALLBACK_LIMIT = RateLimit(10, 1.0, 1)
 
 ProviderFactory = Callable[[User], Awaitable[CalendarProvider]]
@@ -90,6 +103,17 @@ class _Claimed:
     kind: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A claimed ledger operation with the fresh data its decision was taken on."""
+
+    claimed: _Claimed
+    ledger: ExternalEvent
+    decision: Decision
+    spec: EventSpec
+    provider: CalendarProvider
+
+
 class Worker:
     def __init__(
         self,
@@ -110,6 +134,9 @@ class Worker:
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
         self._active: dict[str, asyncio.Task[None]] = {}
         self._throttle_streak: dict[str, int] = {}
+        #: Creates per batched call last seen for a mailbox: sizes its next claims.
+        self._batch_size: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.embedded:
@@ -124,7 +151,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_S)
         finally:
-            tasks = list(self._active.values())
+            tasks = [*self._active.values(), *self._background]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -153,7 +180,8 @@ class Worker:
                 .group_by(Operation.mailbox)
                 .order_by(
                     # mailboxes with interactive work first, then the longest waiting
-                    case((Operation.lane == LANE_INTERACTIVE, 0), else_=1).label("l"),
+                    func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1)),
+                    func.min(Operation.not_before),
                 )
                 .limit(MAX_MAILBOX_TASKS * 2)
             )
@@ -181,6 +209,8 @@ class Worker:
             query = query.with_for_update(skip_locked=True)
         async with self.db.session() as s, s.begin():
             rows = (await s.execute(query)).all()
+            if self.db.dialect == "postgresql":
+                rows = await _free_ledgers_only(s, rows, now)
             seen: set[int] = set()
             claimed: list[_Claimed] = []
             for op_id, ledger_id, kind in rows:
@@ -218,16 +248,13 @@ class Worker:
         started = time.monotonic()
         try:
             while not stop.is_set() and stats.done + stats.failed < CYCLE_MAX_OPS:
-                claimed = await self._claim(mailbox, max(limit.concurrency * 2, 4))
+                # Small chunks, claimed interactive first: a single change waits for at most
+                # one chunk of bulk work, never for a whole cycle.
+                size = max(limit.concurrency * 2, 4, self._batch_size.get(mailbox, 1) * 2)
+                claimed = await self._claim(mailbox, size)
                 if not claimed:
                     break
-                sem = asyncio.Semaphore(limit.concurrency)
-
-                async def run_one(c: _Claimed, sem: asyncio.Semaphore = sem) -> None:
-                    async with sem:
-                        await self._run_op(mailbox, limit, c, stats, stop)
-
-                await asyncio.gather(*(run_one(c) for c in claimed))
+                await self._run_chunk(mailbox, limit, claimed, stats, stop)
         except Exception:
             # A bug must not end the worker silently: log it; the leases expire and retry.
             log.exception("sync.cycle.crashed mailbox=%s", mailbox)
@@ -244,6 +271,13 @@ class Worker:
                 )
 
     async def _record_cycle(self, stats: CycleStats) -> None:
+        for outcome, count in (
+            ("done", stats.done),
+            ("failed", stats.failed),
+            ("throttled", stats.throttled),
+        ):
+            if count:
+                SYNC_OPERATIONS.labels(stats.provider, outcome).inc(count)
         async with self.db.session() as s, s.begin():
             s.add(
                 SyncCycle(
@@ -257,64 +291,197 @@ class Worker:
                 )
             )
 
-    async def _acquire(self, mailbox: str, limit: RateLimit, stop: asyncio.Event) -> Lease | None:
+    async def _run_chunk(
+        self,
+        mailbox: str,
+        limit: RateLimit,
+        claimed: Sequence[_Claimed],
+        stats: CycleStats,
+        stop: asyncio.Event,
+    ) -> None:
+        """Runs one claimed chunk: creates in batched calls where the provider has them, the
+        rest one call each, at most ``limit.concurrency`` calls at once."""
+        work: list[Awaitable[None]] = []
+        creates: dict[int, list[_Job]] = {}
+        for c in claimed:
+            if c.ledger_id is None:
+                work.append(self._run_task(mailbox, limit, c, stats, stop))
+                continue
+            job = await self._prepare(mailbox, c, stats)
+            if job is None:
+                continue
+            if job.decision.action == "create" and job.provider.batch_max > 1:
+                creates.setdefault(id(job.provider), []).append(job)
+            else:
+                work.append(self._run_one(mailbox, limit, job, stats, stop))
+        for jobs in creates.values():
+            size = max(1, min(jobs[0].provider.batch_max, limit.capacity))
+            self._batch_size[mailbox] = size
+            for start in range(0, len(jobs), size):
+                group = jobs[start : start + size]
+                if len(group) == 1:
+                    work.append(self._run_one(mailbox, limit, group[0], stats, stop))
+                else:
+                    work.append(self._run_batch(mailbox, limit, group, stats, stop))
+        sem = asyncio.Semaphore(limit.concurrency)
+
+        async def guarded(one: Awaitable[None]) -> None:
+            async with sem:
+                await one
+
+        await asyncio.gather(*(guarded(one) for one in work))
+
+    async def _prepare(self, mailbox: str, claimed: _Claimed, stats: CycleStats) -> _Job | None:
+        """Loads the ledger row and decides on fresh data; ``None`` when nothing is left to do."""
+        assert claimed.ledger_id is not None
+        loaded = await self._load(claimed.ledger_id)
+        if loaded is None:
+            await self._finish_op(claimed.op_id)
+            return None
+        ledger, activity, user, batch_deleting = loaded
+        decision = decide(ledger, activity, batch_deleting)
+        try:
+            provider = await self.providers(user)
+        except errors.ProviderError as exc:
+            log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, claimed.op_id, exc)
+            await self._give_up(claimed.op_id, ledger.id, f"{exc.code}: {exc}")
+            stats.failed += 1
+            return None
+        return _Job(claimed, ledger, decision, spec_for(activity, user), provider)
+
+    async def _acquire(
+        self, mailbox: str, limit: RateLimit, stop: asyncio.Event, n: int = 1, slots: int = 1
+    ) -> Lease | float:
+        """A lease, or the seconds after which to requeue the operation instead: when the
+        mailbox is paused for long, the wait has lasted ``HOLD_MAX_S``, or we are stopping."""
+        give_back_at = time.monotonic() + HOLD_MAX_S
         while not stop.is_set():
             try:
-                got = await self.limiter.acquire(mailbox, limit)
+                got = await self.limiter.acquire(mailbox, limit, n, slots)
             except errors.Transient as exc:
                 log.warning("sync.limiter.unavailable mailbox=%s error=%s", mailbox, exc)
                 got = exc.retry_after_s or 0.5
             if isinstance(got, Lease):
                 return got
+            if got > HOLD_MAX_S or time.monotonic() + got > give_back_at:
+                return got
             await asyncio.sleep(min(max(got, 0.005), 1.0))
-        return None
+        return 0.0
 
-    async def _run_op(
+    async def _release(self, lease: Lease) -> None:
+        """Frees the lease's slots. An unreachable limiter (Redis restarting) must not cost the
+        outcome in hand: the release is retried in the background, and the slots expire anyway."""
+        try:
+            await self.limiter.release(lease)
+        except errors.Transient:
+            task = asyncio.create_task(self._release_later(lease))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release_later(self, lease: Lease) -> None:
+        deadline = time.monotonic() + LEASE_TTL_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_RETRY_S)
+            try:
+                await self.limiter.release(lease)
+            except errors.Transient:
+                continue
+            return
+
+    async def _pause(self, mailbox: str, seconds: float) -> None:
+        """Honours Retry-After in the shared limiter; if it cannot be reached, the requeued
+        operations still wait out ``seconds`` (their ``not_before``)."""
+        try:
+            await self.limiter.pause(mailbox, seconds)
+        except errors.Transient as exc:
+            log.warning("sync.limiter.unavailable mailbox=%s error=%s", mailbox, exc)
+
+    async def _run_one(
+        self, mailbox: str, limit: RateLimit, job: _Job, stats: CycleStats, stop: asyncio.Event
+    ) -> None:
+        got = await self._acquire(mailbox, limit, stop)
+        if not isinstance(got, Lease):
+            await self._requeue([job.claimed.op_id], got, count_attempt=False)
+            return
+        try:
+            ref = await self._execute(job.provider, job.decision, job.ledger, job.spec)
+        except (errors.ProviderError, OSError, TimeoutError) as exc:
+            await self._record_errors(mailbox, [(job, _as_provider_error(exc))], stats)
+            return
+        finally:
+            await self._release(got)
+        self._throttle_streak.pop(mailbox, None)
+        await self._succeeded(job.claimed.op_id, job.ledger, job.decision, ref)
+        stats.done += 1
+
+    async def _run_batch(
         self,
         mailbox: str,
         limit: RateLimit,
-        claimed: _Claimed,
+        jobs: Sequence[_Job],
         stats: CycleStats,
         stop: asyncio.Event,
     ) -> None:
-        if claimed.ledger_id is None:
-            await self._run_task(mailbox, limit, claimed, stats, stop)
-            return
-        loaded = await self._load(claimed.ledger_id)
-        if loaded is None:
-            await self._finish_op(claimed.op_id)
-            return
-        ledger, activity, user, batch_deleting = loaded
-        decision = decide(ledger, activity, batch_deleting)
-        lease = await self._acquire(mailbox, limit, stop)
-        if lease is None:
-            await self._requeue(claimed.op_id, 0.0, count_attempt=False)
+        """Creates ``jobs`` in one batched call: ``n`` tokens, and a slot per item the provider
+        serves at once (Graph: items to one mailbox count against its concurrency)."""
+        n = len(jobs)
+        got = await self._acquire(mailbox, limit, stop, n, min(n, limit.concurrency))
+        if not isinstance(got, Lease):
+            await self._requeue([j.claimed.op_id for j in jobs], got, count_attempt=False)
             return
         try:
-            provider = await self.providers(user)
-            ref = await self._execute(provider, decision, ledger, spec_for(activity, user))
-        except errors.Throttled as exc:
-            stats.throttled += 1
-            await self._throttled(mailbox, claimed.op_id, exc.retry_after_s)
-            return
-        except (errors.Transient, OSError, TimeoutError) as exc:
-            stats.throttled += isinstance(exc, errors.Transient) and exc.retry_after_s is not None
-            retry_after = exc.retry_after_s if isinstance(exc, errors.Transient) else None
-            if retry_after:
-                await self.limiter.pause(mailbox, retry_after)
-            gave_up = await self._failed_attempt(claimed.op_id, ledger.id, str(exc), retry_after)
-            stats.failed += gave_up
-            return
-        except errors.ProviderError as exc:
-            log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, claimed.op_id, exc)
-            await self._give_up(claimed.op_id, ledger.id, f"{exc.code}: {exc}")
-            stats.failed += 1
-            return
+            results: Sequence[BatchResult] = await jobs[0].provider.create_many(
+                [j.spec for j in jobs]
+            )
+        except (errors.ProviderError, OSError, TimeoutError) as exc:
+            error = _as_provider_error(exc)
+            results = [BatchResult(j.spec.key, error=error) for j in jobs]
         finally:
-            await self.limiter.release(lease)
-        self._throttle_streak.pop(mailbox, None)
-        await self._succeeded(claimed.op_id, ledger, decision, ref)
-        stats.done += 1
+            await self._release(got)
+        failures: list[tuple[_Job, errors.ProviderError]] = []
+        for index, job in enumerate(jobs):
+            result = results[index] if index < len(results) else None
+            if result is not None and result.ref is not None and result.error is None:
+                await self._succeeded(job.claimed.op_id, job.ledger, job.decision, result.ref)
+                stats.done += 1
+            else:
+                item_error = result.error if result is not None else None
+                failures.append((job, item_error or errors.Transient("batch item not answered")))
+        if len(failures) < n:
+            self._throttle_streak.pop(mailbox, None)
+        await self._record_errors(mailbox, failures, stats)
+
+    async def _record_errors(
+        self,
+        mailbox: str,
+        failures: Sequence[tuple[_Job, errors.ProviderError]],
+        stats: CycleStats,
+    ) -> None:
+        """Throttling pauses the mailbox and uses no attempt (one pause for the whole lot);
+        transient errors use an attempt; anything else gives up (api-contract.md)."""
+        throttled = [(j, e) for j, e in failures if isinstance(e, errors.Throttled)]
+        if throttled:
+            stats.throttled += len(throttled)
+            waits = [e.retry_after_s for _, e in throttled if isinstance(e, errors.Throttled)]
+            known = [w for w in waits if w is not None]
+            await self._throttled(
+                mailbox, [j.claimed.op_id for j, _ in throttled], max(known) if known else None
+            )
+        for job, exc in failures:
+            if isinstance(exc, errors.Throttled):
+                continue
+            if isinstance(exc, errors.Transient):
+                retry_after = exc.retry_after_s
+                if retry_after:
+                    stats.throttled += 1
+                    await self._pause(mailbox, retry_after)
+                stats.failed += await self._failed_attempt(
+                    job.claimed.op_id, job.ledger.id, str(exc), retry_after
+                )
+                continue
+            log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, job.claimed.op_id, exc)
+            await self._give_up(job.claimed.op_id, job.ledger.id, f"{exc.code}: {exc}")
+            stats.failed += 1
 
     async def _run_task(
         self,
@@ -335,15 +502,15 @@ class Worker:
             op = await s.get(Operation, claimed.op_id)
         if op is None:
             return
-        lease = await self._acquire(mailbox, limit, stop)
-        if lease is None:
-            await self._requeue(claimed.op_id, 0.0, count_attempt=False)
+        got = await self._acquire(mailbox, limit, stop)
+        if not isinstance(got, Lease):
+            await self._requeue([claimed.op_id], got, count_attempt=False)
             return
         try:
             await handler(TaskContext(self.settings, self.db, self.providers), op)
         except errors.Throttled as exc:
             stats.throttled += 1
-            await self._throttled(mailbox, claimed.op_id, exc.retry_after_s)
+            await self._throttled(mailbox, [claimed.op_id], exc.retry_after_s)
             return
         except (errors.Transient, OSError, TimeoutError) as exc:
             retry_after = exc.retry_after_s if isinstance(exc, errors.Transient) else None
@@ -354,7 +521,7 @@ class Worker:
             stats.failed += 1
             return
         finally:
-            await self.limiter.release(lease)
+            await self._release(got)
         await self._finish_op(claimed.op_id)
         stats.done += 1
 
@@ -437,7 +604,7 @@ class Worker:
         async with self.db.session() as s, s.begin():
             await s.execute(update(Operation).where(Operation.id == op_id).values(state="done"))
 
-    async def _requeue(self, op_id: int, delay_s: float, *, count_attempt: bool) -> None:
+    async def _requeue(self, op_ids: Sequence[int], delay_s: float, *, count_attempt: bool) -> None:
         values: dict[str, object] = {
             "state": "pending",
             "not_before": utcnow() + timedelta(seconds=delay_s),
@@ -445,17 +612,19 @@ class Worker:
         if count_attempt:
             values["attempts"] = Operation.attempts + 1
         async with self.db.session() as s, s.begin():
-            await s.execute(update(Operation).where(Operation.id == op_id).values(**values))
+            await s.execute(update(Operation).where(Operation.id.in_(op_ids)).values(**values))
 
-    async def _throttled(self, mailbox: str, op_id: int, retry_after_s: float | None) -> None:
-        """A throttled operation used none of its attempts; the whole mailbox pauses."""
+    async def _throttled(
+        self, mailbox: str, op_ids: Sequence[int], retry_after_s: float | None
+    ) -> None:
+        """Throttled operations use none of their attempts; the whole mailbox pauses."""
         streak = self._throttle_streak.get(mailbox, 0) + 1
         self._throttle_streak[mailbox] = streak
         wait = retry_after_s
         if wait is None:
             wait = min(THROTTLE_BASE_S * 2 ** (streak - 1), 64.0) * (1 + random.random() / 2)
-        await self.limiter.pause(mailbox, wait)
-        await self._requeue(op_id, wait, count_attempt=False)
+        await self._pause(mailbox, wait)
+        await self._requeue(op_ids, wait, count_attempt=False)
 
     async def _failed_attempt(
         self, op_id: int, ledger_id: int | None, error: str, retry_after_s: float | None
@@ -501,20 +670,89 @@ class Worker:
 
 async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
     """Operator retry: dead operations (all, or the given ones) go back to pending with fresh
-    attempts; their ledger rows return to the state the operation works towards."""
+    attempts; their failed ledger rows return to the state they work towards, judged on the
+    activity and batch as they are now (a batch deleted since the failure wants a delete)."""
+    query = select(Operation.id, Operation.ledger_id).where(Operation.state == "dead")
     async with db.session() as s, s.begin():
-        query = select(Operation).where(Operation.state == "dead")
-        if op_ids is not None:
-            query = query.where(Operation.id.in_(list(op_ids)))
-        ops = (await s.execute(query)).scalars().all()
-        for op in ops:
-            op.state, op.attempts, op.not_before = "pending", 0, utcnow()
-            if op.ledger_id is not None:
-                ledger = await s.get(ExternalEvent, op.ledger_id)
-                if ledger is not None and ledger.state == "failed":
-                    ledger.state = (
-                        "pending_delete"
-                        if op.kind == "delete"
-                        else ("pending_update" if ledger.event_id else "pending_create")
-                    )
-        return len(ops)
+        if op_ids is None:
+            rows = list((await s.execute(query)).tuples())
+        else:
+            wanted = sorted(set(op_ids))
+            rows = []
+            for chunk in chunks(wanted):
+                rows.extend((await s.execute(query.where(Operation.id.in_(chunk)))).tuples())
+        ledger_ids = sorted({ledger for _, ledger in rows if ledger is not None})
+        target: dict[str, list[int]] = {}
+        for chunk in chunks(ledger_ids):
+            failed = await s.execute(
+                select(ExternalEvent.id, ExternalEvent.event_id, Activity.deleted, Batch.state)
+                .join(Activity, Activity.id == ExternalEvent.activity_id)
+                .outerjoin(Batch, Batch.id == Activity.batch_id)
+                .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
+            )
+            for ledger_id, event_id, deleted, batch_state in failed:
+                if deleted or batch_state in ("deleting", "deleted"):
+                    state = "pending_delete"
+                else:
+                    state = "pending_update" if event_id else "pending_create"
+                target.setdefault(state, []).append(ledger_id)
+        for state, ids in target.items():
+            for chunk in chunks(ids):
+                await s.execute(
+                    update(ExternalEvent)
+                    .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
+                    .values(state=state, attempts=0)
+                )
+        now = utcnow()
+        for chunk in chunks([op_id for op_id, _ in rows]):
+            await s.execute(
+                update(Operation)
+                .where(Operation.id.in_(chunk), Operation.state == "dead")
+                .values(state="pending", attempts=0, not_before=now)
+            )
+        return len(rows)
+
+
+def _as_provider_error(exc: BaseException) -> errors.ProviderError:
+    """Network trouble outside an adapter's own translation is a transient provider error."""
+    if isinstance(exc, errors.ProviderError):
+        return exc
+    error = errors.Transient(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+async def _free_ledgers_only(
+    s: AsyncSession, rows: Sequence[Row[int, int | None, str]], now: datetime
+) -> Sequence[Row[int, int | None, str]]:
+    """Keeps the claimed rows whose ledger row no other worker is working on.
+
+    ``SKIP LOCKED`` keeps two workers from claiming one *operation*, not two operations of one
+    ledger row (a create and the delete that followed it). Locking the ledger rows, then
+    looking again for running operations (a new statement sees every claim committed by then),
+    closes that gap: a concurrent claimer either holds the row (we skip it) or has committed.
+    """
+    ledger_ids = sorted({r[1] for r in rows if r[1] is not None})
+    if not ledger_ids:
+        return rows
+    locked = set(
+        (
+            await s.execute(
+                select(ExternalEvent.id)
+                .where(ExternalEvent.id.in_(ledger_ids))
+                .with_for_update(skip_locked=True)
+            )
+        ).scalars()
+    )
+    busy = set(
+        (
+            await s.execute(
+                select(Operation.ledger_id).where(
+                    Operation.ledger_id.in_(sorted(locked)),
+                    Operation.state == "running",
+                    Operation.not_before > now,
+                )
+            )
+        ).scalars()
+    )
+    return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
