@@ -13,17 +13,22 @@ from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
+from syncsvc.service import google_push
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 
 #: Handlers of ledger-less operations, by ``Operation.kind``. A handler receives the operation
 #: (``payload``, ``tenant_id``, ``mailbox``) and raises ``syncsvc.errors`` to ask for a retry
 #: (``Throttled``, ``Transient``) or to give up (any other ``SyncSvcError``).
-TASK_HANDLERS: Mapping[str, TaskHandler] = {}
+TASK_HANDLERS: Mapping[str, TaskHandler] = {
+    google_push.GOOGLE_SYNC: google_push.google_sync,
+    google_push.GOOGLE_CHANNELS: google_push.google_channels,
+}
 
 
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    """The sync workers and the scheduler of saved batches, until ``stop`` is set.
+    """The sync workers, the scheduler of saved batches and the Google channel checks, until
+    ``stop`` is set.
 
     The limiter is Redis when configured (shared by every process), else this process's own.
     """
@@ -45,6 +50,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         async with asyncio.TaskGroup() as group:  # one failing cancels the other
             group.create_task(worker.run(stop))
             group.create_task(run_scheduler(settings, db, stop))
+            group.create_task(google_push.run_channel_checks(db, stop))
     finally:
         await registry.aclose()
         if isinstance(limiter, RedisRateLimiter):

@@ -1,0 +1,476 @@
+"""Google push channels and incremental sync: what happens after Google says "something changed".
+
+The flow, per Google calendar of a user whose connection is ``google``:
+
+1. **Channels.** ``google_channels`` (one operation per tenant, queued every
+   ``CHANNELS_CHECK_S`` by :func:`run_channel_checks`) gives every such calendar one open
+   channel: it stores the subscription row (channel id, a fresh secret token) *before* calling
+   ``events.watch``, because Google's ``sync`` message may arrive before the call returns. A
+   channel that ends within ``RENEW_BEFORE_S`` is renewed — new channel first, then
+   ``channels.stop`` on the old one, so no change falls between them — and a channel whose user
+   is gone, switched provider or calendar is stopped and forgotten. When the credentials to stop
+   it are gone with the connection, the channel simply runs out (Google ends it at its
+   expiration) and the webhook refuses its messages, since its row no longer exists.
+2. **Notifications** (``POST /webhooks/google``, :func:`record_notification`): the channel must
+   be known and its token match (constant time); ``sync`` is acknowledged and nothing else;
+   ``exists`` / ``not_exists`` store one ``google_sync`` operation for the calendar unless one
+   is already waiting. No provider call happens in the request.
+3. **Sync** (``google_sync``, :func:`google_sync`): ``events.list`` from the stored sync token;
+   changed and cancelled events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
+   for :func:`~syncsvc.service.changes.apply_external_changes`, which decides what was the
+   user's doing and reports it to the CRM; the new token is stored. A ``410`` drops the token
+   and lists everything again: events we wrote and nobody touched carry the etag we recorded,
+   so the full list reports no spurious edits. When an ``outOfOffice`` event changed (or after a
+   full list) the user's days off are read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from syncsvc.config import Settings
+from syncsvc.errors import (
+    ErrorDetail,
+    Forbidden,
+    Permanent,
+    ProviderError,
+    Throttled,
+    Transient,
+)
+from syncsvc.providers.google import ChangeSet, FullSyncRequired, GoogleProvider
+from syncsvc.queue.outbox import calendar_of
+from syncsvc.queue.worker import TaskContext
+from syncsvc.service.changes import ExternalChange, apply_external_changes
+from syncsvc.store.crypto import hash_token
+from syncsvc.store.db import Database
+from syncsvc.store.models import Operation, Subscription, Tenant, User
+from syncsvc.store.types import utcnow
+
+log = logging.getLogger("syncsvc.google_push")
+
+PROVIDER = "google"
+GOOGLE_SYNC = "google_sync"
+GOOGLE_CHANNELS = "google_channels"
+WEBHOOK_PATH = "/webhooks/google"
+#: Lifetime asked for a new channel; Google may grant less (it caps channels at about a month).
+CHANNEL_TTL_S = 7 * 24 * 3600
+#: A channel ending sooner than this is replaced by the next check.
+RENEW_BEFORE_S = 24 * 3600
+#: How often each tenant's channels are checked; well inside ``RENEW_BEFORE_S``.
+CHANNELS_CHECK_S = 15 * 60
+#: Days off are read this far ahead of the user's today.
+DAYS_OFF_AHEAD_DAYS = 365
+OUT_OF_OFFICE = "outOfOffice"
+#: Bytes of randomness in a channel token (Google allows 256 characters).
+CHANNEL_TOKEN_BYTES = 32
+
+State = Literal["sync", "exists", "not_exists"]
+STATES: frozenset[str] = frozenset({"sync", "exists", "not_exists"})
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """The headers of one Google push message (its body is empty)."""
+
+    channel_id: str
+    token: str
+    resource_id: str
+    state: str
+    message_number: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a notification led to: ``sync`` (acknowledged only), ``queued`` (a sync operation
+    was stored) or ``pending`` (one was already waiting)."""
+
+    outcome: Literal["sync", "queued", "pending"]
+    mailbox: str
+
+
+def webhook_address(settings: Settings) -> str:
+    return settings.public_base_url.rstrip("/") + WEBHOOK_PATH
+
+
+def _rejected(reason: str, channel_id: str) -> Forbidden:
+    """Unknown channel and wrong token get the same answer, so probing learns nothing."""
+    log.warning("event=webhook.google.rejected reason=%s channel=%s", reason, channel_id[:64])
+    return Forbidden(
+        "the notification does not belong to a known channel",
+        [ErrorDetail(("header", "X-Goog-Channel-Token"), "unknown channel or wrong token")],
+    )
+
+
+async def record_notification(db: Database, note: Notification) -> Recorded:
+    """Verifies a push message and, for a change, stores one sync operation for its calendar.
+
+    One indexed read and at most one insert: the answer goes back to Google in milliseconds.
+    """
+    if note.state not in STATES:
+        raise _rejected("unknown_state", note.channel_id)
+    async with db.session() as s, s.begin():
+        sub = (
+            await s.execute(
+                select(Subscription).where(
+                    Subscription.provider == PROVIDER,
+                    Subscription.external_id == note.channel_id,
+                )
+            )
+        ).scalar_one_or_none()
+        if sub is None:
+            raise _rejected("unknown_channel", note.channel_id)
+        if not hmac.compare_digest(sub.client_state, hash_token(note.token)):
+            raise _rejected("wrong_token", note.channel_id)
+        if sub.resource_id and note.resource_id and sub.resource_id != note.resource_id:
+            raise _rejected("wrong_resource", note.channel_id)
+        mailbox = f"{PROVIDER}:{sub.calendar}"
+        if note.state == "sync":
+            return Recorded("sync", mailbox)
+        waiting = (
+            await s.execute(
+                select(Operation.id)
+                .where(
+                    Operation.mailbox == mailbox,
+                    Operation.kind == GOOGLE_SYNC,
+                    Operation.state == "pending",
+                )
+                .limit(1)
+            )
+        ).first()
+        if waiting is not None:
+            return Recorded("pending", mailbox)
+        s.add(_sync_operation(sub.tenant_id, mailbox, sub.id))
+    return Recorded("queued", mailbox)
+
+
+def _sync_operation(tenant_id: str, mailbox: str, subscription_id: int) -> Operation:
+    now = utcnow()
+    return Operation(
+        tenant_id=tenant_id,
+        kind=GOOGLE_SYNC,
+        mailbox=mailbox,
+        lane="interactive",
+        state="pending",
+        attempts=0,
+        not_before=now,
+        payload={"subscription_id": subscription_id},
+    )
+
+
+# --- google_sync ----------------------------------------------------------------------------
+
+
+async def _google_provider(ctx: TaskContext, user: User) -> GoogleProvider:
+    provider = await ctx.providers(user)
+    if not isinstance(provider, GoogleProvider):
+        raise Permanent(f"user {user.id}'s calendar is not a Google calendar")
+    return provider
+
+
+async def google_sync(ctx: TaskContext, op: Operation) -> None:
+    """Task handler: applies what changed in one Google calendar since the stored token."""
+    async with ctx.db.session() as s:
+        sub = await s.get(Subscription, int(op.payload["subscription_id"]))
+        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
+    if sub is None or user is None or user.calendar_provider != PROVIDER:
+        return  # the channel was replaced or dropped meanwhile: nothing to follow any more
+    provider = await _google_provider(ctx, user)
+    try:
+        found = await provider.changes(sub.sync_token)
+    except FullSyncRequired:
+        log.info("event=google.sync.full reason=token_expired calendar=%s", sub.calendar)
+        found = await provider.changes(None)
+    changes = external_changes(sub.calendar, found)
+    applied = await apply_external_changes(ctx.db, changes) if changes else 0
+    if found.full or any(e.event_type == OUT_OF_OFFICE for e in found.events):
+        await refresh_days_off(ctx.db, user, provider)
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(
+            update(Subscription)
+            .where(Subscription.id == sub.id)
+            .values(sync_token=found.next_sync_token)
+        )
+    log.info(
+        "event=google.sync.done calendar=%s listed=%d applied=%d full=%s",
+        sub.calendar,
+        len(found.events),
+        applied,
+        found.full,
+    )
+
+
+def external_changes(calendar: str, found: ChangeSet) -> list[ExternalChange]:
+    """Our events (they carry our activity property) and every cancellation, which Google may
+    list without properties; the rest of the user's calendar is none of our business."""
+    return [
+        ExternalChange(
+            provider=PROVIDER,
+            calendar=calendar,
+            event_id=event.event_id,
+            deleted=event.cancelled,
+            start=None if event.cancelled else event.start,
+            end=None if event.cancelled else event.end,
+            subject=None if event.cancelled else event.subject,
+            etag=event.etag,
+        )
+        for event in found.events
+        if event.cancelled or event.activity_id is not None
+    ]
+
+
+async def refresh_days_off(db: Database, user: User, provider: GoogleProvider) -> None:
+    """Reads the user's out-of-office days from today (their zone) a year ahead."""
+    today = datetime.now(ZoneInfo(user.timezone)).date()
+    found = await provider.time_off(today, today + timedelta(days=DAYS_OFF_AHEAD_DAYS))
+    days = sorted(d.isoformat() for d in found.days)
+    async with db.session() as s, s.begin():
+        await s.execute(
+            update(User)
+            .where(User.tenant_id == user.tenant_id, User.id == user.id)
+            .values(provider_days_off=days)
+        )
+
+
+# --- google_channels ------------------------------------------------------------------------
+
+
+async def google_channels(ctx: TaskContext, op: Operation) -> None:
+    """Task handler: opens, renews and stops the tenant's Google channels (see the module doc).
+
+    Each calendar is handled on its own: one user's revoked credentials do not hold back the
+    others. A throttled or transient failure is raised after the rest are done, so the check
+    runs again later (it is idempotent).
+    """
+    retry: ProviderError | None = None
+    for user, subs in await _tenant_channels(ctx.db, op.tenant_id):
+        try:
+            await _reconcile_user(ctx, user, subs)
+        except (Throttled, Transient) as exc:
+            retry = retry or exc
+        except ProviderError as exc:
+            log.warning(
+                "event=google.channel.failed user=%s error=%s", user.id if user else "-", exc
+            )
+    if retry is not None:
+        raise retry
+
+
+async def _tenant_channels(
+    db: Database, tenant_id: str
+) -> list[tuple[User | None, list[Subscription]]]:
+    """Each Google user with their channels, then each channel whose user is gone."""
+    async with db.session() as s:
+        users = (
+            (
+                await s.execute(
+                    select(User).where(
+                        User.tenant_id == tenant_id, User.calendar_provider == PROVIDER
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        subs = (
+            (
+                await s.execute(
+                    select(Subscription)
+                    .where(Subscription.tenant_id == tenant_id, Subscription.provider == PROVIDER)
+                    .order_by(Subscription.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        orphans_users = {
+            sub.user_id: await s.get(User, (tenant_id, sub.user_id))
+            for sub in subs
+            if sub.user_id not in {u.id for u in users}
+        }
+    by_user: dict[str, list[Subscription]] = {u.id: [] for u in users}
+    orphans: list[tuple[User | None, list[Subscription]]] = []
+    for sub in subs:
+        if sub.user_id in by_user:
+            by_user[sub.user_id].append(sub)
+        else:
+            orphans.append((orphans_users.get(sub.user_id), [sub]))
+    return [(u, by_user[u.id]) for u in users] + orphans
+
+
+async def _reconcile_user(
+    ctx: TaskContext, user: User | None, subs: Sequence[Subscription]
+) -> None:
+    calendar = None if user is None else calendar_of(user)
+    wanted = (
+        calendar.calendar
+        if user is not None and user.calendar_provider == PROVIDER and calendar
+        else None
+    )
+    now = utcnow()
+    keep = [s for s in subs if s.calendar == wanted]
+    for sub in subs:
+        if sub not in keep:
+            await _close(ctx, user, sub, reason="connection_changed")
+    if wanted is None or user is None:
+        return
+    live = max(keep, key=lambda s: s.expires_at or now, default=None)
+    for sub in keep:
+        if sub is not live:
+            await _close(ctx, user, sub, reason="duplicate")
+    renew_at = now + timedelta(seconds=RENEW_BEFORE_S)
+    if live is not None and live.resource_id and live.expires_at and live.expires_at > renew_at:
+        return
+    fresh = await open_channel(
+        ctx, user, wanted, sync_token=None if live is None else live.sync_token
+    )
+    if live is not None:
+        await _close(ctx, user, live, reason="renewed")
+    else:
+        async with ctx.db.session() as s, s.begin():
+            s.add(_sync_operation(user.tenant_id, f"{PROVIDER}:{wanted}", fresh.id))
+
+
+async def open_channel(
+    ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
+) -> Subscription:
+    """Stores the channel, then opens it at Google; the row goes again if Google refuses.
+
+    Only the token's SHA-256 is kept: Google echoes the token, we never send it again, and a
+    leaked row then forges nothing.
+    """
+    token = secrets.token_urlsafe(CHANNEL_TOKEN_BYTES)
+    sub = Subscription(
+        provider=PROVIDER,
+        tenant_id=user.tenant_id,
+        user_id=user.id,
+        calendar=calendar,
+        external_id=uuid.uuid4().hex,
+        client_state=hash_token(token),
+        sync_token=sync_token,
+        expires_at=utcnow() + timedelta(seconds=CHANNEL_TTL_S),
+    )
+    async with ctx.db.session() as s, s.begin():
+        s.add(sub)
+    provider = await _google_provider(ctx, user)
+    try:
+        channel = await provider.watch(
+            sub.external_id, webhook_address(ctx.settings), token, sub.expires_at
+        )
+    except BaseException:
+        async with ctx.db.session() as s, s.begin():
+            await s.execute(delete(Subscription).where(Subscription.id == sub.id))
+        raise
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(
+            update(Subscription)
+            .where(Subscription.id == sub.id)
+            .values(resource_id=channel.resource_id, expires_at=channel.expires_at)
+        )
+    sub.resource_id, sub.expires_at = channel.resource_id, channel.expires_at
+    log.info(
+        "event=google.channel.opened user=%s channel=%s expires=%s",
+        user.id,
+        sub.external_id,
+        channel.expires_at.isoformat(),
+    )
+    return sub
+
+
+async def _close(ctx: TaskContext, user: User | None, sub: Subscription, *, reason: str) -> None:
+    """Stops the channel where credentials still allow it, then forgets it.
+
+    A user still on Google stops it with their own connection; one who left Google can still be
+    reached through the service account's delegation (it needs only their address). Otherwise
+    the channel runs out at its expiration, and without its row its messages are refused.
+    """
+    if sub.resource_id and user is not None:
+        try:
+            if user.calendar_provider == PROVIDER:
+                await (await _google_provider(ctx, user)).stop(sub.external_id, sub.resource_id)
+            elif ctx.settings.google_service_account_file and user.email:
+                delegated = GoogleProvider.with_service_account(
+                    ctx.settings, user.email, calendar_id=sub.calendar
+                )
+                try:
+                    await delegated.stop(sub.external_id, sub.resource_id)
+                finally:
+                    await delegated.aclose()
+        except (Throttled, Transient):
+            raise
+        except ProviderError as exc:
+            log.warning(
+                "event=google.channel.stop_failed channel=%s error=%s", sub.external_id, exc
+            )
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(delete(Subscription).where(Subscription.id == sub.id))
+    log.info("event=google.channel.closed channel=%s reason=%s", sub.external_id, reason)
+
+
+async def enqueue_channel_checks(db: Database) -> int:
+    """One ``google_channels`` operation per tenant with Google users or channels, unless one
+    is waiting or running already. Returns how many were stored."""
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        with_users = select(User.tenant_id).where(User.calendar_provider == PROVIDER)
+        with_subs = select(Subscription.tenant_id).where(Subscription.provider == PROVIDER)
+        tenants = (
+            (await s.execute(select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))))
+            .scalars()
+            .all()
+        )
+        busy = set(
+            (
+                await s.execute(
+                    select(Operation.tenant_id).where(
+                        Operation.kind == GOOGLE_CHANNELS,
+                        Operation.state.in_(("pending", "running")),
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        added = 0
+        for tenant_id in tenants:
+            if tenant_id in busy:
+                continue
+            s.add(
+                Operation(
+                    tenant_id=tenant_id,
+                    kind=GOOGLE_CHANNELS,
+                    mailbox=f"{PROVIDER}:channels:{tenant_id}",
+                    lane="interactive",
+                    state="pending",
+                    attempts=0,
+                    not_before=now,
+                    payload={},
+                )
+            )
+            added += 1
+    return added
+
+
+async def run_channel_checks(
+    db: Database, stop: asyncio.Event, interval_s: float = CHANNELS_CHECK_S
+) -> None:
+    """Queues the channel checks at start and every ``interval_s`` until ``stop``."""
+    while not stop.is_set():
+        try:
+            await enqueue_channel_checks(db)
+        except (OSError, SQLAlchemyError) as exc:
+            log.warning("event=google.channels.enqueue_failed error=%r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
