@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from syncsvc.providers.base import CalendarProvider
 from syncsvc.queue.outbox import GONE_STATES, chunks
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, User
@@ -42,6 +43,8 @@ CHANGED = "activity.changed"
 DELETED = "activity.deleted"
 #: The status a user's deletion of the event gives its activity.
 DELETED_STATUS = "cancelled"
+#: Days off are read this far ahead of the user's today.
+DAYS_OFF_AHEAD_DAYS = 365
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +131,12 @@ async def _ledgers(
 def _edited(activity: Activity, change: ExternalChange) -> dict[str, tuple[Any, Any]]:
     """The fields the user changed, applied to the activity; empty for our own write."""
     diff: dict[str, tuple[Any, Any]] = {}
-    if change.start is not None and change.start != activity.start:
+    # A task has no times: its event is an all-day item on the due date, not a move.
+    timed = activity.start is not None
+    if timed and change.start is not None and change.start != activity.start:
         diff["start"] = (activity.start, change.start)
         activity.start = change.start
-    if change.end is not None and change.end != activity.end:
+    if timed and change.end is not None and change.end != activity.end:
         diff["end"] = (activity.end, change.end)
         activity.end = change.end
     if change.subject is not None and change.subject != activity.subject:
@@ -181,3 +186,17 @@ def _callback(
         created_at=now,
         updated_at=now,
     )
+
+
+async def refresh_days_off(db: Database, user: User, provider: CalendarProvider) -> None:
+    """Reads the user's out-of-office days (today in their zone, a year ahead) into
+    ``User.provider_days_off``, after a sync saw their out-of-office events change."""
+    today = datetime.now(ZoneInfo(user.timezone)).date()
+    found = await provider.time_off(today, today + timedelta(days=DAYS_OFF_AHEAD_DAYS))
+    days = sorted(d.isoformat() for d in found.days)
+    async with db.session() as s, s.begin():
+        await s.execute(
+            update(User)
+            .where(User.tenant_id == user.tenant_id, User.id == user.id)
+            .values(provider_days_off=days)
+        )
