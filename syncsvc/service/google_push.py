@@ -34,9 +34,8 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -53,7 +52,7 @@ from syncsvc.errors import (
 from syncsvc.providers.google import ChangeSet, FullSyncRequired, GoogleProvider
 from syncsvc.queue.outbox import calendar_of
 from syncsvc.queue.worker import TaskContext
-from syncsvc.service.changes import ExternalChange, apply_external_changes
+from syncsvc.service.changes import ExternalChange, apply_external_changes, refresh_days_off
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Operation, Subscription, Tenant, User
@@ -71,8 +70,6 @@ CHANNEL_TTL_S = 7 * 24 * 3600
 RENEW_BEFORE_S = 24 * 3600
 #: How often each tenant's channels are checked; well inside ``RENEW_BEFORE_S``.
 CHANNELS_CHECK_S = 15 * 60
-#: Days off are read this far ahead of the user's today.
-DAYS_OFF_AHEAD_DAYS = 365
 OUT_OF_OFFICE = "outOfOffice"
 #: Bytes of randomness in a channel token (Google allows 256 characters).
 CHANNEL_TOKEN_BYTES = 32
@@ -229,19 +226,6 @@ def external_changes(calendar: str, found: ChangeSet) -> list[ExternalChange]:
         for event in found.events
         if event.cancelled or event.activity_id is not None
     ]
-
-
-async def refresh_days_off(db: Database, user: User, provider: GoogleProvider) -> None:
-    """Reads the user's out-of-office days from today (their zone) a year ahead."""
-    today = datetime.now(ZoneInfo(user.timezone)).date()
-    found = await provider.time_off(today, today + timedelta(days=DAYS_OFF_AHEAD_DAYS))
-    days = sorted(d.isoformat() for d in found.days)
-    async with db.session() as s, s.begin():
-        await s.execute(
-            update(User)
-            .where(User.tenant_id == user.tenant_id, User.id == user.id)
-            .values(provider_days_off=days)
-        )
 
 
 # --- google_channels ------------------------------------------------------------------------
