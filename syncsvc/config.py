@@ -37,6 +37,8 @@ class Settings:
     graph_client_id: str | None = None
     graph_client_secret: str | None = None
     graph_tenant_id: str | None = None
+    #: Lifetime asked for a Graph change-notification subscription (Outlook's maximum: 10,080).
+    graph_subscription_minutes: int = 10_080
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
@@ -80,7 +82,7 @@ class Settings:
             value = get(name.upper())
             if value is not None:
                 kwargs[name] = value
-        for name in ("port", "max_body_bytes"):
+        for name in ("port", "max_body_bytes", "graph_subscription_minutes"):
             raw = get(name.upper())
             if raw is not None:
                 try:
