@@ -178,12 +178,28 @@ async def _google_provider(ctx: TaskContext, user: User) -> GoogleProvider:
 
 
 async def google_sync(ctx: TaskContext, op: Operation) -> None:
-    """Task handler: applies what changed in one Google calendar since the stored token."""
+    """Task handler: applies what changed in one Google calendar since the stored token.
+
+    The calendar's newest channel is read, not the one that sent the message: a renewal may
+    have replaced that one since, and its change must not be lost with it.
+    """
+    calendar = op.mailbox.split(":", 1)[1]
     async with ctx.db.session() as s:
-        sub = await s.get(Subscription, int(op.payload["subscription_id"]))
+        sub = (
+            await s.execute(
+                select(Subscription)
+                .where(
+                    Subscription.provider == PROVIDER,
+                    Subscription.tenant_id == op.tenant_id,
+                    Subscription.calendar == calendar,
+                )
+                .order_by(Subscription.id.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
         user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
     if sub is None or user is None or user.calendar_provider != PROVIDER:
-        return  # the channel was replaced or dropped meanwhile: nothing to follow any more
+        return  # the channel was dropped meanwhile: nothing to follow any more
     provider = await _google_provider(ctx, user)
     try:
         found = await provider.changes(sub.sync_token)
@@ -195,9 +211,14 @@ async def google_sync(ctx: TaskContext, op: Operation) -> None:
     if found.full or any(e.event_type == OUT_OF_OFFICE for e in found.events):
         await refresh_days_off(ctx.db, user, provider)
     async with ctx.db.session() as s, s.begin():
+        # Every channel of the calendar: one opened by a renewal meanwhile copied the old token.
         await s.execute(
             update(Subscription)
-            .where(Subscription.id == sub.id)
+            .where(
+                Subscription.provider == PROVIDER,
+                Subscription.tenant_id == sub.tenant_id,
+                Subscription.calendar == sub.calendar,
+            )
             .values(sync_token=found.next_sync_token)
         )
     log.info(
