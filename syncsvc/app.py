@@ -17,10 +17,20 @@ from syncsvc.config import Settings
 from syncsvc.metrics import Metrics
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
+from webhooks.routes import routes as webhook_routes
 
 #: Every ``syncsvc/api/<name>.py`` with a ``routes = Routes(...)`` table. Adding a resource is
 #: adding its name here.
-API_MODULES = ("health", "users", "plans", "batches", "activities", "feeds", "schedules")
+API_MODULES = (
+    "health",
+    "users",
+    "plans",
+    "batches",
+    "activities",
+    "feeds",
+    "schedules",
+    "tenant",
+)
 API_TITLE = "syncsvc"
 #: The longest request line (method, path, query) parsed; aiohttp's 8 KiB default refuses,
 #: outside our error envelope, URLs that the documented query limits allow once UTF-8 is
@@ -35,6 +45,7 @@ def api_routes() -> list[Routes]:
         if not isinstance(table, Routes):
             raise TypeError(f"syncsvc.api.{name}.routes is not a Routes table")
         tables.append(table)
+    tables.append(webhook_routes)  # top-level package ``webhooks/``, mounted like the API
     return tables
 
 

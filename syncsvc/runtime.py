@@ -13,7 +13,8 @@ from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
-from syncsvc.service import google_push
+from syncsvc.service import callbacks, google_push, graph_push
+from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 
@@ -23,12 +24,16 @@ from syncsvc.store.db import Database
 TASK_HANDLERS: Mapping[str, TaskHandler] = {
     google_push.GOOGLE_SYNC: google_push.google_sync,
     google_push.GOOGLE_CHANNELS: google_push.google_channels,
+    graph_push.GRAPH_SYNC: graph_push.graph_sync,
+    graph_push.GRAPH_SUBSCRIPTION: graph_push.graph_subscription,
+    graph_push.GRAPH_SUBSCRIPTIONS: graph_push.graph_subscriptions,
+    CALLBACK_KIND: callbacks.deliver_callback,
 }
 
 
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    """The sync workers, the scheduler of saved batches and the Google channel checks, until
-    ``stop`` is set.
+    """The sync workers, the scheduler of saved batches and the Google channel and Graph
+    subscription checks, until ``stop`` is set.
 
     The limiter is Redis when configured (shared by every process), else this process's own.
     """
@@ -51,6 +56,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
             group.create_task(worker.run(stop))
             group.create_task(run_scheduler(settings, db, stop))
             group.create_task(google_push.run_channel_checks(db, stop))
+            group.create_task(graph_push.run_subscription_checks(db, stop))
     finally:
         await registry.aclose()
         if isinstance(limiter, RedisRateLimiter):

@@ -1,0 +1,81 @@
+"""Delivers ``callback`` operations to the tenant's CRM (api-contract.md, "Callbacks to the CRM").
+
+The body is the operation's payload as compact JSON; ``X-Syncsvc-Signature: sha256=<hex>`` is
+the HMAC-SHA256 of exactly those bytes with the service's callback key, and
+``X-Syncsvc-Delivery`` the operation id, the same on every retry, so the CRM can drop a
+delivery it already acknowledged. A 2xx answer is the acknowledgement. 408, 429, 5xx,
+timeouts and refused connections are retried with backoff by the worker (``Transient``, with
+the CRM's ``Retry-After`` when given); any other answer is a refusal that retrying cannot fix,
+and the operation goes to the dead letter, from which an operator can retry it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+
+import aiohttp
+
+from syncsvc.errors import Permanent, Transient
+from syncsvc.providers._http import parse_retry_after, ssl_context
+from syncsvc.queue.worker import TaskContext
+from syncsvc.store.crypto import SecretBox
+from syncsvc.store.models import Operation, Tenant
+
+log = logging.getLogger("syncsvc.callbacks")
+
+SIGNATURE_HEADER = "X-Syncsvc-Signature"
+DELIVERY_HEADER = "X-Syncsvc-Delivery"
+SIGNATURE_SCHEME = "sha256="
+CALLBACK_TIMEOUT_S = 10.0
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+@lru_cache(maxsize=4)
+def _box(secret_key: str) -> SecretBox:
+    """Key derivation costs a little; one box per secret key serves every delivery."""
+    return SecretBox(secret_key)
+
+
+def callback_body(payload: dict[str, object]) -> bytes:
+    """The exact bytes sent and signed."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+
+
+def signature(secret_key: str, body: bytes) -> str:
+    return SIGNATURE_SCHEME + _box(secret_key).sign(body)
+
+
+async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
+    """Task handler: POSTs one signed callback; returning means the CRM acknowledged it."""
+    async with ctx.db.session() as s:
+        tenant = await s.get(Tenant, op.tenant_id)
+    if tenant is None or not tenant.callback_url:
+        return  # nobody to tell
+    body = callback_body(op.payload)
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: signature(ctx.settings.secret_key, body),
+        DELIVERY_HEADER: str(op.id),
+    }
+    timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context())
+            ) as http,
+            http.post(tenant.callback_url, data=body, headers=headers, allow_redirects=False) as r,
+        ):
+            status = r.status
+            retry_after_s = parse_retry_after(r.headers.get("Retry-After"))
+    except TimeoutError as exc:
+        raise Transient(f"callback timed out after {CALLBACK_TIMEOUT_S} s") from exc
+    except aiohttp.ClientError as exc:
+        raise Transient(f"callback failed: {type(exc).__name__}") from exc
+    if 200 <= status < 300:
+        log.info("event=callback.delivered op=%d tenant=%s status=%d", op.id, op.tenant_id, status)
+        return
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        raise Transient(f"callback answered HTTP {status}", retry_after_s)
+    raise Permanent(f"callback refused with HTTP {status}")

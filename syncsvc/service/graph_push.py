@@ -1,0 +1,546 @@
+"""Microsoft Graph change notifications and delta sync: what happens after Graph says
+"a mailbox's events changed".
+
+The flow, per mailbox of a user whose connection is ``graph``:
+
+1. **Subscriptions** (``graph_subscriptions``, one operation per tenant queued every
+   ``SUBSCRIPTIONS_CHECK_S`` by :func:`run_subscription_checks`): every mailbox gets one
+   subscription to ``/users/{m}/events``. Graph validates our webhook before it answers the
+   create, so the row is stored after it, with the secret ``clientState`` kept only as its
+   SHA-256. A subscription ending within :func:`renew_before_s` is renewed (``PATCH``); one
+   whose user is gone or changed connection is deleted. A new subscription is followed by a
+   full delta, so whatever changed before it existed is caught up.
+2. **Notifications** (``POST /webhooks/graph``, :func:`record_notifications`): each item's
+   ``clientState`` must match its subscription's (constant time). Forged or unknown items are
+   logged and dropped; the valid ones of the same request are processed. A request with no
+   valid item is refused with 403, one with at least one is answered 202 — Graph retries
+   non-2xx answers, and a request from Graph may carry an item of a subscription we just
+   replaced, which must not make it resend the rest. Changes store one ``graph_sync`` per
+   mailbox (not a second while one waits); lifecycle events store a renewal
+   (``reauthorizationRequired``), a re-creation (``subscriptionRemoved``) or a full delta
+   (``missed``). No provider call happens in the request.
+3. **Sync** (``graph_sync``, :func:`graph_sync`): a ``calendarView/delta`` round from the stored
+   ``@odata.deltaLink``; events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
+   for :func:`~syncsvc.service.changes.apply_external_changes`; the new link is stored. A
+   ``410`` starts over with a full delta: our untouched events carry the ``changeKey`` we
+   recorded, so a full round reports no spurious edits. Out-of-office changes (or a full
+   round, or removed events, whose ``showAs`` is unknown) refresh the user's days off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.config import Settings
+from syncsvc.errors import (
+    ErrorDetail,
+    Forbidden,
+    Permanent,
+    ProviderError,
+    ProviderNotFound,
+    Throttled,
+    Transient,
+)
+from syncsvc.providers.graph import GraphProvider
+from syncsvc.providers.graph_subscriptions import (
+    SUBSCRIPTION_MAX_MIN,
+    DeltaExpired,
+    DeltaResult,
+    delta,
+    renew,
+    subscribe,
+    unsubscribe,
+)
+from syncsvc.queue.outbox import calendar_of
+from syncsvc.queue.worker import TaskContext
+from syncsvc.service.changes import ExternalChange, apply_external_changes, refresh_days_off
+from syncsvc.store.crypto import hash_token
+from syncsvc.store.db import Database
+from syncsvc.store.models import Operation, Subscription, Tenant, User
+from syncsvc.store.types import utcnow
+
+log = logging.getLogger("syncsvc.graph_push")
+
+PROVIDER = "graph"
+GRAPH_SYNC = "graph_sync"
+GRAPH_SUBSCRIPTION = "graph_subscription"
+GRAPH_SUBSCRIPTIONS = "graph_subscriptions"
+WEBHOOK_PATH = "/webhooks/graph"
+LIFECYCLE_PATH = "/webhooks/graph/lifecycle"
+#: Renew a subscription this long before it ends (or at half its life, if that is shorter).
+RENEW_BEFORE_S = 24 * 3600
+#: How often each tenant's subscriptions are checked.
+SUBSCRIPTIONS_CHECK_S = 15 * 60
+#: Bytes of randomness in a clientState (Graph allows 128 characters; this gives 43).
+CLIENT_STATE_BYTES = 32
+#: The delta window around now: activities are planned ahead, moved ones rarely far back.
+DELTA_PAST_DAYS = 31
+DELTA_AHEAD_DAYS = 730
+CHANGE_TYPES = frozenset({"created", "updated", "deleted"})
+LIFECYCLE_ACTIONS = {
+    "reauthorizationRequired": "renew",
+    "subscriptionRemoved": "recreate",
+    "missed": "full_sync",
+}
+OUT_OF_OFFICE = "oof"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationItem:
+    """One item of a notification's ``value`` (a change or a lifecycle event)."""
+
+    subscription_id: str
+    client_state: str
+    change_type: str | None = None
+    lifecycle_event: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    accepted: int
+    rejected: int
+    #: Operations stored (the rest were already waiting).
+    queued: int
+
+
+def notification_url(settings: Settings) -> str:
+    return settings.public_base_url.rstrip("/") + WEBHOOK_PATH
+
+
+def lifecycle_url(settings: Settings) -> str:
+    return settings.public_base_url.rstrip("/") + LIFECYCLE_PATH
+
+
+def subscription_lifetime(settings: Settings) -> timedelta:
+    return timedelta(minutes=max(1, min(settings.graph_subscription_minutes, SUBSCRIPTION_MAX_MIN)))
+
+
+def renew_before_s(settings: Settings) -> float:
+    return min(RENEW_BEFORE_S, subscription_lifetime(settings).total_seconds() / 2)
+
+
+def _mailbox(calendar: str) -> str:
+    return f"{PROVIDER}:{calendar}"
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+
+async def record_notifications(db: Database, items: Sequence[NotificationItem]) -> Recorded:
+    """Verifies each item and stores the work it asks for; raises ``Forbidden`` when none is
+    valid. One read of the subscriptions, one of waiting operations, at most a few inserts."""
+    ids = sorted({i.subscription_id for i in items if i.subscription_id})
+    wanted: dict[tuple[str, int], dict[str, Any]] = {}
+    accepted = rejected = 0
+    async with db.session() as s, s.begin():
+        subs = {
+            sub.external_id: sub
+            for sub in (
+                await s.execute(
+                    select(Subscription).where(
+                        Subscription.provider == PROVIDER, Subscription.external_id.in_(ids)
+                    )
+                )
+            ).scalars()
+        }
+        for item in items:
+            sub = subs.get(item.subscription_id)
+            if sub is None or not hmac.compare_digest(
+                hash_token(item.client_state).encode(), sub.client_state.encode()
+            ):
+                rejected += 1
+                log.warning(
+                    "event=webhook.graph.rejected reason=%s subscription=%s",
+                    "unknown_subscription" if sub is None else "wrong_client_state",
+                    item.subscription_id[:64],
+                )
+                continue
+            action = _action(item)
+            if action is None:
+                rejected += 1
+                log.warning("event=webhook.graph.rejected reason=unknown_type")
+                continue
+            accepted += 1
+            kind = GRAPH_SUBSCRIPTION if action in ("renew", "recreate") else GRAPH_SYNC
+            payload: dict[str, Any] = {"subscription_id": sub.id}
+            if action in ("renew", "recreate"):
+                payload["action"] = action
+            if action == "full_sync":
+                payload["full"] = True
+            key = (kind, sub.id)
+            if key in wanted and kind == GRAPH_SYNC:
+                wanted[key]["full"] = wanted[key].get("full", False) or payload.get("full", False)
+            else:
+                wanted[key] = payload | {"tenant_id": sub.tenant_id, "calendar": sub.calendar}
+        if accepted == 0:
+            raise Forbidden(
+                "no notification belongs to a known subscription",
+                [ErrorDetail(("body", "value"), "unknown subscription or wrong clientState")],
+            )
+        queued = await _store_work(s, wanted)
+    return Recorded(accepted, rejected, queued)
+
+
+def _action(item: NotificationItem) -> str | None:
+    if item.lifecycle_event is not None:
+        return LIFECYCLE_ACTIONS.get(item.lifecycle_event)
+    if item.change_type is not None and set(item.change_type.split(",")) <= CHANGE_TYPES:
+        return "sync"
+    return None
+
+
+async def _store_work(s: AsyncSession, wanted: dict[tuple[str, int], dict[str, Any]]) -> int:
+    """Stores each wanted operation unless an equal one waits (a full sync upgrades a waiting
+    incremental one)."""
+    mailboxes = sorted({_mailbox(p["calendar"]) for p in wanted.values()})
+    waiting = (
+        (
+            await s.execute(
+                select(Operation).where(
+                    Operation.mailbox.in_(mailboxes),
+                    Operation.kind.in_((GRAPH_SYNC, GRAPH_SUBSCRIPTION)),
+                    Operation.state == "pending",
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
+    queued = 0
+    now = utcnow()
+    for (kind, sub_id), payload in wanted.items():
+        tenant_id, calendar = payload.pop("tenant_id"), payload.pop("calendar")
+        same = [
+            op
+            for op in waiting
+            if op.kind == kind
+            and op.payload.get("subscription_id") == sub_id
+            and op.payload.get("action") == payload.get("action")
+        ]
+        if same:
+            if payload.get("full") and not same[0].payload.get("full"):
+                same[0].payload = {**same[0].payload, "full": True}
+            continue
+        s.add(_operation(tenant_id, kind, _mailbox(calendar), payload, now))
+        queued += 1
+    return queued
+
+
+def _operation(
+    tenant_id: str, kind: str, mailbox: str, payload: dict[str, Any], now: datetime
+) -> Operation:
+    return Operation(
+        tenant_id=tenant_id,
+        kind=kind,
+        mailbox=mailbox,
+        lane="interactive",
+        state="pending",
+        attempts=0,
+        not_before=now,
+        payload=payload,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+# --- graph_sync ---------------------------------------------------------------------------------
+
+
+async def _graph_provider(ctx: TaskContext, user: User) -> GraphProvider:
+    provider = await ctx.providers(user)
+    if not isinstance(provider, GraphProvider):
+        raise Permanent(f"user {user.id}'s calendar is not a Graph mailbox")
+    return provider
+
+
+async def _subscription(ctx: TaskContext, op: Operation) -> tuple[Subscription, User] | None:
+    async with ctx.db.session() as s:
+        sub = await s.get(Subscription, int(op.payload["subscription_id"]))
+        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
+    if sub is None or user is None or user.calendar_provider != PROVIDER:
+        return None  # replaced or dropped meanwhile: nothing to follow any more
+    return sub, user
+
+
+async def graph_sync(ctx: TaskContext, op: Operation) -> None:
+    """Task handler: applies what changed in one mailbox since the stored delta link."""
+    found = await _subscription(ctx, op)
+    if found is None:
+        return
+    sub, user = found
+    provider = await _graph_provider(ctx, user)
+    now = utcnow()
+    window = (now - timedelta(days=DELTA_PAST_DAYS), now + timedelta(days=DELTA_AHEAD_DAYS))
+    token = None if op.payload.get("full") else sub.sync_token
+    try:
+        result = await delta(provider, token, window)
+    except DeltaExpired:
+        log.info("event=graph.sync.full reason=token_expired mailbox=%s", sub.calendar)
+        result = await delta(provider, None, window)
+    applied = await apply_external_changes(ctx.db, external_changes(sub.calendar, result))
+    if result.full or any(e.removed or e.show_as == OUT_OF_OFFICE for e in result.events):
+        await refresh_days_off(ctx.db, user, provider)
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(
+            update(Subscription)
+            .where(Subscription.id == sub.id)
+            .values(sync_token=result.delta_link, updated_at=utcnow())
+        )
+    log.info(
+        "event=graph.sync.done mailbox=%s listed=%d applied=%d full=%s",
+        sub.calendar,
+        len(result.events),
+        applied,
+        result.full,
+    )
+
+
+def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]:
+    """Every listed event; ``apply_external_changes`` ignores those that are not ours."""
+    return [
+        ExternalChange(
+            provider=PROVIDER,
+            calendar=calendar,
+            event_id=e.event_id,
+            deleted=e.removed,
+            start=e.start,
+            end=e.end,
+            subject=e.subject,
+            etag=e.change_key,
+        )
+        for e in result.events
+        if e.event_id
+    ]
+
+
+# --- subscriptions ------------------------------------------------------------------------------
+
+
+async def graph_subscription(ctx: TaskContext, op: Operation) -> None:
+    """Task handler for a lifecycle event: renew (``reauthorizationRequired``) or re-create
+    (``subscriptionRemoved``) one subscription."""
+    found = await _subscription(ctx, op)
+    if found is None:
+        return
+    sub, user = found
+    if op.payload.get("action") == "renew":
+        await _renew(ctx, user, sub)
+    else:
+        await _recreate(ctx, user, sub)
+
+
+async def _renew(ctx: TaskContext, user: User, sub: Subscription) -> None:
+    provider = await _graph_provider(ctx, user)
+    try:
+        expires = await renew(
+            provider, sub.external_id, utcnow() + subscription_lifetime(ctx.settings)
+        )
+    except ProviderNotFound:
+        await _recreate(ctx, user, sub)
+        return
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(
+            update(Subscription)
+            .where(Subscription.id == sub.id)
+            .values(expires_at=expires, updated_at=utcnow())
+        )
+    log.info("event=graph.subscription.renewed mailbox=%s expires=%s", sub.calendar, expires)
+
+
+async def _recreate(ctx: TaskContext, user: User, old: Subscription) -> None:
+    """A new subscription replaces the old (best-effort deleted at Graph); its delta link
+    carries over and a sync catches up what may have been missed meanwhile."""
+    fresh = await open_subscription(ctx, user, old.calendar, sync_token=old.sync_token)
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(delete(Subscription).where(Subscription.id == old.id))
+    with contextlib.suppress(ProviderError):
+        await unsubscribe(await _graph_provider(ctx, user), old.external_id)
+    log.info("event=graph.subscription.recreated mailbox=%s id=%s", old.calendar, fresh.external_id)
+
+
+async def open_subscription(
+    ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
+) -> Subscription:
+    """Creates the subscription at Graph (which first validates our webhook), stores it and
+    queues a sync from ``sync_token`` (``None``: a full delta)."""
+    provider = await _graph_provider(ctx, user)
+    secret = secrets.token_urlsafe(CLIENT_STATE_BYTES)
+    created = await subscribe(
+        provider,
+        notification_url=notification_url(ctx.settings),
+        lifecycle_url=lifecycle_url(ctx.settings),
+        client_state=secret,
+        expires_at=utcnow() + subscription_lifetime(ctx.settings),
+    )
+    sub = Subscription(
+        provider=PROVIDER,
+        tenant_id=user.tenant_id,
+        user_id=user.id,
+        calendar=calendar,
+        external_id=created.id,
+        client_state=hash_token(secret),
+        resource_id=created.resource,
+        sync_token=sync_token,
+        expires_at=created.expires_at,
+    )
+    async with ctx.db.session() as s, s.begin():
+        s.add(sub)
+        await s.flush()
+        s.add(
+            _operation(
+                user.tenant_id,
+                GRAPH_SYNC,
+                _mailbox(calendar),
+                {"subscription_id": sub.id},
+                utcnow(),
+            )
+        )
+    log.info("event=graph.subscription.created mailbox=%s id=%s", calendar, created.id)
+    return sub
+
+
+async def graph_subscriptions(ctx: TaskContext, op: Operation) -> None:
+    """Task handler: gives each of the tenant's Graph mailboxes one live subscription (create,
+    renew) and deletes the rest. One mailbox's failure does not hold back the others; a
+    throttled or transient one is raised at the end, so the (idempotent) check runs again."""
+    retry: ProviderError | None = None
+    async with ctx.db.session() as s:
+        users = (
+            (
+                await s.execute(
+                    select(User).where(
+                        User.tenant_id == op.tenant_id, User.calendar_provider == PROVIDER
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        subs = (
+            (
+                await s.execute(
+                    select(Subscription).where(
+                        Subscription.tenant_id == op.tenant_id, Subscription.provider == PROVIDER
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    by_user = {u.id: u for u in users}
+    kept: set[str] = set()
+    for sub in subs:
+        try:
+            user = by_user.get(sub.user_id)
+            calendar = calendar_of(user) if user is not None else None
+            if (
+                user is None
+                or calendar is None
+                or calendar.calendar != sub.calendar
+                or sub.user_id in kept
+            ):
+                await _close(ctx, sub)
+                continue
+            kept.add(sub.user_id)
+            if (sub.expires_at - utcnow()).total_seconds() < renew_before_s(ctx.settings):
+                await _renew(ctx, user, sub)
+        except (Throttled, Transient) as exc:
+            retry = retry or exc
+        except ProviderError as exc:
+            log.warning("event=graph.subscription.failed user=%s error=%s", sub.user_id, exc)
+    for user in users:
+        calendar = calendar_of(user)
+        if user.id in kept or calendar is None:
+            continue
+        try:
+            await open_subscription(ctx, user, calendar.calendar, sync_token=None)
+        except (Throttled, Transient) as exc:
+            retry = retry or exc
+        except ProviderError as exc:
+            log.warning("event=graph.subscription.failed user=%s error=%s", user.id, exc)
+    if retry is not None:
+        raise retry
+
+
+async def _close(ctx: TaskContext, sub: Subscription) -> None:
+    """Deletes a subscription nobody needs. Without credentials to reach Graph it simply runs
+    out, and without its row its notifications are refused."""
+    async with ctx.db.session() as s:
+        user = await s.get(User, (sub.tenant_id, sub.user_id))
+    if user is not None and user.calendar_provider == PROVIDER:
+        try:
+            await unsubscribe(await _graph_provider(ctx, user), sub.external_id)
+        except (Throttled, Transient):
+            raise
+        except ProviderError as exc:
+            log.warning(
+                "event=graph.subscription.delete_failed id=%s error=%s", sub.external_id, exc
+            )
+    async with ctx.db.session() as s, s.begin():
+        await s.execute(delete(Subscription).where(Subscription.id == sub.id))
+    log.info("event=graph.subscription.deleted mailbox=%s id=%s", sub.calendar, sub.external_id)
+
+
+async def enqueue_subscription_checks(db: Database) -> int:
+    """One ``graph_subscriptions`` operation per tenant with Graph users or subscriptions,
+    unless one is waiting or running. Returns how many were stored."""
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        with_users = select(User.tenant_id).where(User.calendar_provider == PROVIDER)
+        with_subs = select(Subscription.tenant_id).where(Subscription.provider == PROVIDER)
+        tenants = (
+            (await s.execute(select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))))
+            .scalars()
+            .all()
+        )
+        busy = set(
+            (
+                await s.execute(
+                    select(Operation.tenant_id).where(
+                        Operation.kind == GRAPH_SUBSCRIPTIONS,
+                        Operation.state.in_(("pending", "running")),
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        added = 0
+        for tenant_id in tenants:
+            if tenant_id not in busy:
+                s.add(
+                    _operation(
+                        tenant_id,
+                        GRAPH_SUBSCRIPTIONS,
+                        f"{PROVIDER}:subscriptions:{tenant_id}",
+                        {},
+                        now,
+                    )
+                )
+                added += 1
+    return added
+
+
+async def run_subscription_checks(
+    db: Database, stop: asyncio.Event, interval_s: float = SUBSCRIPTIONS_CHECK_S
+) -> None:
+    """Queues the subscription checks every ``interval_s`` until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            await enqueue_subscription_checks(db)
+        except Exception:
+            # A database hiccup must not end the loop; the next round tries again.
+            log.exception("event=graph.subscription.check_failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
