@@ -30,6 +30,8 @@ API_MODULES = (
     "feeds",
     "schedules",
     "tenant",
+    "ops",
+    "dashboard",
 )
 API_TITLE = "syncsvc"
 #: The longest request line (method, path, query) parsed; aiohttp's 8 KiB default refuses,

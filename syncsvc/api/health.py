@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from syncsvc.api._framework import METRICS, OPENAPI, Ctx, Routes
 from syncsvc.errors import SyncSvcError
 from syncsvc.metrics import EXPOSITION_CONTENT_TYPE
+from syncsvc.service.ops import refresh_queue_metrics
 
 READY_TIMEOUT_S = 2.0
 
@@ -52,6 +53,7 @@ async def readyz(ctx: Ctx) -> Status:
     "GET", "/metrics", media_type="text/plain", summary="Prometheus metrics (text exposition)"
 )
 async def metrics(ctx: Ctx) -> web.Response:
+    await refresh_queue_metrics(ctx.db, ctx.request.app[METRICS])
     response = web.Response(body=ctx.request.app[METRICS].exposition())
     response.headers["Content-Type"] = EXPOSITION_CONTENT_TYPE
     return response

@@ -674,13 +674,14 @@ async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
     activity and batch as they are now (a batch deleted since the failure wants a delete)."""
     query = select(Operation.id, Operation.ledger_id).where(Operation.state == "dead")
     async with db.session() as s, s.begin():
-        if op_ids is None:
-            rows = list((await s.execute(query)).tuples())
-        else:
-            wanted = sorted(set(op_ids))
-            rows = []
-            for chunk in chunks(wanted):
-                rows.extend((await s.execute(query.where(Operation.id.in_(chunk)))).tuples())
+        queries = (
+            [query]
+            if op_ids is None
+            else [query.where(Operation.id.in_(chunk)) for chunk in chunks(sorted(set(op_ids)))]
+        )
+        rows: list[tuple[int, int | None]] = []
+        for chunk_query in queries:
+            rows.extend((op_id, ledger) for op_id, ledger in await s.execute(chunk_query))
         ledger_ids = sorted({ledger for _, ledger in rows if ledger is not None})
         target: dict[str, list[int]] = {}
         for chunk in chunks(ledger_ids):

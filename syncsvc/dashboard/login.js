@@ -1,0 +1,31 @@
+// Sign in with the operator key: the server answers with an HttpOnly session cookie.
+"use strict";
+(function () {
+  const form = document.getElementById("login");
+  const error = document.getElementById("login-error");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.hidden = true;
+    const key = form.elements.key.value;
+    let answer;
+    try {
+      answer = await fetch("/dashboard/login", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        credentials: "same-origin",
+        body: JSON.stringify({ key: key }),
+      });
+    } catch (err) {
+      error.textContent = "The service does not answer.";
+      error.hidden = false;
+      return;
+    }
+    if (answer.ok) {
+      window.location.assign("/dashboard");
+      return;
+    }
+    error.textContent = answer.status === 401 ? "That is not the operator key." : "Sign-in failed (" + answer.status + ").";
+    error.hidden = false;
+    form.elements.key.select();
+  });
+})();
