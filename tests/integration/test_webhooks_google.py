@@ -32,6 +32,7 @@ from syncsvc.providers.google import (
     service_account_credentials,
 )
 from syncsvc.runtime import run_workers
+from syncsvc.service.callbacks import SIGNATURE_HEADER, signature
 from syncsvc.service.google_push import GOOGLE_SYNC, RENEW_BEFORE_S, enqueue_channel_checks
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
@@ -212,6 +213,7 @@ class Service:
     headers: dict[str, str]
     tenant_id: str
     crm: CrmEndpoint
+    secret_key: str
 
 
 class CrmEndpoint(Receiver):
@@ -244,7 +246,9 @@ async def service(
     worker = asyncio.create_task(run_workers(settings, db, stop))
     server = TestServer(build_app(settings, db), host="127.0.0.1", port=port)
     async with TestClient(server) as client:
-        yield Service(client, db, {"Authorization": f"Bearer {key}"}, tenant.id, crm)
+        yield Service(
+            client, db, {"Authorization": f"Bearer {key}"}, tenant.id, crm, settings.secret_key
+        )
     stop.set()
     await worker
     await crm.close()
@@ -404,6 +408,18 @@ async def test_user_changes_in_google_reach_the_activity_and_the_crm(
         "to": "2027-06-08T14:00:00+02:00",
     }
 
+    # ... and delivered to the CRM's endpoint, signed over the exact body.
+    async def delivered() -> bool:
+        return len(svc.crm.received) == 2
+
+    await _eventually(delivered, "two CRM callbacks")
+    for headers, body in svc.crm.received:
+        assert headers[SIGNATURE_HEADER] == signature(svc.secret_key, body)
+    assert sorted(json.loads(body)["type"] for _, body in svc.crm.received) == [
+        "activity.changed",
+        "activity.deleted",
+    ]
+
     # Google forgets our sync token; the next change forces a full list, which must not
     # report the untouched meeting (or the earlier changes) again. The change is a day off.
     fake.invalidate_sync_tokens(email)
@@ -427,6 +443,7 @@ async def test_user_changes_in_google_reach_the_activity_and_the_crm(
     assert not untouched.user_edited and not untouched.deleted
     assert untouched.version == before["t2"].version
     assert len(await _ops(svc, "callback")) == len(callbacks)
+    assert len(svc.crm.received) == 2
 
     # Every notification Google sent was acknowledged with 200, quickly.
     mine = [d for d in fake.deliveries if d.channel_id == sub.external_id]
@@ -501,7 +518,12 @@ async def test_channels_are_renewed_before_expiry_and_stopped_when_the_user_leav
     answer = await svc.client.put(
         "/v1/users/g3",
         headers=svc.headers,
-        json={"name": "g3", "timezone": "Europe/Copenhagen", "calendar": {"provider": "none"}},
+        json={
+            "name": "g3",
+            "email": email,
+            "timezone": "Europe/Copenhagen",
+            "calendar": {"provider": "none"},
+        },
     )
     assert answer.status == 200, await answer.text()
     await enqueue_channel_checks(svc.db)
