@@ -50,12 +50,17 @@ from syncsvc.errors import (
     Transient,
 )
 from syncsvc.providers.google import ChangeSet, FullSyncRequired, GoogleProvider
-from syncsvc.queue.outbox import calendar_of
+from syncsvc.queue.outbox import calendar_of, chunks
 from syncsvc.queue.worker import TaskContext
-from syncsvc.service.changes import ExternalChange, apply_external_changes, refresh_days_off
+from syncsvc.service.changes import (
+    DELETED_STATUS,
+    ExternalChange,
+    apply_external_changes,
+    refresh_days_off,
+)
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
-from syncsvc.store.models import Operation, Subscription, Tenant, User
+from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, Tenant, User
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.google_push")
@@ -206,7 +211,9 @@ async def google_sync(ctx: TaskContext, op: Operation) -> None:
     except FullSyncRequired:
         log.info("event=google.sync.full reason=token_expired calendar=%s", sub.calendar)
         found = await provider.changes(None)
-    changes = external_changes(sub.calendar, found)
+    changes = await _without_our_cancellations(
+        ctx.db, sub.calendar, external_changes(sub.calendar, found)
+    )
     applied = await apply_external_changes(ctx.db, changes) if changes else 0
     if found.full or any(e.event_type == OUT_OF_OFFICE for e in found.events):
         await refresh_days_off(ctx.db, user, provider)
@@ -247,6 +254,33 @@ def external_changes(calendar: str, found: ChangeSet) -> list[ExternalChange]:
         for event in found.events
         if event.cancelled or event.activity_id is not None
     ]
+
+
+async def _without_our_cancellations(
+    db: Database, calendar: str, changes: list[ExternalChange]
+) -> list[ExternalChange]:
+    """Drops cancellations of events whose activity is cancelled already.
+
+    Cancelling an activity sets its Google event to ``cancelled``, which a sync then lists as a
+    deletion; if it runs before our write's etag is recorded, it would be reported to the CRM
+    as the user's. Either way the activity is cancelled: there is nothing to tell.
+    """
+    gone = [c.event_id for c in changes if c.deleted]
+    known: set[str] = set()
+    async with db.session() as s:
+        for chunk in chunks(gone):
+            rows = await s.execute(
+                select(ExternalEvent.event_id)
+                .join(Activity, Activity.id == ExternalEvent.activity_id)
+                .where(
+                    ExternalEvent.provider == PROVIDER,
+                    ExternalEvent.calendar == calendar,
+                    ExternalEvent.event_id.in_(chunk),
+                    Activity.status == DELETED_STATUS,
+                )
+            )
+            known.update(str(event_id) for (event_id,) in rows)
+    return [c for c in changes if not (c.deleted and c.event_id in known)]
 
 
 # --- google_channels ------------------------------------------------------------------------
