@@ -60,10 +60,12 @@
     return ms < 1000 ? ms + " ms" : (ms / 1000).toFixed(1) + " s";
   }
 
-  // "caldav:https://host/alice/cal/" → "host/alice/cal"; the full mailbox is the tooltip.
+  // "caldav:https://host/alice/cal/" → "alice/cal" (the host is in the tooltip);
+  // "graph:ck@contoso.com" → "ck@contoso.com".
   function shortMailbox(mailbox) {
     const rest = mailbox.slice(mailbox.indexOf(":") + 1);
-    return rest.replace(/^https?:\/\//, "").replace(/\/$/, "");
+    const url = rest.match(/^https?:\/\/[^/]+\/(.+?)\/?$/);
+    return url ? url[1] : rest;
   }
 
   function mailboxCell(mailbox) {
@@ -85,12 +87,13 @@
 
   function renderTiles(data) {
     const sum = (key) => data.lanes.reduce((total, lane) => total + lane[key], 0);
-    const recent = data.chart.points.slice(-6); // the last minute
-    const doneMinute = recent.reduce((total, p) => total + p.done, 0);
+    const done = data.chart.points.reduce((total, p) => total + p.done, 0);
+    const active = data.batches.filter((b) => b.state === "syncing" || b.state === "deleting").length;
     const throttled = data.chart.points.reduce((total, p) => total + p.throttled, 0);
     const attention = data.health.filter((h) => h.status !== "ok").length;
     const tiles = [
-      ["Done, last minute", fmtInt(Math.round(doneMinute)), ""],
+      ["Batches in progress", fmtInt(active), ""],
+      ["Done, 10 min", fmtInt(Math.round(done)), ""],
       ["Pending", fmtInt(sum("pending")), ""],
       ["Running", fmtInt(sum("running")), ""],
       ["Dead", fmtInt(data.dead_total), data.dead_total ? "bad" : ""],
@@ -168,6 +171,8 @@
     const bad = data.health.filter((h) => h.status !== "ok").length;
     document.getElementById("health-note").textContent =
       data.health.length ? `${data.health.length} mailboxes, ${bad} need care` : "";
+    const queued = {};
+    for (const lane of data.lanes) queued[lane.mailbox] = (queued[lane.mailbox] || 0) + lane.pending + lane.running;
     const items = data.health.slice(0, 12).map((h) =>
       el("li", { class: "health-item " + h.status, title: h.mailbox }, [
         el("span", { class: "pill " + h.status, text: STATUS_TEXT[h.status] || h.status }),
@@ -177,7 +182,8 @@
             class: "muted small",
             text: h.last_error
               ? `${h.users.length ? "user " + h.users.join(", ") + " · " : ""}${h.last_error}`
-              : h.last_cycle_at ? "last cycle " + fmtTime(h.last_cycle_at) : "waiting",
+              : [queued[h.mailbox] ? fmtInt(queued[h.mailbox]) + " queued" : "",
+                 h.last_cycle_at ? "last cycle " + fmtTime(h.last_cycle_at) : ""].filter(Boolean).join(" · ") || "idle",
           }),
         ]),
       ]),
@@ -195,7 +201,10 @@
       "aria-valuemin": 0, "aria-valuemax": total, "aria-valuenow": deleting ? sync.deleted : sync.synced });
     for (const [cls, value] of segments) {
       if (value > 0 && total > 0) {
-        bar.append(el("div", { class: "seg " + cls, style: `width:${(100 * value) / total}%` }));
+        // Through the CSSOM: the page's CSP allows no inline style attributes.
+        const seg = el("div", { class: "seg " + cls });
+        seg.style.width = `${(100 * value) / total}%`;
+        bar.append(seg);
       }
     }
     return bar;
@@ -221,7 +230,7 @@
         el("div", { class: "batch-head" }, [
           el("span", { class: "state " + b.state, text: b.state }),
           el("span", { class: "batch-name", text: b.targetgroup_name || "batch " + b.id.slice(0, 8) }),
-          el("span", { class: "muted", text: b.tenant_name }),
+          el("span", { class: "muted batch-who", text: b.tenant_name + (b.users.length === 1 ? " · " + b.users[0].name : "") }),
           el("span", { class: "batch-count", text: `${fmtInt(doneCount)} / ${fmtInt(ledger)}${s.failed ? " · " + fmtInt(s.failed) + " failed" : ""}` }),
         ]),
         progressBar(s, false),
@@ -266,7 +275,6 @@
     const rows = data.cycles.map((c) =>
       el("tr", {}, [
         el("td", { text: fmtTime(c.started_at) }),
-        el("td", { text: c.provider }),
         mailboxCell(c.mailbox),
         num(c.done),
         num(c.failed, "bad"),
@@ -274,7 +282,7 @@
         el("td", { class: "n", text: fmtMs(c.duration_ms) }),
       ]),
     );
-    replace("cycles", rows.length ? rows : [emptyRow(7, "No cycles yet.")]);
+    replace("cycles", rows.length ? rows : [emptyRow(6, "No cycles yet.")]);
   }
 
   function render(data) {
