@@ -528,6 +528,9 @@ class FakeGraph:
         self._background: set[asyncio.Task[None]] = set()
         #: Events per delta page unless the client asks (``Prefer: odata.maxpagesize``).
         self.delta_page_size = GRAPH_PAGE_SIZE_DEFAULT
+        #: Delta requests answered 410 SyncStateNotFound, and delta rounds started from scratch.
+        self.stale_delta_answers = 0
+        self.full_delta_rounds = 0
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
             (
                 "GET",
@@ -1412,9 +1415,13 @@ class FakeGraph:
 
     # -- change notifications and delta (test accessors first) ---------------------------------
 
-    def subscriptions(self) -> list[FakeSubscription]:
-        """Copies of the live subscriptions."""
-        return [copy.copy(s) for s in self._subscriptions.values()]
+    def subscriptions(self, mailbox: str | None = None) -> list[FakeSubscription]:
+        """Copies of the live subscriptions (of one mailbox, if given)."""
+        return [
+            copy.copy(s)
+            for s in self._subscriptions.values()
+            if mailbox is None or s.mailbox.lower() == mailbox.lower()
+        ]
 
     async def user_move_event(
         self,
@@ -1713,12 +1720,12 @@ class FakeGraph:
         if skip is not None:
             pending = self._skip_tokens.pop(skip, None)
             if pending is None or pending[1].generation != box.delta_generation:
-                raise _sync_state_not_found(box)
+                raise _sync_state_not_found(self, box)
             ids, state, full = pending
         elif token is not None:
             old = self._delta_tokens.get(token)
             if old is None or old.generation != box.delta_generation or old.mailbox != box.address:
-                raise _sync_state_not_found(box)
+                raise _sync_state_not_found(self, box)
             ids = list(dict.fromkeys(e for seq, e in box.changes if seq > old.seq))
             state = _DeltaState(box.address, old.begin, old.finish, self._seq, box.delta_generation)
             full = False
@@ -1740,6 +1747,7 @@ class FakeGraph:
             ids = [e.id for e in self._ordered(hits)]
             state = _DeltaState(box.address, begin, finish, self._seq, box.delta_generation)
             full = True
+            self.full_delta_rounds += 1
         size = self._delta_page_size(req)
         page, rest = ids[:size], ids[size:]
         base = f"{self.graph_url}/users/{box.address}/calendarView/delta"
@@ -1774,7 +1782,8 @@ class FakeGraph:
         return self._render(box, event, req)
 
 
-def _sync_state_not_found(box: _Mailbox) -> GraphError:
+def _sync_state_not_found(fake: FakeGraph, box: _Mailbox) -> GraphError:
+    fake.stale_delta_answers += 1
     return GraphError(
         410,
         "SyncStateNotFound",
