@@ -27,7 +27,6 @@ The flow, per Google calendar of a user whose connection is ``google``:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import secrets
@@ -38,7 +37,6 @@ from datetime import timedelta
 from typing import Literal
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from syncsvc.config import Settings
 from syncsvc.errors import (
@@ -58,9 +56,10 @@ from syncsvc.service.changes import (
     apply_external_changes,
     refresh_days_off,
 )
+from syncsvc.service.push_checks import enqueue_checks, run_checks
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
-from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, Tenant, User
+from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.google_push")
@@ -68,6 +67,8 @@ log = logging.getLogger("syncsvc.google_push")
 PROVIDER = "google"
 GOOGLE_SYNC = "google_sync"
 GOOGLE_CHANNELS = "google_channels"
+#: Mailbox prefix of the per-tenant channel checks (``google:channels:<tenant>``).
+CHANNELS_MAILBOX = "google:channels"
 WEBHOOK_PATH = "/webhooks/google"
 #: Lifetime asked for a new channel; Google may grant less (it caps channels at about a month).
 CHANNEL_TTL_S = 7 * 24 * 3600
@@ -461,55 +462,11 @@ async def _close(ctx: TaskContext, user: User | None, sub: Subscription, *, reas
 async def enqueue_channel_checks(db: Database) -> int:
     """One ``google_channels`` operation per tenant with Google users or channels, unless one
     is waiting or running already. Returns how many were stored."""
-    now = utcnow()
-    async with db.session() as s, s.begin():
-        with_users = select(User.tenant_id).where(User.calendar_provider == PROVIDER)
-        with_subs = select(Subscription.tenant_id).where(Subscription.provider == PROVIDER)
-        tenants = (
-            (await s.execute(select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))))
-            .scalars()
-            .all()
-        )
-        busy = set(
-            (
-                await s.execute(
-                    select(Operation.tenant_id).where(
-                        Operation.kind == GOOGLE_CHANNELS,
-                        Operation.state.in_(("pending", "running")),
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
-        added = 0
-        for tenant_id in tenants:
-            if tenant_id in busy:
-                continue
-            s.add(
-                Operation(
-                    tenant_id=tenant_id,
-                    kind=GOOGLE_CHANNELS,
-                    mailbox=f"{PROVIDER}:channels:{tenant_id}",
-                    lane="interactive",
-                    state="pending",
-                    attempts=0,
-                    not_before=now,
-                    payload={},
-                )
-            )
-            added += 1
-    return added
+    return await enqueue_checks(db, PROVIDER, GOOGLE_CHANNELS, CHANNELS_MAILBOX)
 
 
 async def run_channel_checks(
     db: Database, stop: asyncio.Event, interval_s: float = CHANNELS_CHECK_S
 ) -> None:
     """Queues the channel checks at start and every ``interval_s`` until ``stop``."""
-    while not stop.is_set():
-        try:
-            await enqueue_channel_checks(db)
-        except (OSError, SQLAlchemyError) as exc:
-            log.warning("event=google.channels.enqueue_failed error=%r", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
+    await run_checks(db, stop, interval_s, PROVIDER, GOOGLE_CHANNELS, CHANNELS_MAILBOX)

@@ -1,0 +1,71 @@
+"""The periodic check that keeps each tenant's push subscriptions alive, shared by providers.
+
+Google channels and Graph subscriptions both expire and both are looked after by one operation
+per tenant (``google_channels``, ``graph_subscriptions``) that the worker runs under the usual
+limits. This module queues those operations: one per tenant that has users on the provider or
+subscriptions left over, and never a second while one is waiting or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from syncsvc.store.db import Database
+from syncsvc.store.models import Operation, Subscription, Tenant, User
+from syncsvc.store.types import utcnow
+
+log = logging.getLogger("syncsvc.push_checks")
+
+
+async def enqueue_checks(db: Database, provider: str, kind: str, mailbox_prefix: str) -> int:
+    """Stores one ``kind`` operation (mailbox ``<mailbox_prefix>:<tenant>``) per tenant with
+    ``provider`` users or subscriptions, unless one is pending or running. Returns how many."""
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        with_users = select(User.tenant_id).where(User.calendar_provider == provider)
+        with_subs = select(Subscription.tenant_id).where(Subscription.provider == provider)
+        query = select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))
+        tenants = (await s.execute(query)).scalars().all()
+        waiting = select(Operation.tenant_id).where(
+            Operation.kind == kind, Operation.state.in_(("pending", "running"))
+        )
+        busy = set((await s.execute(waiting)).scalars().all())
+        fresh = [t for t in tenants if t not in busy]
+        for tenant_id in fresh:
+            s.add(
+                Operation(
+                    tenant_id=tenant_id,
+                    kind=kind,
+                    mailbox=f"{mailbox_prefix}:{tenant_id}",
+                    lane="interactive",
+                    state="pending",
+                    attempts=0,
+                    not_before=now,
+                    payload={},
+                )
+            )
+    return len(fresh)
+
+
+async def run_checks(
+    db: Database,
+    stop: asyncio.Event,
+    interval_s: float,
+    provider: str,
+    kind: str,
+    mailbox_prefix: str,
+) -> None:
+    """Queues the checks at once and every ``interval_s`` until ``stop``; a database hiccup is
+    logged and the next round tries again."""
+    while not stop.is_set():
+        try:
+            await enqueue_checks(db, provider, kind, mailbox_prefix)
+        except (OSError, SQLAlchemyError) as exc:
+            log.warning("event=push.checks.enqueue_failed kind=%s error=%r", kind, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
