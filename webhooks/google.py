@@ -46,8 +46,13 @@ def notification_of(request: web.Request) -> Notification:
 
 
 async def handle(request: web.Request) -> web.Response:
-    recorded = await record_notification(request.app[DB], notification_of(request))
+    note = notification_of(request)
+    recorded = await record_notification(request.app[DB], note)
     log.info(
-        "event=webhook.google.accepted mailbox=%s outcome=%s", recorded.mailbox, recorded.outcome
+        "event=webhook.google.accepted mailbox=%s state=%s message=%s outcome=%s",
+        recorded.mailbox,
+        note.state,
+        note.message_number,
+        recorded.outcome,
     )
     return web.Response(status=200)

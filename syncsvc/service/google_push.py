@@ -80,7 +80,6 @@ OUT_OF_OFFICE = "outOfOffice"
 #: Bytes of randomness in a channel token (Google allows 256 characters).
 CHANNEL_TOKEN_BYTES = 32
 
-State = Literal["sync", "exists", "not_exists"]
 STATES: frozenset[str] = frozenset({"sync", "exists", "not_exists"})
 
 
@@ -149,6 +148,7 @@ async def record_notification(db: Database, note: Notification) -> Recorded:
                     Operation.mailbox == mailbox,
                     Operation.kind == GOOGLE_SYNC,
                     Operation.state == "pending",
+                    Operation.tenant_id == sub.tenant_id,
                 )
                 .limit(1)
             )
