@@ -268,7 +268,9 @@ if redis.call('ZCARD', KEYS[2]) + slots > concurrency then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   wait = math.max(wait, math.min(tonumber(first[2]) - now, slot_retry))
 end
-if wait > 0 then return {0, math.ceil(wait)} end
+-- Server times are ~1.8e15 us, where doubles step by 0.25 us: a wait under 1 us is rounding
+-- (it would refuse n == capacity forever), not a real wait.
+if wait >= 1 then return {0, math.ceil(wait)} end
 
 remember(new_tat)
 local expires = now + lease_ttl
