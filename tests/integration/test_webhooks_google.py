@@ -222,13 +222,14 @@ class CrmEndpoint(Receiver):
 
 @pytest.fixture
 async def service(
-    tmp_path: Path, fake: FakeGoogle, sa_info: dict[str, str]
+    tmp_path: Path, database_url: str, fake: FakeGoogle, sa_info: dict[str, str]
 ) -> AsyncIterator[Service]:
+    """The app on a real port and its workers, on SQLite and on PostgreSQL."""
     port = _free_port()
     key_file = tmp_path / "sa.json"
     key_file.write_text(json.dumps(sa_info), encoding="utf-8")
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'push.db'}",
+        database_url=database_url,
         secret_key="k" * 40,
         public_base_url=f"http://127.0.0.1:{port}",
         google_api_url=fake.api_url,
