@@ -553,3 +553,20 @@ async def _ledger(svc: Service, activity_id: str) -> ExternalEvent:
     async with svc.db.session() as s:
         query = select(ExternalEvent).where(ExternalEvent.activity_id == activity_id)
         return (await s.execute(query)).scalar_one()
+
+
+@pytest.mark.timeout(60)
+async def test_one_users_refused_delegation_does_not_hold_back_the_others(
+    service: Service, fake: FakeGoogle
+) -> None:
+    svc = service
+    outsider = f"x{uuid.uuid4().hex[:8]}@elsewhere.example"  # outside the delegated domain
+    await _put_google_user(svc, "refused", outsider)
+    email = new_user()
+    await _put_google_user(svc, "fine", email)
+    sub = await _open_channel(svc, fake, email)
+    assert [s.calendar for s in await _subscriptions(svc)] == [email]
+    assert fake.channels(outsider) == []
+    [check] = await _ops(svc, "google_channels")
+    assert check.state == "done"  # an auth failure is logged per user, not retried for all
+    assert sub.resource_id is not None
