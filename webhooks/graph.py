@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,8 @@ LIFECYCLE = LIFECYCLE_PATH
 ITEMS_MAX = 1000
 FIELD_MAX_CHARS = 512
 TEXT_PLAIN = "text/plain"
+#: NUL and lone surrogates: valid JSON, but no database can store or compare them.
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 
 class ValidationQuery(BaseModel):
@@ -50,7 +53,7 @@ def _text(item: dict[str, Any], name: str, *, required: bool) -> str | None:
     value = item.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or len(value) > FIELD_MAX_CHARS:
+    if not isinstance(value, str) or len(value) > FIELD_MAX_CHARS or _BAD_CHARS.search(value):
         raise BadRequest(
             "not a Graph notification", [ErrorDetail(("body", "value", name), "missing or invalid")]
         )
@@ -94,7 +97,9 @@ async def handle(request: web.Request, query: ValidationQuery) -> web.Response:
             content_type=TEXT_PLAIN,
             headers={"X-Content-Type-Options": "nosniff"},
         )
-    items = parse_items(await request.read())
+    raw = await request.read()
+    # An empty POST is no notification of ours: refused like a forged one (403), not a 400.
+    items = parse_items(raw) if raw.strip() else []
     recorded = await record_notifications(request.app[DB], items)
     log.info(
         "event=webhook.graph.accepted accepted=%d rejected=%d queued=%d",

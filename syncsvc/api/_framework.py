@@ -41,7 +41,8 @@ Usage (``syncsvc/api/widgets.py``; then add ``"widgets"`` to ``API_MODULES`` in 
 
 Rules:
 
-- The handler gets ``ctx`` plus keyword arguments ``path``, ``query``, ``body`` for exactly the
+- The handler gets ``ctx`` plus keyword arguments ``path``, ``query``, ``body`` (and
+  ``headers``, a model whose aliases are header names) for exactly the
   models declared. It returns an instance of ``response`` (serialised as JSON with ``status``),
   ``None`` (empty answer with ``status``, e.g. 202/204), or any ``web.StreamResponse`` as an
   escape hatch (CSV, iCal, HTML; declare its media type with ``media_type=`` so the spec lists it).
@@ -92,7 +93,7 @@ TENANT = web.RequestKey("tenant", Tenant)
 
 Access = Literal["public", "tenant", "operator"]
 Method = Literal["GET", "PUT", "POST", "PATCH", "DELETE"]
-Part = Literal["path", "query", "body"]
+Part = Literal["path", "query", "body", "header"]
 
 #: Paths that need no key (the contract's list); the dashboard checks the operator key itself.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
@@ -173,6 +174,12 @@ class Endpoint:
     description: str
     #: Extra documented error statuses (e.g. 503 for readiness).
     error_statuses: tuple[int, ...]
+    #: Other success answers as (status, media type or None for an empty body), e.g. a
+    #: webhook's 200 text/plain handshake next to its 202.
+    other_successes: tuple[tuple[int, str | None], ...] = ()
+    #: Request headers as a model whose field aliases are the header names (webhooks, whose
+    #: senders put their proof in headers); validated like the other parts.
+    header_model: type[BaseModel] | None = None
 
     @property
     def access(self) -> Access:
@@ -195,6 +202,10 @@ class Endpoint:
         if self.query_model is not None:
             kwargs["query"] = _validate(
                 self.query_model, _query(request, self.query_model), "query"
+            )
+        if self.header_model is not None:
+            kwargs["headers"] = _validate(
+                self.header_model, _headers(request, self.header_model), "header"
             )
         if self.body_model is not None:
             kwargs["body"] = await _read_body(request, self.body_model)
@@ -230,6 +241,8 @@ class Routes:
         media_type: str | None = None,
         description: str = "",
         error_statuses: Sequence[int] = (),
+        other_successes: Sequence[tuple[int, str | None]] = (),
+        headers: type[BaseModel] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Registers the decorated handler; see the module docstring for the rules."""
 
@@ -249,6 +262,8 @@ class Routes:
                     media_type=media_type,
                     description=description or (handler.__doc__ or "").strip(),
                     error_statuses=tuple(error_statuses),
+                    other_successes=tuple(other_successes),
+                    header_model=headers,
                 )
             )
             return handler
@@ -265,6 +280,12 @@ def json_response(model: BaseModel, status: int = 200) -> web.Response:
         status=status,
         content_type=JSON_MEDIA_TYPE,
     )
+
+
+def _headers(request: web.Request, model: type[BaseModel]) -> dict[str, str]:
+    """The model's headers (by alias, case-insensitively) that the request carries."""
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    return {name: request.headers[name] for name in names if name in request.headers}
 
 
 def _validate(model: type[BaseModel], data: Mapping[str, Any], part: Part) -> BaseModel:
@@ -368,7 +389,7 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
         (ErrorEnvelope, "serialization")
     ]
     for ep in endpoints:
-        for model in (ep.path_model, ep.query_model, ep.body_model):
+        for model in (ep.path_model, ep.query_model, ep.body_model, ep.header_model):
             if model is not None:
                 wanted.append((model, "validation"))
         if ep.response_model is not None:
@@ -398,7 +419,11 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
         if ep.description:
             op["description"] = ep.description
         params: list[dict[str, Any]] = []
-        for location, model in (("path", ep.path_model), ("query", ep.query_model)):
+        for location, model in (
+            ("path", ep.path_model),
+            ("query", ep.query_model),
+            ("header", ep.header_model),
+        ):
             if model is not None:
                 params.extend(_parameters(location, resolved(model)))
         if ep.method == "POST" and ep.access == "tenant":
@@ -427,6 +452,11 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
         if content:
             ok["content"] = content
         responses: dict[str, Any] = {str(ep.status): ok}
+        for status, media_type in ep.other_successes:
+            other: dict[str, Any] = {"description": _STATUS_TEXT.get(status, ep.summary)}
+            if media_type is not None:
+                other["content"] = {media_type: {"schema": {"type": "string"}}}
+            responses[str(status)] = other
         statuses = set(ERROR_STATUSES) | set(ep.error_statuses)
         if ep.access == "operator":
             statuses.add(403)
