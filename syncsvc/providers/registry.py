@@ -29,18 +29,15 @@ class ProviderRegistry:
         self._graph: GraphClient | None = None
 
     async def __call__(self, user: User) -> CalendarProvider:
-        config = user.calendar_config
-        cache_key = (user.tenant_id, user.id, user.calendar_provider, repr(sorted(config.items())))
+        # The connection as stored (settings and encrypted secret): a corrected password or a
+        # new calendar builds a new adapter.
+        connection = repr(sorted(user.calendar_config.items())) + repr(user.calendar_secret)
+        cache_key = (user.tenant_id, user.id, user.calendar_provider, connection)
         provider = self._providers.get(cache_key)
         if provider is None:
             provider = self._build(user)
             self._providers[cache_key] = provider
         return provider
-
-    def forget(self, user: User) -> None:
-        """Drops cached adapters of a user whose connection changed."""
-        for key in [k for k in self._providers if k[:2] == (user.tenant_id, user.id)]:
-            del self._providers[key]
 
     def _secret(self, user: User) -> dict[str, object]:
         return self.box.decrypt(user.calendar_secret) if user.calendar_secret else {}
