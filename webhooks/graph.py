@@ -101,7 +101,7 @@ async def handle(request: web.Request, query: ValidationQuery) -> web.Response:
     # An empty POST is no notification of ours: refused like a forged one (403), not a 400.
     items = parse_items(raw) if raw.strip() else []
     recorded = await record_notifications(request.app[DB], items)
-    log.info(
+    log.debug(  # the access log has a line per request already
         "event=webhook.graph.accepted accepted=%d rejected=%d queued=%d",
         recorded.accepted,
         recorded.rejected,

@@ -18,7 +18,8 @@ The flow, per mailbox of a user whose connection is ``graph``:
    replaced, which must not make it resend the rest. Changes store one ``graph_sync`` per
    mailbox (not a second while one waits); lifecycle events store a renewal
    (``reauthorizationRequired``), a re-creation (``subscriptionRemoved``) or a full delta
-   (``missed``). No provider call happens in the request.
+   (``missed``). No provider call happens in the request, and requests arriving together
+   share one transaction (group commit), each answered once its work is committed.
 3. **Sync** (``graph_sync``, :func:`graph_sync`): a ``calendarView/delta`` round from the stored
    ``@odata.deltaLink``; events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
    for :func:`~syncsvc.service.changes.apply_external_changes`; the new link is stored. A
@@ -34,6 +35,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -94,6 +96,8 @@ LIFECYCLE_ACTIONS = {
     "missed": "full_sync",
 }
 OUT_OF_OFFICE = "oof"
+#: Notification requests stored by one transaction at most (group commit).
+GROUP_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +142,67 @@ def _mailbox(calendar: str) -> str:
 
 
 async def record_notifications(db: Database, items: Sequence[NotificationItem]) -> Recorded:
-    """Verifies each item and stores the work it asks for; raises ``Forbidden`` when none is
-    valid. One read of the subscriptions, one of waiting operations, at most a few inserts."""
-    ids = sorted({i.subscription_id for i in items if i.subscription_id})
+    """Verifies each item and stores the work it asks for before returning; raises
+    ``Forbidden`` when none is valid.
+
+    Requests that arrive together share one transaction (group commit, see
+    :class:`_Recorder`): one read of the subscriptions, one of the waiting operations and the
+    inserts, for all of them. Alone, a request still commits at once.
+    """
+    recorder = _RECORDERS.get(db)
+    if recorder is None:
+        recorder = _RECORDERS[db] = _Recorder(db)
+    return await recorder.record(items)
+
+
+class _Recorder:
+    """Group commit of notifications: while one transaction runs, the requests that arrive
+    queue up and are stored together by the next, so the database work per notification falls
+    as load rises, and every request is answered only after its work is committed."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._waiting: list[tuple[Sequence[NotificationItem], asyncio.Future[Recorded]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def record(self, items: Sequence[NotificationItem]) -> Recorded:
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:GROUP_MAX], self._waiting[GROUP_MAX:]
+            try:
+                outcomes = await _record_group(self.db, [items for items, _ in batch])
+            except Exception as exc:  # every waiting request learns of it (a 500, retried)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue  # the caller went away; its work is stored anyway
+                if isinstance(outcome, Recorded):
+                    future.set_result(outcome)
+                else:
+                    future.set_exception(outcome)
+
+
+#: One recorder per database handle (and so per process and event loop).
+_RECORDERS: weakref.WeakKeyDictionary[Database, _Recorder] = weakref.WeakKeyDictionary()
+
+
+async def _record_group(
+    db: Database, requests: Sequence[Sequence[NotificationItem]]
+) -> list[Recorded | Forbidden]:
+    """Verifies every request's items and stores the work of all of them in one transaction."""
+    ids = sorted({i.subscription_id for items in requests for i in items if i.subscription_id})
     wanted: dict[tuple[str, int], dict[str, Any]] = {}
-    accepted = rejected = 0
+    owner: dict[tuple[str, int], int] = {}
+    counts: list[tuple[int, int]] = []
     async with db.session() as s, s.begin():
         subs = {
             sub.external_id: sub
@@ -154,42 +214,66 @@ async def record_notifications(db: Database, items: Sequence[NotificationItem]) 
                 )
             ).scalars()
         }
-        for item in items:
-            sub = subs.get(item.subscription_id)
-            if sub is None or not hmac.compare_digest(
-                hash_token(item.client_state).encode(), sub.client_state.encode()
-            ):
-                rejected += 1
-                log.warning(
-                    "event=webhook.graph.rejected reason=%s subscription=%s",
-                    "unknown_subscription" if sub is None else "wrong_client_state",
-                    item.subscription_id[:64],
-                )
-                continue
-            action = _action(item)
-            if action is None:
-                rejected += 1
-                log.warning("event=webhook.graph.rejected reason=unknown_type")
-                continue
-            accepted += 1
-            kind = GRAPH_SUBSCRIPTION if action in ("renew", "recreate") else GRAPH_SYNC
-            payload: dict[str, Any] = {"subscription_id": sub.id}
-            if action in ("renew", "recreate"):
-                payload["action"] = action
-            if action == "full_sync":
-                payload["full"] = True
-            key = (kind, sub.id)
-            if key in wanted and kind == GRAPH_SYNC:
-                wanted[key]["full"] = wanted[key].get("full", False) or payload.get("full", False)
-            else:
-                wanted[key] = payload | {"tenant_id": sub.tenant_id, "calendar": sub.calendar}
+        for index, items in enumerate(requests):
+            accepted = rejected = 0
+            for item in items:
+                sub = subs.get(item.subscription_id)
+                if sub is None or not hmac.compare_digest(
+                    hash_token(item.client_state).encode(), sub.client_state.encode()
+                ):
+                    rejected += 1
+                    log.warning(
+                        "event=webhook.graph.rejected reason=%s subscription=%s",
+                        "unknown_subscription" if sub is None else "wrong_client_state",
+                        item.subscription_id[:64],
+                    )
+                    continue
+                action = _action(item)
+                if action is None:
+                    rejected += 1
+                    log.warning("event=webhook.graph.rejected reason=unknown_type")
+                    continue
+                accepted += 1
+                _want(wanted, owner, index, sub, action)
+            counts.append((accepted, rejected))
+        inserted = await _store_work(s, wanted)
+    outcomes: list[Recorded | Forbidden] = []
+    for index, (accepted, rejected) in enumerate(counts):
         if accepted == 0:
-            raise Forbidden(
-                "no notification belongs to a known subscription",
-                [ErrorDetail(("body", "value"), "unknown subscription or wrong clientState")],
+            outcomes.append(
+                Forbidden(
+                    "no notification belongs to a known subscription",
+                    [ErrorDetail(("body", "value"), "unknown subscription or wrong clientState")],
+                )
             )
-        queued = await _store_work(s, wanted)
-    return Recorded(accepted, rejected, queued)
+        else:
+            queued = sum(1 for key in inserted if owner[key] == index)
+            outcomes.append(Recorded(accepted, rejected, queued))
+    return outcomes
+
+
+def _want(
+    wanted: dict[tuple[str, int], dict[str, Any]],
+    owner: dict[tuple[str, int], int],
+    index: int,
+    sub: Subscription,
+    action: str,
+) -> None:
+    """Adds the operation ``action`` asks for (a full sync wins over an incremental one)."""
+    kind = GRAPH_SUBSCRIPTION if action in ("renew", "recreate") else GRAPH_SYNC
+    key = (kind if kind == GRAPH_SYNC else f"{kind}:{action}", sub.id)
+    full = action == "full_sync"
+    if key in wanted:
+        if kind == GRAPH_SYNC and full:
+            wanted[key]["full"] = True
+        return
+    payload: dict[str, Any] = {"subscription_id": sub.id}
+    if kind == GRAPH_SUBSCRIPTION:
+        payload["action"] = action
+    if full:
+        payload["full"] = True
+    wanted[key] = payload | {"kind": kind, "tenant_id": sub.tenant_id, "calendar": sub.calendar}
+    owner[key] = index
 
 
 def _action(item: NotificationItem) -> str | None:
@@ -200,9 +284,13 @@ def _action(item: NotificationItem) -> str | None:
     return None
 
 
-async def _store_work(s: AsyncSession, wanted: dict[tuple[str, int], dict[str, Any]]) -> int:
+async def _store_work(
+    s: AsyncSession, wanted: dict[tuple[str, int], dict[str, Any]]
+) -> set[tuple[str, int]]:
     """Stores each wanted operation unless an equal one waits (a full sync upgrades a waiting
-    incremental one)."""
+    incremental one); returns the keys of those stored."""
+    if not wanted:
+        return set()
     mailboxes = sorted({_mailbox(p["calendar"]) for p in wanted.values()})
     waiting = (
         (
@@ -217,10 +305,16 @@ async def _store_work(s: AsyncSession, wanted: dict[tuple[str, int], dict[str, A
         .scalars()
         .all()
     )
-    queued = 0
+    inserted: set[tuple[str, int]] = set()
     now = utcnow()
-    for (kind, sub_id), payload in wanted.items():
-        tenant_id, calendar = payload.pop("tenant_id"), payload.pop("calendar")
+    for key, wanted_payload in wanted.items():
+        payload = dict(wanted_payload)
+        kind, tenant_id, calendar = (
+            payload.pop("kind"),
+            payload.pop("tenant_id"),
+            payload.pop("calendar"),
+        )
+        sub_id = payload["subscription_id"]
         same = [
             op
             for op in waiting
@@ -233,8 +327,8 @@ async def _store_work(s: AsyncSession, wanted: dict[tuple[str, int], dict[str, A
                 same[0].payload = {**same[0].payload, "full": True}
             continue
         s.add(_operation(tenant_id, kind, _mailbox(calendar), payload, now))
-        queued += 1
-    return queued
+        inserted.add(key)
+    return inserted
 
 
 def _operation(
