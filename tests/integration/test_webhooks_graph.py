@@ -497,3 +497,42 @@ async def test_callback_retried_until_acknowledged(service: Service, fake: FakeG
             await s.execute(select(Operation.state).where(Operation.kind == "callback"))
         ).scalars()
         assert list(states) == ["done"]
+
+
+@pytest.mark.timeout(60)
+async def test_tenant_settings_and_no_callback_url(service: Service, fake: FakeGraph) -> None:
+    svc = service
+    status, tenant = await svc.call("GET", "/v1/tenant")
+    assert status == 200
+    assert (tenant["name"], tenant["callback_url"], tenant["closing_days"]) == ("acme", None, [])
+    status, error = await svc.call("PATCH", "/v1/tenant", json={"callback_url": "ftp://crm"})
+    assert status == 422 and error["error"]["details"][0]["loc"] == ["body", "callback_url"]
+    status, tenant = await svc.call(
+        "PATCH", "/v1/tenant", json={"closing_days": ["2027-12-24", "2027-12-24", "2027-06-05"]}
+    )
+    assert status == 200 and tenant["closing_days"] == ["2027-06-05", "2027-12-24"]
+
+    _, (moved_id, _, _) = await setup_batch(svc, fake)  # sets the callback URL
+    status, tenant = await svc.call("PATCH", "/v1/tenant", json={"callback_url": None})
+    assert status == 200 and tenant["callback_url"] is None
+    assert tenant["closing_days"] == ["2027-06-05", "2027-12-24"]  # left alone
+
+    # With nobody to tell, the user's change is still applied and its callback is done at once.
+    start = datetime(2027, 6, 7, 12, 0, tzinfo=CPH)
+    await fake.user_move_event(
+        svc.mailbox, await _event_id(svc.db, moved_id), start, start + timedelta(hours=1)
+    )
+
+    async def delivered() -> bool:
+        async with svc.db.session() as s:
+            states = list(
+                (
+                    await s.execute(select(Operation.state).where(Operation.kind == "callback"))
+                ).scalars()
+            )
+        return states == ["done"]
+
+    await eventually(delivered, "the callback operation")
+    assert svc.crm.received == []
+    _, moved = await svc.call("GET", f"/v1/activities/{moved_id}")
+    assert moved["start"] == "2027-06-07T12:00:00+02:00" and moved["user_edited"]
