@@ -1201,19 +1201,7 @@ class FakeGraph:
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
     ) -> _Response:
         assert box is not None
-        bounds = []
-        for name in ("startDateTime", "endDateTime"):
-            raw = req.query.get(name)
-            parsed = _parse_instant(raw) if raw else None
-            if parsed is None:
-                raise GraphError(
-                    400,
-                    "ErrorInvalidParameter",
-                    "This request requires a time window specified by the query string "
-                    "parameters StartDateTime and EndDateTime.",
-                )
-            bounds.append(parsed)
-        begin, finish = bounds
+        begin, finish = _window(req)
         hits = [e for e in box.events.values() if e.start < finish and e.end > begin]
         rendered = [self._render(box, e, req) for e in self._ordered(hits)]
         return self._page(req, rendered, f"users('{box.address}')/calendarView")
@@ -1730,19 +1718,7 @@ class FakeGraph:
             state = _DeltaState(box.address, old.begin, old.finish, self._seq, box.delta_generation)
             full = False
         else:
-            bounds = []
-            for name in ("startDateTime", "endDateTime"):
-                raw = req.query.get(name)
-                parsed = _parse_instant(raw) if raw else None
-                if parsed is None:
-                    raise GraphError(
-                        400,
-                        "ErrorInvalidParameter",
-                        "This request requires a time window specified by the query string "
-                        "parameters StartDateTime and EndDateTime.",
-                    )
-                bounds.append(parsed)
-            begin, finish = bounds
+            begin, finish = _window(req)
             hits = [e for e in box.events.values() if e.start < finish and e.end > begin]
             ids = [e.id for e in self._ordered(hits)]
             state = _DeltaState(box.address, begin, finish, self._seq, box.delta_generation)
@@ -1807,6 +1783,23 @@ def _parse_graph_instant(text: str) -> dt.datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _window(req: _Request) -> tuple[dt.datetime, dt.datetime]:
+    """calendarView's required ``startDateTime`` / ``endDateTime``."""
+    bounds = []
+    for name in ("startDateTime", "endDateTime"):
+        raw = req.query.get(name)
+        parsed = _parse_instant(raw) if raw else None
+        if parsed is None:
+            raise GraphError(
+                400,
+                "ErrorInvalidParameter",
+                "This request requires a time window specified by the query string "
+                "parameters StartDateTime and EndDateTime.",
+            )
+        bounds.append(parsed)
+    return bounds[0], bounds[1]
 
 
 def _parse_instant(text: str) -> dt.datetime | None:
