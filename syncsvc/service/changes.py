@@ -43,6 +43,8 @@ CHANGED = "activity.changed"
 DELETED = "activity.deleted"
 #: The status a user's deletion of the event gives its activity.
 DELETED_STATUS = "cancelled"
+#: Ledger states whose event changes are not the user's to report (see apply_external_changes).
+IGNORED_STATES = (*GONE_STATES, "pending_create", "pending_update")
 #: Days off are read this far ahead of the user's today.
 DAYS_OFF_AHEAD_DAYS = 365
 
@@ -72,7 +74,10 @@ async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]
 
     Unknown events (the user's own appointments), events we are deleting or deleted, and our
     own writes (same etag as the ledger, or the same start/end/subject as the activity) are
-    ignored. The latest change per event counts when one event appears more than once.
+    ignored. So is an event whose own update is still queued or in flight (``pending_update``):
+    what is seen may be our write whose etag is not recorded yet, and our write is about to
+    replace whatever the calendar shows. The latest change per event counts when one event
+    appears more than once.
     """
     latest: dict[tuple[str, str, str], ExternalChange] = {}
     for change in changes:
@@ -84,7 +89,7 @@ async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]
         ledgers = await _ledgers(session, list(latest), lock=db.dialect == "postgresql")
         for key, change in latest.items():
             ledger = ledgers.get(key)
-            if ledger is None or ledger.state in GONE_STATES:
+            if ledger is None or ledger.state in IGNORED_STATES:
                 continue
             activity = await session.get(Activity, ledger.activity_id)
             if activity is None or activity.deleted:

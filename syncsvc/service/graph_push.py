@@ -54,7 +54,7 @@ from syncsvc.errors import (
     Throttled,
     Transient,
 )
-from syncsvc.providers.graph import GraphProvider
+from syncsvc.providers.graph import CANCELLED_SUBJECT_PREFIX, GraphProvider
 from syncsvc.providers.graph_subscriptions import (
     SUBSCRIPTION_MAX_MIN,
     DeltaExpired,
@@ -401,7 +401,8 @@ async def graph_sync(ctx: TaskContext, op: Operation) -> None:
 
 
 def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]:
-    """Every listed event; ``apply_external_changes`` ignores those that are not ours."""
+    """Every listed event; ``apply_external_changes`` ignores those that are not ours. The
+    "Cancelled: " that we put before a cancelled activity's subject is ours, not a rename."""
     return [
         ExternalChange(
             provider=PROVIDER,
@@ -410,7 +411,7 @@ def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]
             deleted=e.removed,
             start=e.start,
             end=e.end,
-            subject=e.subject,
+            subject=e.subject.removeprefix(CANCELLED_SUBJECT_PREFIX) if e.subject else e.subject,
             etag=e.change_key,
         )
         for e in result.events

@@ -29,6 +29,7 @@ from sqlalchemy import func, select, update
 from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.runtime import run_workers
+from syncsvc.service.changes import ExternalChange, apply_external_changes
 from syncsvc.service.graph_push import GRAPH_SYNC, enqueue_subscription_checks
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.crypto import SecretBox, hash_token
@@ -536,3 +537,50 @@ async def test_tenant_settings_and_no_callback_url(service: Service, fake: FakeG
     assert svc.crm.received == []
     _, moved = await svc.call("GET", f"/v1/activities/{moved_id}")
     assert moved["start"] == "2027-06-07T12:00:00+02:00" and moved["user_edited"]
+
+
+@pytest.mark.timeout(60)
+async def test_what_is_not_a_user_edit(service: Service, fake: FakeGraph) -> None:
+    """Our own writes, whether or not their etag is recorded yet, and events whose update is
+    on its way, are never reported; a real move is, once."""
+    svc = service
+    _, (activity_id, _, _) = await setup_batch(svc, fake)
+    event_id = await _event_id(svc.db, activity_id)
+    async with svc.db.session() as s:
+        ledger = await s.scalar(select(ExternalEvent).where(ExternalEvent.event_id == event_id))
+        activity = await s.get(Activity, activity_id)
+    assert ledger is not None and activity is not None and activity.start and activity.end
+    later = activity.start + timedelta(hours=3)
+
+    def change(**fields: Any) -> ExternalChange:
+        return ExternalChange("graph", svc.mailbox, event_id, **fields)
+
+    unknown = ExternalChange("graph", svc.mailbox, "AAMk-the-users-own", start=later)
+    same_etag = change(start=later, etag=ledger.etag)
+    same_values = change(
+        start=activity.start, end=activity.end, subject=activity.subject, etag="new"
+    )
+    other_mailbox = ExternalChange("graph", "someone@else.example", event_id, start=later)
+    assert (
+        await apply_external_changes(svc.db, [unknown, same_etag, same_values, other_mailbox]) == 0
+    )
+
+    async with svc.db.session() as s, s.begin():
+        await s.execute(
+            update(ExternalEvent)
+            .where(ExternalEvent.id == ledger.id)
+            .values(state="pending_update")
+        )
+    assert await apply_external_changes(svc.db, [change(start=later, etag="moved")]) == 0
+    async with svc.db.session() as s, s.begin():
+        await s.execute(
+            update(ExternalEvent).where(ExternalEvent.id == ledger.id).values(state="synced")
+        )
+    moved = change(start=later, end=later + timedelta(hours=1), etag="moved")
+    assert await apply_external_changes(svc.db, [moved]) == 1
+    assert await apply_external_changes(svc.db, [moved]) == 0  # the same notice again
+    async with svc.db.session() as s:
+        row = await s.get(Activity, activity_id)
+        ledger_after = await s.get(ExternalEvent, ledger.id)
+    assert row is not None and ledger_after is not None
+    assert (row.start, row.user_edited, row.version, ledger_after.etag) == (later, True, 2, "moved")
