@@ -27,8 +27,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
-from sqlalchemy import Row, and_, case, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import RetryCallState, wait_exponential_jitter
 
@@ -37,7 +38,7 @@ from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
 from syncsvc.metrics import SYNC_OPERATIONS
 from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
-from syncsvc.queue.outbox import chunks
+from syncsvc.queue.outbox import LEDGER_TABLE, chunks
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Decision, decide, spec_for
 from syncsvc.store.db import Database
@@ -242,23 +243,41 @@ class Worker:
     # --- one cycle of one mailbox ---------------------------------------------------------
 
     async def _cycle(self, mailbox: str, stop: asyncio.Event) -> None:
+        """Works one mailbox as a pipeline: more operations are claimed (interactive first)
+        whenever fewer than half a chunk is left in hand, so the limiter's tokens never wait
+        for a chunk's slowest call, and a single change waits behind half a chunk at most."""
         provider_name = mailbox.split(":", 1)[0]
         limit = self.settings.limits.get(provider_name, FALLBACK_LIMIT)
         stats = CycleStats(provider_name, mailbox)
         started = time.monotonic()
+        sem = asyncio.Semaphore(limit.concurrency)
+        running: dict[asyncio.Task[None], int] = {}  # work in hand → operations it carries
+        claimed_total = 0
         try:
-            while not stop.is_set() and stats.done + stats.failed < CYCLE_MAX_OPS:
-                # Small chunks, claimed interactive first: a single change waits for at most
-                # one chunk of bulk work, never for a whole cycle.
+            while not stop.is_set():
                 size = max(limit.concurrency * 2, 4, self._batch_size.get(mailbox, 1) * 2)
-                claimed = await self._claim(mailbox, size)
-                if not claimed:
+                in_hand = sum(running.values())
+                claimed: list[_Claimed] = []
+                if claimed_total < CYCLE_MAX_OPS and in_hand <= size // 2:
+                    claimed = await self._claim(mailbox, size - in_hand)
+                    claimed_total += len(claimed)
+                for work, ops in await self._plan(mailbox, limit, claimed, stats, stop):
+                    running[asyncio.create_task(_guarded(sem, work))] = ops
+                if not running:
+                    if claimed:
+                        continue  # all of them needed nothing; look for more
                     break
-                await self._run_chunk(mailbox, limit, claimed, stats, stop)
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    del running[task]
+                    task.result()  # a bug in the work surfaces here
         except Exception:
             # A bug must not end the worker silently: log it; the leases expire and retry.
             log.exception("sync.cycle.crashed mailbox=%s", mailbox)
         finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(
@@ -291,63 +310,65 @@ class Worker:
                 )
             )
 
-    async def _run_chunk(
+    async def _plan(
         self,
         mailbox: str,
         limit: RateLimit,
         claimed: Sequence[_Claimed],
         stats: CycleStats,
         stop: asyncio.Event,
-    ) -> None:
-        """Runs one claimed chunk: creates in batched calls where the provider has them, the
-        rest one call each, at most ``limit.concurrency`` calls at once."""
-        work: list[Awaitable[None]] = []
+    ) -> list[tuple[Callable[[], Awaitable[None]], int]]:
+        """The work for a claimed chunk, with the number of operations each piece carries:
+        creates in batched calls where the provider has them, the rest one call each. Work is
+        returned unstarted, so work cancelled before it starts leaves no coroutine behind."""
+        work: list[tuple[Callable[[], Awaitable[None]], int]] = [
+            (partial(self._run_task, mailbox, limit, c, stats, stop), 1)
+            for c in claimed
+            if c.ledger_id is None
+        ]
         creates: dict[int, list[_Job]] = {}
-        for c in claimed:
-            if c.ledger_id is None:
-                work.append(self._run_task(mailbox, limit, c, stats, stop))
-                continue
-            job = await self._prepare(mailbox, c, stats)
-            if job is None:
-                continue
+        for job in await self._prepare(mailbox, [c for c in claimed if c.ledger_id], stats):
             if job.decision.action == "create" and job.provider.batch_max > 1:
                 creates.setdefault(id(job.provider), []).append(job)
             else:
-                work.append(self._run_one(mailbox, limit, job, stats, stop))
+                work.append((partial(self._run_one, mailbox, limit, job, stats, stop), 1))
         for jobs in creates.values():
             size = max(1, min(jobs[0].provider.batch_max, limit.capacity))
             self._batch_size[mailbox] = size
             for start in range(0, len(jobs), size):
                 group = jobs[start : start + size]
                 if len(group) == 1:
-                    work.append(self._run_one(mailbox, limit, group[0], stats, stop))
+                    work.append((partial(self._run_one, mailbox, limit, group[0], stats, stop), 1))
                 else:
-                    work.append(self._run_batch(mailbox, limit, group, stats, stop))
-        sem = asyncio.Semaphore(limit.concurrency)
+                    run = partial(self._run_batch, mailbox, limit, group, stats, stop)
+                    work.append((run, len(group)))
+        return work
 
-        async def guarded(one: Awaitable[None]) -> None:
-            async with sem:
-                await one
-
-        await asyncio.gather(*(guarded(one) for one in work))
-
-    async def _prepare(self, mailbox: str, claimed: _Claimed, stats: CycleStats) -> _Job | None:
-        """Loads the ledger row and decides on fresh data; ``None`` when nothing is left to do."""
-        assert claimed.ledger_id is not None
-        loaded = await self._load(claimed.ledger_id)
-        if loaded is None:
-            await self._finish_op(claimed.op_id)
-            return None
-        ledger, activity, user, batch_deleting = loaded
-        decision = decide(ledger, activity, batch_deleting)
-        try:
-            provider = await self.providers(user)
-        except errors.ProviderError as exc:
-            log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, claimed.op_id, exc)
-            await self._give_up(claimed.op_id, ledger.id, f"{exc.code}: {exc}")
-            stats.failed += 1
-            return None
-        return _Job(claimed, ledger, decision, spec_for(activity, user), provider)
+    async def _prepare(
+        self, mailbox: str, claimed: Sequence[_Claimed], stats: CycleStats
+    ) -> list[_Job]:
+        """Loads the ledger rows (one query) and decides on fresh data; operations whose row
+        or activity is gone are done."""
+        if not claimed:
+            return []
+        loaded = await self._load_many([c.ledger_id for c in claimed if c.ledger_id is not None])
+        jobs: list[_Job] = []
+        for c in claimed:
+            found = loaded.get(c.ledger_id) if c.ledger_id is not None else None
+            if found is None:
+                await self._finish_op(c.op_id)
+                continue
+            ledger, activity, user, batch_deleting = found
+            try:
+                provider = await self.providers(user)
+            except errors.ProviderError as exc:
+                log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, c.op_id, exc)
+                await self._give_up(c.op_id, ledger.id, f"{exc.code}: {exc}")
+                stats.failed += 1
+                continue
+            decision = decide(ledger, activity, batch_deleting)
+            jobs.append(_Job(c, ledger, decision, spec_for(activity, user), provider))
+        return jobs
 
     async def _acquire(
         self, mailbox: str, limit: RateLimit, stop: asyncio.Event, n: int = 1, slots: int = 1
@@ -411,7 +432,7 @@ class Worker:
         finally:
             await self._release(got)
         self._throttle_streak.pop(mailbox, None)
-        await self._succeeded(job.claimed.op_id, job.ledger, job.decision, ref)
+        await self._succeeded([(job, ref)])
         stats.done += 1
 
     async def _run_batch(
@@ -439,16 +460,18 @@ class Worker:
         finally:
             await self._release(got)
         failures: list[tuple[_Job, errors.ProviderError]] = []
+        succeeded: list[tuple[_Job, EventRef | None]] = []
         for index, job in enumerate(jobs):
             result = results[index] if index < len(results) else None
             if result is not None and result.ref is not None and result.error is None:
-                await self._succeeded(job.claimed.op_id, job.ledger, job.decision, result.ref)
-                stats.done += 1
+                succeeded.append((job, result.ref))
             else:
                 item_error = result.error if result is not None else None
                 failures.append((job, item_error or errors.Transient("batch item not answered")))
-        if len(failures) < n:
+        if succeeded:
             self._throttle_streak.pop(mailbox, None)
+            await self._succeeded(succeeded)
+            stats.done += len(succeeded)
         await self._record_errors(mailbox, failures, stats)
 
     async def _record_errors(
@@ -564,41 +587,62 @@ class Worker:
 
     # --- recording outcomes ---------------------------------------------------------------
 
-    async def _load(self, ledger_id: int) -> tuple[ExternalEvent, Activity, User, bool] | None:
+    async def _load_many(
+        self, ledger_ids: Sequence[int]
+    ) -> dict[int, tuple[ExternalEvent, Activity, User, bool]]:
+        """Ledger rows with their activity, user and whether their batch is being deleted."""
+        found: dict[int, tuple[ExternalEvent, Activity, User, bool]] = {}
         async with self.db.session() as s:
-            ledger = await s.get(ExternalEvent, ledger_id)
-            if ledger is None:
-                return None
-            activity = await s.get(Activity, ledger.activity_id)
-            if activity is None:
-                return None
-            user = await s.get(User, (activity.tenant_id, activity.user_id))
-            if user is None:
-                return None
-            deleting = False
-            if activity.batch_id is not None:
-                batch = await s.get(Batch, activity.batch_id)
-                deleting = batch is not None and batch.state in ("deleting", "deleted")
-            return ledger, activity, user, deleting
+            rows = await s.execute(
+                select(ExternalEvent, Activity, User, Batch.state)
+                .join(Activity, Activity.id == ExternalEvent.activity_id)
+                .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
+                .outerjoin(Batch, Batch.id == Activity.batch_id)
+                .where(ExternalEvent.id.in_(sorted(set(ledger_ids))))
+            )
+            for ledger, activity, user, batch_state in rows:
+                found[ledger.id] = (ledger, activity, user, batch_state in ("deleting", "deleted"))
+        return found
 
-    async def _succeeded(
-        self, op_id: int, ledger: ExternalEvent, decision: Decision, ref: EventRef | None
-    ) -> None:
-        """Records the outcome; the state moves only if nobody changed the row meanwhile (a
-        batch deleted while its create ran keeps ``pending_delete`` and its own operation)."""
-        values: dict[str, object] = {"attempts": 0, "last_error": None}
-        if ref is not None:
-            values.update(event_id=ref.event_id, etag=ref.etag)
+    async def _succeeded(self, outcomes: Sequence[tuple[_Job, EventRef | None]]) -> None:
+        """Records outcomes in one transaction; a row's state moves only if nobody changed it
+        meanwhile (a batch deleted while its create ran keeps ``pending_delete`` and its own
+        operation), but the event id is kept either way, so that delete knows what to remove."""
+        if not outcomes:
+            return
+        ledger = LEDGER_TABLE.c
+        moved = case((ledger.state == bindparam("b_was"), bindparam("b_then")), else_=ledger.state)
+        base = update(LEDGER_TABLE).where(ledger.id == bindparam("b_id"))
+        with_ref = base.values(
+            attempts=0,
+            last_error=None,
+            state=moved,
+            event_id=bindparam("b_event_id"),
+            etag=bindparam("b_etag"),
+        )
+        without_ref = base.values(attempts=0, last_error=None, state=moved)
+        rows = [
+            {
+                "b_id": job.ledger.id,
+                "b_was": job.ledger.state,
+                "b_then": job.decision.then,
+                "b_event_id": ref.event_id if ref else None,
+                "b_etag": ref.etag if ref else None,
+            }
+            for job, ref in outcomes
+        ]
         async with self.db.session() as s, s.begin():
+            refs = [row for row, (_, ref) in zip(rows, outcomes, strict=True) if ref is not None]
+            if refs:
+                await s.execute(with_ref, refs)
+            if len(refs) < len(rows):
+                plain = [row for row, (_, ref) in zip(rows, outcomes, strict=True) if ref is None]
+                await s.execute(without_ref, plain)
             await s.execute(
-                update(ExternalEvent).where(ExternalEvent.id == ledger.id).values(**values)
+                update(Operation)
+                .where(Operation.id.in_([job.claimed.op_id for job, _ in outcomes]))
+                .values(state="done")
             )
-            await s.execute(
-                update(ExternalEvent)
-                .where(ExternalEvent.id == ledger.id, ExternalEvent.state == ledger.state)
-                .values(state=decision.then)
-            )
-            await s.execute(update(Operation).where(Operation.id == op_id).values(state="done"))
 
     async def _finish_op(self, op_id: int) -> None:
         async with self.db.session() as s, s.begin():
@@ -757,3 +801,8 @@ async def _free_ledgers_only(
         ).scalars()
     )
     return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
+
+
+async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
+    async with sem:
+        await work()
