@@ -25,8 +25,8 @@ TASK_HANDLERS: Mapping[str, TaskHandler] = {
     google_push.GOOGLE_SYNC: google_push.google_sync,
     google_push.GOOGLE_CHANNELS: google_push.google_channels,
     graph_push.GRAPH_SYNC: graph_push.graph_sync,
-    graph_push.GRAPH_SUBSCRIPTION: graph_push.graph_subscription,
-    graph_push.GRAPH_SUBSCRIPTIONS: graph_push.graph_subscriptions,
+    graph_push.GRAPH_LIFECYCLE: graph_push.graph_lifecycle,
+    graph_push.GRAPH_SUBSCRIPTION_CHECK: graph_push.graph_subscription_check,
     CALLBACK_KIND: callbacks.deliver_callback,
 }
 

@@ -3,7 +3,7 @@
 
 The flow, per mailbox of a user whose connection is ``graph``:
 
-1. **Subscriptions** (``graph_subscriptions``, one operation per tenant queued every
+1. **Subscriptions** (``graph_subs_check``, one operation per tenant queued every
    ``SUBSCRIPTIONS_CHECK_S`` by :func:`run_subscription_checks`): every mailbox gets one
    subscription to ``/users/{m}/events``. Graph validates our webhook before it answers the
    create, so the row is stored after it, with the secret ``clientState`` kept only as its
@@ -16,9 +16,9 @@ The flow, per mailbox of a user whose connection is ``graph``:
    valid item is refused with 403, one with at least one is answered 202 — Graph retries
    non-2xx answers, and a request from Graph may carry an item of a subscription we just
    replaced, which must not make it resend the rest. Changes store one ``graph_sync`` per
-   mailbox (not a second while one waits); lifecycle events store a renewal
-   (``reauthorizationRequired``), a re-creation (``subscriptionRemoved``) or a full delta
-   (``missed``). No provider call happens in the request, and requests arriving together
+   mailbox (not a second while one waits); lifecycle events store a ``graph_lifecycle``
+   renewal (``reauthorizationRequired``) or re-creation (``subscriptionRemoved``), or a full
+   delta (``missed``). No provider call happens in the request, and requests arriving together
    share one transaction (group commit), each answered once its work is committed.
 3. **Sync** (``graph_sync``, :func:`graph_sync`): a ``calendarView/delta`` round from the stored
    ``@odata.deltaLink``; events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
@@ -76,8 +76,8 @@ log = logging.getLogger("syncsvc.graph_push")
 
 PROVIDER = "graph"
 GRAPH_SYNC = "graph_sync"
-GRAPH_SUBSCRIPTION = "graph_subscription"
-GRAPH_SUBSCRIPTIONS = "graph_subscriptions"
+GRAPH_LIFECYCLE = "graph_lifecycle"
+GRAPH_SUBSCRIPTION_CHECK = "graph_subs_check"
 WEBHOOK_PATH = "/webhooks/graph"
 LIFECYCLE_PATH = "/webhooks/graph/lifecycle"
 #: Renew a subscription this long before it ends (or at half its life, if that is shorter).
@@ -260,7 +260,7 @@ def _want(
     action: str,
 ) -> None:
     """Adds the operation ``action`` asks for (a full sync wins over an incremental one)."""
-    kind = GRAPH_SUBSCRIPTION if action in ("renew", "recreate") else GRAPH_SYNC
+    kind = GRAPH_LIFECYCLE if action in ("renew", "recreate") else GRAPH_SYNC
     key = (kind if kind == GRAPH_SYNC else f"{kind}:{action}", sub.id)
     full = action == "full_sync"
     if key in wanted:
@@ -268,7 +268,7 @@ def _want(
             wanted[key]["full"] = True
         return
     payload: dict[str, Any] = {"subscription_id": sub.id}
-    if kind == GRAPH_SUBSCRIPTION:
+    if kind == GRAPH_LIFECYCLE:
         payload["action"] = action
     if full:
         payload["full"] = True
@@ -297,7 +297,7 @@ async def _store_work(
             await s.execute(
                 select(Operation).where(
                     Operation.mailbox.in_(mailboxes),
-                    Operation.kind.in_((GRAPH_SYNC, GRAPH_SUBSCRIPTION)),
+                    Operation.kind.in_((GRAPH_SYNC, GRAPH_LIFECYCLE)),
                     Operation.state == "pending",
                 )
             )
@@ -422,7 +422,7 @@ def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]
 # --- subscriptions ------------------------------------------------------------------------------
 
 
-async def graph_subscription(ctx: TaskContext, op: Operation) -> None:
+async def graph_lifecycle(ctx: TaskContext, op: Operation) -> None:
     """Task handler for a lifecycle event: renew (``reauthorizationRequired``) or re-create
     (``subscriptionRemoved``) one subscription."""
     found = await _subscription(ctx, op)
@@ -505,7 +505,7 @@ async def open_subscription(
     return sub
 
 
-async def graph_subscriptions(ctx: TaskContext, op: Operation) -> None:
+async def graph_subscription_check(ctx: TaskContext, op: Operation) -> None:
     """Task handler: gives each of the tenant's Graph mailboxes one live subscription (create,
     renew) and deletes the rest. One mailbox's failure does not hold back the others; a
     throttled or transient one is raised at the end, so the (idempotent) check runs again."""
@@ -588,7 +588,7 @@ async def _close(ctx: TaskContext, sub: Subscription) -> None:
 
 
 async def enqueue_subscription_checks(db: Database) -> int:
-    """One ``graph_subscriptions`` operation per tenant with Graph users or subscriptions,
+    """One ``graph_subs_check`` operation per tenant with Graph users or subscriptions,
     unless one is waiting or running. Returns how many were stored."""
     now = utcnow()
     async with db.session() as s, s.begin():
@@ -603,7 +603,7 @@ async def enqueue_subscription_checks(db: Database) -> int:
             (
                 await s.execute(
                     select(Operation.tenant_id).where(
-                        Operation.kind == GRAPH_SUBSCRIPTIONS,
+                        Operation.kind == GRAPH_SUBSCRIPTION_CHECK,
                         Operation.state.in_(("pending", "running")),
                     )
                 )
@@ -617,7 +617,7 @@ async def enqueue_subscription_checks(db: Database) -> int:
                 s.add(
                     _operation(
                         tenant_id,
-                        GRAPH_SUBSCRIPTIONS,
+                        GRAPH_SUBSCRIPTION_CHECK,
                         f"{PROVIDER}:subscriptions:{tenant_id}",
                         {},
                         now,

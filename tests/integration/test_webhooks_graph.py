@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -99,14 +98,15 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
 
 @pytest_asyncio.fixture
 async def service(
-    fake: FakeGraph, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeGraph, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Service]:
+    """The service on SQLite and on PostgreSQL (row locks, SKIP LOCKED claims)."""
     assert fake.ca_bundle is not None
     monkeypatch.setenv("SSL_CERT_FILE", str(fake.ca_bundle))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(fake.ca_bundle))
     port = free_port()
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'hooks.db'}",
+        database_url=database_url,
         secret_key=SECRET_KEY,
         public_base_url=f"http://127.0.0.1:{port}",
         graph_api_url=fake.graph_url,
