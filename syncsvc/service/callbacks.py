@@ -3,10 +3,15 @@
 The body is the operation's payload as compact JSON; ``X-Syncsvc-Signature: sha256=<hex>`` is
 the HMAC-SHA256 of exactly those bytes with the service's callback key, and
 ``X-Syncsvc-Delivery`` the operation id, the same on every retry, so the CRM can drop a
-delivery it already acknowledged. A 2xx answer is the acknowledgement. 408, 429, 5xx,
-timeouts and refused connections are retried with backoff by the worker (``Transient``, with
-the CRM's ``Retry-After`` when given); any other answer is a refusal that retrying cannot fix,
-and the operation goes to the dead letter, from which an operator can retry it.
+delivery it already acknowledged. A 2xx answer is the acknowledgement.
+
+408, 425, 429, 5xx, timeouts and refused connections mean the CRM is not listening now: they
+raise ``Throttled`` (with the CRM's ``Retry-After`` when given), which pauses that tenant's
+callbacks (``crm:<tenant>``) with a growing backoff and never uses up the operation's
+attempts, so a delivery is retried until it is acknowledged, however long the CRM is down
+(``Transient`` would give up after the worker's ``MAX_ATTEMPTS``). Any other answer is a
+refusal that retrying cannot fix: the operation goes to the dead letter, from which an
+operator can retry it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from functools import lru_cache
 
 import aiohttp
 
-from syncsvc.errors import Permanent, Transient
+from syncsvc.errors import Permanent, Throttled
 from syncsvc.providers._http import parse_retry_after, ssl_context
 from syncsvc.queue.worker import TaskContext
 from syncsvc.store.crypto import SecretBox
@@ -70,12 +75,12 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
             status = r.status
             retry_after_s = parse_retry_after(r.headers.get("Retry-After"))
     except TimeoutError as exc:
-        raise Transient(f"callback timed out after {CALLBACK_TIMEOUT_S} s") from exc
+        raise Throttled(f"callback timed out after {CALLBACK_TIMEOUT_S} s") from exc
     except aiohttp.ClientError as exc:
-        raise Transient(f"callback failed: {type(exc).__name__}") from exc
+        raise Throttled(f"callback failed: {type(exc).__name__}") from exc
     if 200 <= status < 300:
         log.info("event=callback.delivered op=%d tenant=%s status=%d", op.id, op.tenant_id, status)
         return
     if status >= 500 or status in RETRYABLE_STATUSES:
-        raise Transient(f"callback answered HTTP {status}", retry_after_s)
+        raise Throttled(f"callback answered HTTP {status}", retry_after_s)
     raise Permanent(f"callback refused with HTTP {status}")

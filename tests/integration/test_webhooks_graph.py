@@ -27,6 +27,7 @@ from sqlalchemy import func, select, update
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
+from syncsvc.queue.worker import MAX_ATTEMPTS
 from syncsvc.runtime import run_workers
 from syncsvc.service.changes import ExternalChange, apply_external_changes
 from syncsvc.service.graph_push import GRAPH_SYNC, enqueue_subscription_checks
@@ -56,6 +57,7 @@ class Crm:
 
     url: str = ""
     fail: int = 0
+    retry_after: str = "1"
     received: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -63,7 +65,8 @@ class Crm:
         status = 503 if self.fail > 0 else 200
         self.fail -= 1
         self.received.append((status, dict(request.headers), body))
-        return web.Response(status=status, headers={"Retry-After": "1"} if status != 200 else {})
+        headers = {"Retry-After": self.retry_after} if status != 200 else {}
+        return web.Response(status=status, headers=headers)
 
     def acknowledged(self) -> list[dict[str, Any]]:
         return [json.loads(body) for status, _, body in self.received if status == 200]
@@ -482,22 +485,25 @@ async def _new_subscription(db: Database, old_id: str) -> Subscription | None:
 async def test_callback_retried_until_acknowledged(service: Service, fake: FakeGraph) -> None:
     svc = service
     _, (moved_id, _, _) = await setup_batch(svc, fake)
-    svc.crm.fail = 2
+    # Down for longer than an operation's attempts: a callback is never given up on.
+    svc.crm.fail, svc.crm.retry_after = MAX_ATTEMPTS + 2, "0"
     start = datetime(2027, 6, 7, 16, 0, tzinfo=CPH)
     await fake.user_move_event(
         svc.mailbox, await _event_id(svc.db, moved_id), start, start + timedelta(hours=1)
     )
     await eventually(lambda: _acked(svc.crm, 1), "the acknowledged callback")
-    assert [status for status, _, _ in svc.crm.received] == [503, 503, 200]
+    assert [status for status, _, _ in svc.crm.received] == [503] * (MAX_ATTEMPTS + 2) + [200]
     deliveries = {headers["X-Syncsvc-Delivery"] for _, headers, _ in svc.crm.received}
     assert len(deliveries) == 1  # one delivery, retried: the CRM can tell repeats apart
     bodies = {body for _, _, body in svc.crm.received}
     assert len(bodies) == 1
     async with svc.db.session() as s:
-        states = (
-            await s.execute(select(Operation.state).where(Operation.kind == "callback"))
-        ).scalars()
-        assert list(states) == ["done"]
+        rows = (
+            await s.execute(
+                select(Operation.state, Operation.attempts).where(Operation.kind == "callback")
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [("done", 0)]
 
 
 @pytest.mark.timeout(60)
