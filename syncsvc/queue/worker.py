@@ -5,7 +5,9 @@ Shape of one worker process:
 - a *dispatcher* loop polls for mailboxes with due operations and starts one *cycle* task per
   mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once;
 - a cycle claims small chunks of that mailbox's operations, interactive lane first, runs up to
-  the mailbox's concurrency at once through the limiter, and ends after ``CYCLE_MAX_OPS`` so
+  the mailbox's concurrency at once through the limiter, and claims the next chunk as soon as
+  less than half of one is in hand (a pipeline: no token waits for a chunk's slowest call, and
+  a single change waits behind half a chunk at most); it ends after ``CYCLE_MAX_OPS`` so
   that no mailbox holds a task slot for long; each cycle is recorded (``sync_cycles``);
 - creates of one chunk go through the provider's batch endpoint (Graph ``$batch``, Google
   batch) when it has one: one grant of ``n`` tokens, and as many concurrency slots as the
