@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.api.batches import BatchPath
-from syncsvc.api.pagination import ExportQuery, csv_response, decode_cursor, encode_cursor
+from syncsvc.api.pagination import ExportQuery, csv_response, cursor_key, encode_cursor
 from syncsvc.api.plan_schemas import (
     ActivitiesPatch,
     ActivitiesPatchedOut,
@@ -21,7 +21,6 @@ from syncsvc.api.plan_schemas import (
     instant,
 )
 from syncsvc.api.plans import body_errors, clock_of
-from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.service import activities as service
 from syncsvc.service.activities import ActivityView, FollowUp
 from syncsvc.service.plans import parse_span
@@ -116,7 +115,7 @@ async def list_batch_activities(
             return await csv_response(
                 ctx.request, CSV_HEADER, _rows(views), filename=f"batch-{path.batch_id}.csv"
             )
-        after = _after(decode_cursor(query.cursor))
+        after = cursor_key(query.cursor, int, str)
         views_page = await service.list_for_batch(
             session, ctx.tenant_id, path.batch_id, query.limit, after
         )
@@ -131,22 +130,6 @@ async def list_batch_activities(
 async def _rows(views: AsyncIterator[ActivityView]) -> AsyncIterator[Sequence[object]]:
     async for view in views:
         yield csv_row(view)
-
-
-def _after(key: list[object] | None) -> tuple[int, str] | None:
-    if key is None:
-        return None
-    if (
-        len(key) != 2
-        or not isinstance(key[0], int)
-        or isinstance(key[0], bool)
-        or not isinstance(key[1], str)
-    ):
-        raise ValidationError(
-            "the cursor is not valid",
-            [ErrorDetail(("query", "cursor"), "not a cursor from this list")],
-        )
-    return key[0], key[1]
 
 
 @routes.endpoint(

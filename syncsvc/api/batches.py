@@ -7,7 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from syncsvc.api._framework import Ctx, Routes
-from syncsvc.api.pagination import PageQuery, decode_cursor, encode_cursor
+from syncsvc.api.pagination import PageQuery, cursor_key, encode_cursor
 from syncsvc.api.plan_schemas import (
     BatchCreatedOut,
     BatchListOut,
@@ -19,7 +19,6 @@ from syncsvc.api.plan_schemas import (
     instant,
 )
 from syncsvc.api.plans import body_errors, clock_of, users_out
-from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.service import batches as service
 from syncsvc.service.batches import BatchView
 
@@ -81,7 +80,7 @@ async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
 )
 async def list_batches(ctx: Ctx, query: PageQuery) -> BatchListOut:
     """The tenant's batches, newest first."""
-    after = _after(decode_cursor(query.cursor))
+    after = cursor_key(query.cursor, datetime, str)
     async with ctx.session() as session:
         views = await service.list_batches(session, ctx.tenant_id, query.limit, after)
     shown = views[: query.limit]
@@ -92,20 +91,6 @@ async def list_batches(ctx: Ctx, query: PageQuery) -> BatchListOut:
         if more
         else None,
     )
-
-
-def _after(key: list[object] | None) -> tuple[datetime, str] | None:
-    if key is None:
-        return None
-    try:
-        if len(key) != 2 or not isinstance(key[0], str) or not isinstance(key[1], str):
-            raise ValueError(key)
-        return datetime.fromisoformat(key[0]), key[1]
-    except ValueError as exc:
-        raise ValidationError(
-            "the cursor is not valid",
-            [ErrorDetail(("query", "cursor"), "not a cursor from this list")],
-        ) from exc
 
 
 @routes.endpoint(

@@ -7,12 +7,12 @@ is a 403); operators see every tenant. The dashboard shows the same models.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, model_validator
 
 from syncsvc.api._framework import Ctx, Routes
-from syncsvc.api.pagination import Page, PageQuery, decode_cursor, encode_cursor
+from syncsvc.api.pagination import Page, PageQuery, cursor_key, encode_cursor
 from syncsvc.api.plan_schemas import instant
 from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.service import ops as service
@@ -155,28 +155,6 @@ def _bad_cursor() -> ValidationError:
     )
 
 
-def _cycle_after(cursor: str | None) -> tuple[datetime, int] | None:
-    key = decode_cursor(cursor)
-    if key is None:
-        return None
-    try:
-        started, last_id = key
-        if not isinstance(started, str) or not isinstance(last_id, int):
-            raise ValueError(key)
-        return datetime.fromisoformat(started), last_id
-    except (ValueError, TypeError) as exc:
-        raise _bad_cursor() from exc
-
-
-def _dead_before(cursor: str | None) -> int | None:
-    key = decode_cursor(cursor)
-    if key is None:
-        return None
-    if len(key) != 1 or not isinstance(key[0], int) or isinstance(key[0], bool):
-        raise _bad_cursor()
-    return key[0]
-
-
 @routes.endpoint(
     "GET",
     "/v1/ops/cycles",
@@ -190,7 +168,7 @@ async def list_cycles(ctx: Ctx, query: CyclesQuery) -> Page[CycleOut]:
         views = await service.list_cycles(
             session,
             query.limit,
-            _cycle_after(query.cursor),
+            cursor_key(query.cursor, datetime, int),
             mailbox=query.mailbox,
             provider=query.provider,
         )
@@ -216,7 +194,9 @@ async def get_queue(ctx: Ctx, query: PageQuery) -> QueueOut:
     now = utcnow()
     async with ctx.session() as session:
         lanes = await service.queue_depth(session, now)
-        dead = await service.dead_operations(session, query.limit, _dead_before(query.cursor))
+        dead = await service.dead_operations(
+            session, query.limit, _first(cursor_key(query.cursor, int))
+        )
         dead_total = await service.count_dead(session)
     shown = dead[: query.limit]
     return QueueOut(
@@ -240,3 +220,7 @@ async def retry_operations(ctx: Ctx, body: RetryIn) -> RetryOut:
     """Dead operations go back to pending with fresh attempts and their failed ledger rows to
     the state they work towards; ids that are not dead are ignored. Answers how many."""
     return RetryOut(retried=await service.retry(ctx.db, None if body.all else body.ids))
+
+
+def _first(key: tuple[Any, ...] | None) -> int | None:
+    return None if key is None else int(key[0])

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterable, Callable, Sequence
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from aiohttp import web
@@ -80,6 +81,28 @@ def decode_cursor(cursor: str | None) -> list[Any] | None:
     if not isinstance(key, list):
         raise _bad_cursor()
     return key
+
+
+def cursor_key(cursor: str | None, *parts: type) -> tuple[Any, ...] | None:
+    """A cursor's sort key checked against its parts' types (``int``, ``str``, or
+    ``datetime`` carried as ISO text); anything else is a 422."""
+    key = decode_cursor(cursor)
+    if key is None:
+        return None
+    if len(key) != len(parts):
+        raise _bad_cursor()
+    typed: list[Any] = []
+    for value, kind in zip(key, parts, strict=True):
+        if kind is datetime and isinstance(value, str):
+            try:
+                typed.append(datetime.fromisoformat(value))
+            except ValueError as exc:
+                raise _bad_cursor() from exc
+        elif kind in (int, str) and type(value) is kind:
+            typed.append(value)
+        else:
+            raise _bad_cursor()
+    return tuple(typed)
 
 
 def _bad_cursor() -> ValidationError:

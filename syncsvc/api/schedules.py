@@ -14,10 +14,9 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from syncsvc.api._framework import Ctx, Routes
-from syncsvc.api.pagination import Page, PageQuery, decode_cursor, page
+from syncsvc.api.pagination import Page, PageQuery, cursor_key, page
 from syncsvc.api.plan_schemas import PlanDefinition, ScheduleIn, instant
 from syncsvc.api.plans import body_errors, clock_of
-from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.service import schedules as service
 from syncsvc.service.users import check_timezone
 from syncsvc.store.models import Schedule, ScheduleRun
@@ -142,21 +141,6 @@ def run_out(row: ScheduleRun, zone_name: str) -> RunOut:
     )
 
 
-def _after(cursor: str | None) -> tuple[datetime, str] | None:
-    key = decode_cursor(cursor)
-    if key is None:
-        return None
-    try:
-        if len(key) != 2 or not isinstance(key[0], str) or not isinstance(key[1], str):
-            raise ValueError(key)
-        return datetime.fromisoformat(key[0]), key[1]
-    except ValueError as exc:
-        raise ValidationError(
-            "the cursor is not valid",
-            [ErrorDetail(("query", "cursor"), "not a cursor from this list")],
-        ) from exc
-
-
 @routes.endpoint(
     "POST",
     "/v1/schedules",
@@ -191,7 +175,7 @@ async def create_schedule(ctx: Ctx, body: ScheduleBody) -> ScheduleOut:
 async def list_schedules(ctx: Ctx, query: PageQuery) -> Page[ScheduleOut]:
     async with ctx.session() as session:
         rows = await service.list_schedules(
-            session, ctx.tenant_id, query.limit, _after(query.cursor)
+            session, ctx.tenant_id, query.limit, cursor_key(query.cursor, datetime, str)
         )
     return page(
         Page[ScheduleOut],
@@ -238,7 +222,9 @@ async def delete_schedule(ctx: Ctx, path: SchedulePath) -> None:
 async def list_schedule_runs(ctx: Ctx, path: SchedulePath, query: PageQuery) -> Page[RunOut]:
     async with ctx.session() as session:
         schedule = await service.get(session, ctx.tenant_id, path.schedule_id)
-        rows = await service.list_runs(session, schedule, query.limit, _after(query.cursor))
+        rows = await service.list_runs(
+            session, schedule, query.limit, cursor_key(query.cursor, datetime, str)
+        )
     return page(
         Page[RunOut],
         rows,
