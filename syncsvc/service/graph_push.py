@@ -67,14 +67,17 @@ from syncsvc.providers.graph_subscriptions import (
 from syncsvc.queue.outbox import calendar_of
 from syncsvc.queue.worker import TaskContext
 from syncsvc.service.changes import ExternalChange, apply_external_changes, refresh_days_off
+from syncsvc.service.push_checks import enqueue_checks, run_checks
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
-from syncsvc.store.models import Operation, Subscription, Tenant, User
+from syncsvc.store.models import Operation, Subscription, User
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.graph_push")
 
 PROVIDER = "graph"
+#: The per-tenant subscription checks' mailbox prefix (their rate-limit and fairness unit).
+SUBSCRIPTIONS_MAILBOX = f"{PROVIDER}:subscriptions"
 GRAPH_SYNC = "graph_sync"
 GRAPH_LIFECYCLE = "graph_lifecycle"
 GRAPH_SUBSCRIPTION_CHECK = "graph_subs_check"
@@ -590,52 +593,13 @@ async def _close(ctx: TaskContext, sub: Subscription) -> None:
 async def enqueue_subscription_checks(db: Database) -> int:
     """One ``graph_subs_check`` operation per tenant with Graph users or subscriptions,
     unless one is waiting or running. Returns how many were stored."""
-    now = utcnow()
-    async with db.session() as s, s.begin():
-        with_users = select(User.tenant_id).where(User.calendar_provider == PROVIDER)
-        with_subs = select(Subscription.tenant_id).where(Subscription.provider == PROVIDER)
-        tenants = (
-            (await s.execute(select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))))
-            .scalars()
-            .all()
-        )
-        busy = set(
-            (
-                await s.execute(
-                    select(Operation.tenant_id).where(
-                        Operation.kind == GRAPH_SUBSCRIPTION_CHECK,
-                        Operation.state.in_(("pending", "running")),
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
-        added = 0
-        for tenant_id in tenants:
-            if tenant_id not in busy:
-                s.add(
-                    _operation(
-                        tenant_id,
-                        GRAPH_SUBSCRIPTION_CHECK,
-                        f"{PROVIDER}:subscriptions:{tenant_id}",
-                        {},
-                        now,
-                    )
-                )
-                added += 1
-    return added
+    return await enqueue_checks(db, PROVIDER, GRAPH_SUBSCRIPTION_CHECK, SUBSCRIPTIONS_MAILBOX)
 
 
 async def run_subscription_checks(
     db: Database, stop: asyncio.Event, interval_s: float = SUBSCRIPTIONS_CHECK_S
 ) -> None:
-    """Queues the subscription checks every ``interval_s`` until ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            await enqueue_subscription_checks(db)
-        except Exception:
-            # A database hiccup must not end the loop; the next round tries again.
-            log.exception("event=graph.subscription.check_failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
+    """Queues the subscription checks at start and every ``interval_s`` until ``stop``."""
+    await run_checks(
+        db, stop, interval_s, PROVIDER, GRAPH_SUBSCRIPTION_CHECK, SUBSCRIPTIONS_MAILBOX
+    )
