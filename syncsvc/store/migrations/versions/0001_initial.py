@@ -1,7 +1,7 @@
 """initial
 
 Revision ID: 0001
-Create Date: 2026-11-23 10:16:29.586576
+Create Date: 2026-11-23 10:45:24.737078
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def upgrade() -> None:
         sa.Column("done", sa.Integer(), nullable=False),
         sa.Column("failed", sa.Integer(), nullable=False),
         sa.Column("throttled", sa.Integer(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_sync_cycles")),
     )
     with op.batch_alter_table("sync_cycles", schema=None) as batch_op:
         batch_op.create_index("ix_sync_cycles_started", ["started_at"], unique=False)
@@ -42,9 +42,9 @@ def upgrade() -> None:
         sa.Column("callback_url", sa.Text(), nullable=True),
         sa.Column("closing_days", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("api_key_hash"),
-        sa.UniqueConstraint("name"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_tenants")),
+        sa.UniqueConstraint("api_key_hash", name=op.f("uq_tenants_api_key_hash")),
+        sa.UniqueConstraint("name", name=op.f("uq_tenants_name")),
     )
     op.create_table(
         "batches",
@@ -59,10 +59,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_batches_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_batches")),
     )
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.create_index(
@@ -80,10 +79,9 @@ def upgrade() -> None:
         sa.Column("response", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_idempotency_keys_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("tenant_id", "key"),
+        sa.PrimaryKeyConstraint("tenant_id", "key", name=op.f("pk_idempotency_keys")),
     )
     op.create_table(
         "schedules",
@@ -98,10 +96,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_schedules_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_schedules")),
     )
     with op.batch_alter_table("schedules", schema=None) as batch_op:
         batch_op.create_index("ix_schedules_next_run", ["next_run_at"], unique=False)
@@ -124,11 +121,12 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_subscriptions_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("provider", "external_id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_subscriptions")),
+        sa.UniqueConstraint(
+            "provider", "external_id", name=op.f("uq_subscriptions_provider_external_id")
+        ),
     )
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.create_index("ix_subscriptions_expires", ["provider", "expires_at"], unique=False)
@@ -154,10 +152,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_users_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("tenant_id", "id"),
+        sa.PrimaryKeyConstraint("tenant_id", "id", name=op.f("pk_users")),
     )
     op.create_table(
         "activities",
@@ -187,18 +184,17 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["batch_id"],
-            ["batches.id"],
+            ["batch_id"], ["batches.id"], name=op.f("fk_activities_batch_id_batches")
         ),
         sa.ForeignKeyConstraint(
             ["tenant_id", "user_id"],
             ["users.tenant_id", "users.id"],
+            name=op.f("fk_activities_tenant_id_user_id_users"),
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_activities_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_activities")),
     )
     with op.batch_alter_table("activities", schema=None) as batch_op:
         batch_op.create_index("ix_activities_batch_seq", ["batch_id", "seq"], unique=False)
@@ -218,13 +214,13 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["tenant_id", "user_id"],
             ["users.tenant_id", "users.id"],
+            name=op.f("fk_feeds_tenant_id_user_id_users"),
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_feeds_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("tenant_id", "user_id"),
-        sa.UniqueConstraint("token_hash"),
+        sa.PrimaryKeyConstraint("tenant_id", "user_id", name=op.f("pk_feeds")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_feeds_token_hash")),
     )
     op.create_table(
         "schedule_runs",
@@ -240,15 +236,15 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(), nullable=False),
         sa.Column("finished_at", sa.DateTime(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["schedule_id"],
-            ["schedules.id"],
+            ["schedule_id"], ["schedules.id"], name=op.f("fk_schedule_runs_schedule_id_schedules")
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_schedule_runs_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("schedule_id", "occurrence"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_schedule_runs")),
+        sa.UniqueConstraint(
+            "schedule_id", "occurrence", name=op.f("uq_schedule_runs_schedule_id_occurrence")
+        ),
     )
     with op.batch_alter_table("schedule_runs", schema=None) as batch_op:
         batch_op.create_index("ix_schedule_runs_due", ["state", "next_attempt_at"], unique=False)
@@ -272,13 +268,18 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["activity_id"],
             ["activities.id"],
+            name=op.f("fk_external_events_activity_id_activities"),
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_external_events_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("activity_id", "provider", "calendar"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_external_events")),
+        sa.UniqueConstraint(
+            "activity_id",
+            "provider",
+            "calendar",
+            name=op.f("uq_external_events_activity_id_provider_calendar"),
+        ),
     )
     with op.batch_alter_table("external_events", schema=None) as batch_op:
         batch_op.create_index("ix_external_events_batch_state", ["batch_id", "state"], unique=False)
@@ -303,12 +304,12 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["ledger_id"],
             ["external_events.id"],
+            name=op.f("fk_operations_ledger_id_external_events"),
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_operations_tenant_id_tenants")
         ),
-        sa.PrimaryKeyConstraint("id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_operations")),
     )
     with op.batch_alter_table("operations", schema=None) as batch_op:
         batch_op.create_index(
