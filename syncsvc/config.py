@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncsvc.errors import ErrorDetail, ValidationError
-from syncsvc.limits import CALDAV_LIMIT, GOOGLE_LIMIT, GRAPH_LIMIT, RateLimit
+from syncsvc.limits import (
+    APP_CONCURRENCY,
+    CALDAV_LIMIT,
+    GOOGLE_LIMIT,
+    GRAPH_APP_LIMIT,
+    GRAPH_LIMIT,
+    RateLimit,
+)
 
 PREFIX = "SYNCSVC_"
 SECRET_KEY_MIN_CHARS = 32
@@ -50,11 +57,15 @@ class Settings:
             "caldav": CALDAV_LIMIT,
         }
     )
+    #: Per-app limits by provider, over every mailbox of every tenant (Graph's by default;
+    #: ``SYNCSVC_<PROVIDER>_APP_RATE`` sets one for any provider, e.g. a Google project quota).
+    app_limits: Mapping[str, RateLimit] = field(default_factory=lambda: {"graph": GRAPH_APP_LIMIT})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Reads ``SYNCSVC_*``; rate limits as ``SYNCSVC_<PROVIDER>_RATE=requests/seconds``
-        and ``SYNCSVC_<PROVIDER>_CONCURRENCY=n``."""
+        """Reads ``SYNCSVC_*``; rate limits as ``SYNCSVC_<PROVIDER>_RATE=requests/seconds``,
+        ``SYNCSVC_<PROVIDER>_CONCURRENCY=n`` (per mailbox) and ``SYNCSVC_<PROVIDER>_APP_RATE``
+        (per app)."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
@@ -116,9 +127,25 @@ class Settings:
                         "must look like 600/60 (requests/seconds) with a positive concurrency",
                     )
                 )
+        app_limits = dict(cls().app_limits)
+        for provider in limits:
+            rate = get(f"{provider.upper()}_APP_RATE")
+            if rate is None:
+                continue
+            try:
+                left, _, right = rate.partition("/")
+                app_limits[provider] = RateLimit(int(left), float(right or "1"), APP_CONCURRENCY)
+            except ValueError:
+                errors.append(
+                    ErrorDetail(
+                        (f"{PREFIX}{provider.upper()}_APP_RATE",),
+                        "must look like 130000/10 (requests/seconds)",
+                    )
+                )
         if errors:
             raise ConfigError("invalid configuration", errors)
         kwargs["limits"] = limits
+        kwargs["app_limits"] = app_limits
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @property

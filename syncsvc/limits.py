@@ -64,3 +64,10 @@ DEFAULT_LIMITS: Mapping[str, RateLimit] = {
     "google": GOOGLE_LIMIT,
     "caldav": CALDAV_LIMIT,
 }
+
+#: Graph's per-app limit over all tenants and mailboxes (requests per 10 s). Apps have no
+#: concurrency cap of their own: the mailboxes' caps apply.
+GRAPH_APP_REQUESTS_PER_WINDOW = 130_000
+GRAPH_APP_WINDOW_S = 10.0
+APP_CONCURRENCY = 1_000_000
+GRAPH_APP_LIMIT = RateLimit(GRAPH_APP_REQUESTS_PER_WINDOW, GRAPH_APP_WINDOW_S, APP_CONCURRENCY)

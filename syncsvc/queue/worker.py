@@ -58,6 +58,8 @@ BACKOFF_MAX_S = 600.0
 #: Google's throttling answers carry no Retry-After: back off from this, doubling per streak.
 THROTTLE_BASE_S = 1.0
 LANE_INTERACTIVE = "interactive"
+#: The limiter key of a provider's per-app limit (``app:graph``); no mailbox starts so.
+APP_MAILBOX_PREFIX = "app:"
 #: An operation waits in the process for a grant at most this long (a long pause, a busy
 #: mailbox); then it goes back to the queue, so its claim never runs out while it waits.
 HOLD_MAX_S = 10.0
@@ -385,11 +387,35 @@ class Worker:
                 log.warning("sync.limiter.unavailable mailbox=%s error=%s", mailbox, exc)
                 got = exc.retry_after_s or 0.5
             if isinstance(got, Lease):
-                return got
+                refused = await self._app_tokens(mailbox, n)
+                if refused is None:
+                    return got
+                # The mailbox's tokens are spent; the app's limit is far larger and rarely
+                # binds, so asking it second wastes little.
+                await self._release(got)
+                got = refused
             if got > HOLD_MAX_S or time.monotonic() + got > give_back_at:
                 return got
             await asyncio.sleep(min(max(got, 0.005), 1.0))
         return 0.0
+
+    async def _app_tokens(self, mailbox: str, n: int) -> float | None:
+        """Takes ``n`` tokens from the provider's per-app limit, if it has one: ``None`` when
+        granted (or when the limiter cannot be reached: the mailbox limits still hold), else
+        the seconds to wait."""
+        provider = mailbox.split(":", 1)[0]
+        limit = self.settings.app_limits.get(provider)
+        if limit is None:
+            return None
+        try:
+            key = f"{APP_MAILBOX_PREFIX}{provider}"
+            got = await self.limiter.acquire(key, limit, min(n, limit.capacity))
+        except errors.Transient:
+            return None
+        if isinstance(got, Lease):
+            await self._release(got)
+            return None
+        return got
 
     async def _release(self, lease: Lease) -> None:
         """Frees the lease's slots. An unreachable limiter (Redis restarting) must not cost the
