@@ -8,7 +8,6 @@ saved plan with them as a batch.
 from __future__ import annotations
 
 from datetime import date, datetime
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,7 +17,7 @@ from syncsvc.api.pagination import Page, PageQuery, cursor_key, page
 from syncsvc.api.plan_schemas import PlanDefinition, ScheduleIn, instant
 from syncsvc.api.plans import body_errors, clock_of
 from syncsvc.service import schedules as service
-from syncsvc.service.users import check_timezone
+from syncsvc.service.users import check_http_url, check_timezone
 from syncsvc.store.models import Schedule, ScheduleRun
 
 routes = Routes(tag="schedules")
@@ -79,10 +78,7 @@ class ScheduleBody(BaseModel):
     @field_validator("targets_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL with a host")
-        return value
+        return check_http_url(value)
 
 
 class ScheduleOut(BaseModel):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import date
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.service import tenant as service
+from syncsvc.service.users import check_http_url
 
 routes = Routes(tag="tenant")
 
@@ -41,12 +41,7 @@ class TenantPatch(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL with a host")
-        return value
+        return None if value is None else check_http_url(value)
 
 
 def _out(view: service.TenantView) -> TenantOut:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -14,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.api.pagination import ExportQuery, Page, csv_response, decode_cursor, page
 from syncsvc.service import users as service
+from syncsvc.service.users import check_http_url
 from syncsvc.store.models import User
 
 routes = Routes(tag="users")
@@ -65,10 +65,7 @@ class CaldavCalendar(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL with a host")
-        return value
+        return check_http_url(value)
 
 
 class NoCalendar(BaseModel):

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import holidays
 from sqlalchemy import select
@@ -51,6 +52,14 @@ def timezones() -> tuple[str, ...]:
 def countries() -> tuple[str, ...]:
     """Every accepted country code, sorted."""
     return tuple(sorted(_countries()))
+
+
+def check_http_url(value: str) -> str:
+    """Addresses we call (CalDAV servers, the CRM): http(s) with a host, nothing else."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    return value
 
 
 def check_timezone(name: str) -> str:
