@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -85,6 +86,14 @@ class CalendarRun:
         span = times[last] - times[first] if last > first else 0.0
         return (last - first) / span if span > 0 else 0.0
 
+    def idle_s(self, limit: RateLimit) -> tuple[float, float]:
+        """Seconds in which the limiter's bucket sat full (gaps between accepted calls longer
+        than it takes to refill it: tokens the worker let overflow), and the longest gap."""
+        times = sorted(self.accepted_at)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        refill_s = limit.capacity / limit.refill_per_s
+        return sum(max(0.0, g - refill_s) for g in gaps), max(gaps, default=0.0)
+
 
 @dataclass(frozen=True, slots=True)
 class ProviderRun:
@@ -139,14 +148,15 @@ def report(run: ProviderRun, started: float) -> None:
     )
     print(
         f"  {'calendar':<28} {'accepted':>8} {'steady/s':>8} {'allowed/s':>9} {'ratio':>6} "
-        f"{'throttled':>9} {'share':>7}"
+        f"{'throttled':>9} {'share':>7} {'idle s':>6} {'max gap s':>9}"
     )
     for cal in run.calendars:
         rate = cal.steady_rate()
         share = cal.throttled / cal.calls if cal.calls else 0.0
+        idle, gap = cal.idle_s(run.limit)
         print(
             f"  {cal.name:<28} {len(cal.accepted_at):>8} {rate:>8.2f} {allowed:>9.2f} "
-            f"{rate / allowed:>6.3f} {cal.throttled:>9} {share:>7.2%}"
+            f"{rate / allowed:>6.3f} {cal.throttled:>9} {share:>7.2%} {idle:>6.2f} {gap:>9.2f}"
         )
     ratios = [c.steady_rate() / allowed for c in run.calendars]
     calls = sum(c.calls for c in run.calendars)
