@@ -4,9 +4,11 @@ The token is shown once (in the URL) and only its SHA-256 is stored; a feed is f
 hash with an indexed equality, so no secret is ever compared in Python.
 
 Feeds are polled often and mostly unchanged, so answering is split in two. ``feed_state``
-yields a strong ETag from the database alone, usually with ONE indexed query: a ``304`` needs
-nothing else. ``feed_body`` renders only when the ETag is new to this process; bodies are
-cached by ETag, and concurrent requests for the same new ETag share one render.
+yields a strong ETag from the database alone, with ONE statement run straight on the driver
+(no ORM session, no transaction to begin and end): a ``304`` needs nothing else. Nothing of
+the ETag is cached across requests, so a committed change shows in the very next answer.
+``feed_body`` renders only when the ETag is new to this process; bodies are cached by ETag,
+and concurrent requests for the same new ETag share one render.
 """
 
 from __future__ import annotations
@@ -21,9 +23,25 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    ScalarSelect,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+)
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound
 from syncsvc.feeds.ical import FeedCalendar, FeedItem, render_feed
@@ -116,7 +134,88 @@ def _of_user(tenant_id: Any, user_id: Any) -> ColumnElement[bool]:
     return and_(Activity.tenant_id == tenant_id, Activity.user_id == user_id)
 
 
-async def feed_state(session: AsyncSession, token: str, now: datetime) -> FeedState:
+def _state_statement() -> Select[str, str, str, datetime, datetime, str]:
+    """The feed of ``:token_hash`` and all its ETag needs, as ONE statement (one round trip).
+
+    The newest ``updated_at`` is an index lookup; the totals (a scan of the user's
+    activities) are only evaluated when that newest change is after ``:settle_after``.
+    """
+
+    def newest_change() -> ScalarSelect[datetime]:
+        return (
+            select(func.max(Activity.updated_at))
+            .where(_of_user(Feed.tenant_id, Feed.user_id))
+            .scalar_subquery()
+        )
+
+    # Constants as SQL literals: the only parameters are the token's hash and the stamp.
+    zero = literal_column("0", Integer)
+    one = literal_column("1", Integer)
+    separator = literal_column("'|'", String)
+    deleted = func.sum(case((Activity.deleted.is_(True), one), else_=zero))
+    deleted_count = func.coalesce(deleted, zero)
+    totals = (
+        select(
+            cast(func.count(), String)
+            + separator
+            + cast(func.coalesce(func.sum(Activity.version), zero), String)
+            + separator
+            + cast(deleted_count, String)
+        )
+        .where(_of_user(Feed.tenant_id, Feed.user_id))
+        .scalar_subquery()
+    )
+    settle_after = bindparam("settle_after", type_=Activity.updated_at.type)
+    unsettled = case((newest_change() > settle_after, totals), else_=null())
+    return (
+        select(
+            Feed.tenant_id,
+            Feed.user_id,
+            Feed.token_hash,
+            User.updated_at,
+            newest_change(),
+            unsettled,
+        )
+        .join(User, and_(User.tenant_id == Feed.tenant_id, User.id == Feed.user_id))
+        .where(Feed.token_hash == bindparam("token_hash"))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """``_STATE`` as the driver sees it: SQL text, parameter order, the stamp's converter."""
+
+    sql: str
+    names: tuple[str, ...]
+    stamp: Callable[[Any], Any] | None
+
+
+@functools.cache
+def _compiled(dialect: Dialect) -> _Compiled:
+    compiled = _state_statement().compile(dialect=dialect)
+    if compiled.positiontup is None:
+        raise ValueError(f"{dialect.name}: a positional paramstyle was expected")
+    stamp = Activity.updated_at.type.bind_processor(dialect)
+    return _Compiled(str(compiled), tuple(compiled.positiontup), stamp)
+
+
+async def _fetch_state(conn: AsyncConnection, token_hash: str, settle_after: datetime) -> Any:
+    """One round trip straight on the driver: no transaction begun (so none to end), no
+    cursor or result objects; ``aiosqlite`` does it in one hop to its thread, not four."""
+    plan = _compiled(conn.dialect)
+    stamp = settle_after if plan.stamp is None else plan.stamp(settle_after)
+    values = {"token_hash": token_hash, "settle_after": stamp}
+    args = [values[name] for name in plan.names]
+    driver = (await conn.get_raw_connection()).driver_connection
+    if driver is None:
+        raise ConnectionError("the pooled connection has no driver connection")
+    if conn.dialect.name == "sqlite":
+        rows = await driver.execute_fetchall(plan.sql, args)
+        return rows[0] if rows else None
+    return await driver.fetchrow(plan.sql, *args)
+
+
+async def feed_state(conn: AsyncConnection | AsyncSession, token: str, now: datetime) -> FeedState:
     """The feed of ``token`` and its ETag; unknown or revoked → ``NotFound``.
 
     The ETag covers all the body is made of: the feed (its token), the user (zone, name:
@@ -125,32 +224,20 @@ async def feed_state(session: AsyncSession, token: str, now: datetime) -> FeedSt
     once it is older than ``WRITE_SETTLE_S``. Until then a slower transaction could still
     commit an older stamp, so the count, the sum of versions and the number deleted are
     added (a scan of the user's activities): every edit raises a version, a deletion flips
-    ``deleted``, a new activity adds one.
+    ``deleted``, a new activity adds one. All of it is one statement, run on the driver;
+    stamps enter the fingerprint as the driver returns them (stable per database).
     """
-    newest_change = (
-        select(func.max(Activity.updated_at))
-        .where(_of_user(Feed.tenant_id, Feed.user_id))
-        .scalar_subquery()
-    )
-    stmt = (
-        select(Feed.tenant_id, Feed.user_id, Feed.token_hash, User.updated_at, newest_change)
-        .join(User, and_(User.tenant_id == Feed.tenant_id, User.id == Feed.user_id))
-        .where(Feed.token_hash == hash_token(token))
-    )
-    row = (await session.execute(stmt)).one_or_none()
+    if isinstance(conn, AsyncSession):
+        conn = await conn.connection()
+    settle_after = now - timedelta(seconds=WRITE_SETTLE_S)
+    row = await _fetch_state(conn, hash_token(token), settle_after)
     if row is None:
         raise NotFound("no such feed", [ErrorDetail(("path", "token"), "unknown or revoked")])
-    tenant_id, user_id, token_hash, user_updated, newest = row
+    tenant_id, user_id, token_hash, user_updated, newest, totals = tuple(row)
     cutoff = deleted_cutoff(now)
-    parts: list[object] = [FEED_FORMAT_VERSION, token_hash, user_updated, cutoff, newest]
-    if newest is not None and newest > now - timedelta(seconds=WRITE_SETTLE_S):
-        totals = select(
-            func.count(),
-            func.coalesce(func.sum(Activity.version), 0),
-            func.coalesce(func.sum(case((Activity.deleted.is_(True), 1), else_=0)), 0),
-        ).where(_of_user(tenant_id, user_id))
-        parts.extend((await session.execute(totals)).one())
-    fingerprint = "|".join(p.isoformat() if isinstance(p, datetime) else str(p) for p in parts)
+    fingerprint = (
+        f"{FEED_FORMAT_VERSION}|{token_hash}|{user_updated}|{cutoff.isoformat()}|{newest}|{totals}"
+    )
     etag = '"' + hashlib.sha256(fingerprint.encode()).hexdigest()[:40] + '"'
     return FeedState(tenant_id=tenant_id, user_id=user_id, etag=etag, cutoff=cutoff)
 
