@@ -68,9 +68,7 @@ async def get_feed(ctx: Ctx, path: FeedPath) -> web.StreamResponse:
     """Needs no API key. Meetings and calls are VEVENTs, tasks VTODOs; cancelled activities
     and those of deleted batches (for 30 days) are STATUS:CANCELLED. Answers ``304`` to an
     ``If-None-Match`` holding the current strong ``ETag``."""
-    # A bare connection, not a session: the 304 answer is this one statement and nothing else.
-    async with ctx.db.engine.connect() as conn:
-        state = await service.feed_state(conn, path.token, utcnow())
+    state = await service.current_state(ctx.db, path.token, utcnow())
     headers = {"ETag": state.etag, "Cache-Control": f"private, max-age={FEED_MAX_AGE_S}"}
     if etag_matches(ctx.request.headers.get("If-None-Match"), state.etag):
         return web.Response(status=304, headers=headers)

@@ -330,3 +330,29 @@ async def test_etag_follows_every_change_even_a_late_commit(
     )
     assert response.status == 200
     assert await etag(datetime.now(UTC) + settled) != old
+
+
+async def test_a_settled_feed_answers_304_until_a_patch_commits(
+    client: Client, tenants: Tenants, db: Database
+) -> None:
+    """The settled path (newest change older than ``WRITE_SETTLE_S``; inline on SQLite)
+    still reads the database on every request: the GET after a PATCH answered is a 200."""
+    await _put_user(client, tenants.a)
+    first, _, _ = await _commit(client, tenants.a)
+    path = await _new_feed(client, tenants.a)
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    async with db.session() as session, session.begin():
+        await session.execute(update(Activity).values(updated_at=an_hour_ago))
+    etag = (await client.get(path)).headers["ETag"]
+    for _ in range(3):
+        assert (await client.get(path, headers={"If-None-Match": etag})).status == 304
+
+    response = await client.patch(
+        f"/v1/activities/{first['id']}", json={"subject": "Edited"}, headers=tenants.a.headers
+    )
+    assert response.status == 200
+    changed = await client.get(path, headers={"If-None-Match": etag})
+    assert changed.status == 200
+    assert changed.headers["ETag"] != etag
+    event = _by_uid(Calendar.from_ical(await changed.read()))[_uid(first)]
+    assert str(event["SUMMARY"]) == "Edited"
