@@ -109,6 +109,13 @@ class ProviderConflict(ProviderError):
     code = "provider_conflict"
 
 
+class SyncTokenExpired(ProviderError):
+    """The provider forgot our incremental-sync token (Graph delta 410, Google
+    ``fullSyncRequired``): list from scratch."""
+
+    code = "sync_token_expired"
+
+
 class AuthFailed(ProviderError):
     """Credentials are missing, expired or lack permission: retrying will not help."""
 

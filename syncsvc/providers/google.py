@@ -12,7 +12,7 @@ already there.
 Beyond the Protocol, push and incremental sync: :meth:`GoogleProvider.watch` opens a push
 channel (``events.watch``), :meth:`GoogleProvider.stop` closes one (``channels.stop``) and
 :meth:`GoogleProvider.changes` lists what changed since a sync token (``events.list``), raising
-:class:`FullSyncRequired` when Google answers ``410`` so the caller lists everything again.
+:class:`SyncTokenExpired` when Google answers ``410`` so the caller lists everything again.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from syncsvc.errors import (
     ProviderConflict,
     ProviderError,
     ProviderNotFound,
+    SyncTokenExpired,
     Throttled,
     Transient,
 )
@@ -83,12 +84,6 @@ RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 #: The statuses our delete treats as "already gone".
 GONE_STATUSES = frozenset({404, 410})
 CHANNEL_TYPE = "web_hook"
-
-
-class FullSyncRequired(ProviderError):
-    """The sync token is no longer valid (``410 fullSyncRequired``): list from scratch."""
-
-    code = "full_sync_required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +417,7 @@ class GoogleProvider:
         """Events changed since ``sync_token`` (cancelled ones included), every page of them.
 
         Without a token it lists the whole calendar, deleted events included, and the answer is
-        ``full``. A token Google no longer honours raises :class:`FullSyncRequired`.
+        ``full``. A token Google no longer honours raises :class:`SyncTokenExpired`.
         """
 
         def call(http: google_auth_httplib2.AuthorizedHttp) -> ChangeSet:
@@ -433,7 +428,7 @@ class GoogleProvider:
                 items, next_token = self._list_pages(http, **params)
             except HttpError as exc:
                 if exc.resp.status == 410:
-                    raise FullSyncRequired(f"Google 410: {_message(exc)}") from exc
+                    raise SyncTokenExpired(f"Google 410: {_message(exc)}") from exc
                 raise
             if next_token is None:
                 raise Transient("Google's last page of the list carried no nextSyncToken")

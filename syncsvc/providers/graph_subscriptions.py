@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from syncsvc.errors import ProviderError, ProviderNotFound
+from syncsvc.errors import ProviderNotFound, SyncTokenExpired
 from syncsvc.providers.graph import GraphProvider, _read_time, error_for
 
 #: Outlook's maximum lifetime of an event subscription (older docs: 4,230 minutes).
@@ -27,12 +27,6 @@ CHANGE_TYPES = "created,updated,deleted"
 #: Pages Graph may send before the delta link; a bound against a server that never ends.
 DELTA_MAX_PAGES = 1000
 DELTA_PAGE_SIZE = 100
-
-
-class DeltaExpired(ProviderError):
-    """Graph no longer knows the delta token (410): list the window again from scratch."""
-
-    code = "delta_expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +127,7 @@ async def delta(
 ) -> DeltaResult:
     """Every page of a ``calendarView/delta`` round, from ``delta_link`` or from scratch.
 
-    Raises :class:`DeltaExpired` when Graph answers 410 for the stored link.
+    Raises :class:`SyncTokenExpired` when Graph answers 410 for the stored link.
     """
     client = provider.client
     if delta_link is None:
@@ -149,7 +143,7 @@ async def delta(
         assert url is not None
         answer = await client.send("GET", url)
         if answer.status == 410 and delta_link is not None:
-            raise DeltaExpired(f"delta of {provider.mailbox}: the token expired")
+            raise SyncTokenExpired(f"delta of {provider.mailbox}: the token expired")
         if answer.status != 200 or not isinstance(answer.body, dict):
             raise error_for(answer, f"delta of {provider.mailbox}")
         events.extend(

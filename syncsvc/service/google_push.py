@@ -44,10 +44,11 @@ from syncsvc.errors import (
     Forbidden,
     Permanent,
     ProviderError,
+    SyncTokenExpired,
     Throttled,
     Transient,
 )
-from syncsvc.providers.google import ChangeSet, FullSyncRequired, GoogleProvider
+from syncsvc.providers.google import ChangeSet, GoogleProvider
 from syncsvc.queue.outbox import calendar_of, chunks
 from syncsvc.queue.worker import TaskContext
 from syncsvc.service.changes import (
@@ -209,7 +210,7 @@ async def google_sync(ctx: TaskContext, op: Operation) -> None:
     provider = await _google_provider(ctx, user)
     try:
         found = await provider.changes(sub.sync_token)
-    except FullSyncRequired:
+    except SyncTokenExpired:
         log.info("event=google.sync.full reason=token_expired calendar=%s", sub.calendar)
         found = await provider.changes(None)
     changes = await _without_our_cancellations(

@@ -51,13 +51,13 @@ from syncsvc.errors import (
     Permanent,
     ProviderError,
     ProviderNotFound,
+    SyncTokenExpired,
     Throttled,
     Transient,
 )
 from syncsvc.providers.graph import CANCELLED_SUBJECT_PREFIX, GraphProvider
 from syncsvc.providers.graph_subscriptions import (
     SUBSCRIPTION_MAX_MIN,
-    DeltaExpired,
     DeltaResult,
     delta,
     renew,
@@ -382,7 +382,7 @@ async def graph_sync(ctx: TaskContext, op: Operation) -> None:
     token = None if op.payload.get("full") else sub.sync_token
     try:
         result = await delta(provider, token, window)
-    except DeltaExpired:
+    except SyncTokenExpired:
         log.info("event=graph.sync.full reason=token_expired mailbox=%s", sub.calendar)
         result = await delta(provider, None, window)
     applied = await apply_external_changes(ctx.db, external_changes(sub.calendar, result))

@@ -23,10 +23,9 @@ from sqlalchemy import select, update
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
-from syncsvc.errors import Permanent
+from syncsvc.errors import Permanent, SyncTokenExpired
 from syncsvc.providers import google as google_module
 from syncsvc.providers.google import (
-    FullSyncRequired,
     GoogleOptions,
     GoogleProvider,
     service_account_credentials,
@@ -177,7 +176,7 @@ async def test_changes_pages_reports_cancellations_and_asks_for_a_full_sync_afte
     quiet = await provider.changes(since.next_sync_token)
     assert quiet.events == ()
     fake.invalidate_sync_tokens(user)
-    with pytest.raises(FullSyncRequired):
+    with pytest.raises(SyncTokenExpired):
         await provider.changes(quiet.next_sync_token)
     await provider.aclose()
 
