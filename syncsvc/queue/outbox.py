@@ -173,7 +173,7 @@ async def request_updates(
         session,
         tenant_id,
         "update",
-        [(r.id, r.batch_id, f"{r.provider}:{r.calendar}", r.activity_id) for r in rows],
+        [(r.id, r.batch_id, Calendar(r.provider, r.calendar).mailbox, r.activity_id) for r in rows],
         lane,
         now,
     )
@@ -208,7 +208,7 @@ async def request_deletes(
         session,
         tenant_id,
         "delete",
-        [(r.id, r.batch_id, f"{r.provider}:{r.calendar}", r.activity_id) for r in rows],
+        [(r.id, r.batch_id, Calendar(r.provider, r.calendar).mailbox, r.activity_id) for r in rows],
         lane,
         now,
     )
