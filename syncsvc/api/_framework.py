@@ -104,6 +104,8 @@ JSON_MEDIA_TYPE = "application/json"
 #: Statuses every operation may answer with the error envelope.
 ERROR_STATUSES = (400, 401, 404, 409, 413, 422)
 _BAD_STRING = re.compile("[\x00\ud800-\udfff]")
+#: Deepest JSON nesting accepted: far beyond any request of ours, far below the stack limit.
+JSON_MAX_DEPTH = 32
 
 
 def access_for(path: str) -> Access:
@@ -347,6 +349,8 @@ async def _read_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("the body is not valid JSON", [ErrorDetail(("body",), str(exc))]) from exc
+    except RecursionError as exc:
+        raise _too_deep(("body",)) from exc
     _check_strings(data, ("body",))
     try:
         return model.model_validate_json(raw, strict=True)
@@ -358,8 +362,18 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+def _too_deep(loc: tuple[str | int, ...]) -> BadRequest:
+    return BadRequest(
+        "the body is nested too deeply",
+        [ErrorDetail(loc, f"JSON may nest at most {JSON_MAX_DEPTH} levels")],
+    )
+
+
 def _check_strings(value: Any, loc: tuple[str | int, ...]) -> None:
-    """NUL and lone surrogates cannot be stored (PostgreSQL, UTF-8): refuse them as input."""
+    """NUL and lone surrogates cannot be stored (PostgreSQL, UTF-8): refuse them as input.
+    Nesting is capped too, so no input can exhaust the stack of a later recursive walk."""
+    if len(loc) > JSON_MAX_DEPTH:
+        raise _too_deep(loc[:1])
     if isinstance(value, str):
         if _BAD_STRING.search(value):
             raise ValidationError(
