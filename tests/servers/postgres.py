@@ -50,6 +50,8 @@ class PostgresServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes]
+    #: Commits survive a crash of the server (``synchronous_commit=on``); see ``start_postgres``.
+    durable: bool = False
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -92,7 +94,7 @@ class PostgresServer:
         """Starts the stopped server again on the same port and data folder."""
         if self.process.poll() is None:
             return
-        self.process = _launch(self.directory, self.port)
+        self.process = _launch(self.directory, self.port, durable=self.durable)
         self.wait_ready()
 
     def restart_immediate(self) -> None:
@@ -110,7 +112,11 @@ class PostgresServer:
                 self.process.wait()
 
 
-def start_postgres() -> PostgresServer:
+def start_postgres(*, durable: bool = False) -> PostgresServer:
+    """``durable=False`` acknowledges commits before their WAL is written (fast, and fine
+    while the server is never crashed); tests that crash it want ``durable`` so that what
+    was committed is still there after the restart (``fsync`` stays off either way: the OS
+    keeps the written WAL when only the server dies)."""
     directory = Path(tempfile.mkdtemp(prefix="syncsvc-pg-"))
     if os.geteuid() == 0:
         shutil.chown(directory, PG_USER, PG_USER)
@@ -133,7 +139,8 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
     )
     port = free_port()
-    server = PostgresServer(port=port, directory=directory, process=_launch(directory, port))
+    process = _launch(directory, port, durable=durable)
+    server = PostgresServer(port=port, directory=directory, process=process, durable=durable)
     try:
         server.wait_ready()
     except RuntimeError:
@@ -142,7 +149,7 @@ def start_postgres() -> PostgresServer:
     return server
 
 
-def _launch(directory: Path, port: int) -> subprocess.Popen[bytes]:
+def _launch(directory: Path, port: int, *, durable: bool) -> subprocess.Popen[bytes]:
     log = (directory / "log").open("ab")
     process = subprocess.Popen(
         [
@@ -159,7 +166,7 @@ def _launch(directory: Path, port: int) -> subprocess.Popen[bytes]:
             "-c",
             "fsync=off",
             "-c",
-            "synchronous_commit=off",
+            f"synchronous_commit={'on' if durable else 'off'}",
             "-c",
             "full_page_writes=off",
             "-c",
@@ -185,7 +192,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A server of the test's own, for tests that crash, stop and restart it."""
-    server = start_postgres()
+    server = start_postgres(durable=True)
     try:
         yield server
     finally:
