@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import SyncSvcError
-from syncsvc.store.db import Database
+from syncsvc.store.db import Database, is_unavailable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -82,10 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> int:
     try:
-        try:
-            await db.migrate()
-        except (OSError, DBAPIError) as exc:
-            raise SyncSvcError(f"cannot bring the database up to date: {exc}") from exc
+        if args.command in ("serve", "api", "worker"):
+            await _migrate_when_up(db)
+        else:
+            try:
+                await db.migrate()
+            except (OSError, DBAPIError) as exc:
+                raise SyncSvcError(f"cannot bring the database up to date: {exc}") from exc
         if args.command == "migrate":
             print("database schema is up to date")
             return EXIT_OK
@@ -102,6 +105,30 @@ async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> in
         return EXIT_OK
     finally:
         await db.aclose()
+
+
+async def _migrate_when_up(db: Database) -> None:
+    """Long-running commands started while the database is down (or restarting) wait for it
+    with backoff, saying so once, instead of exiting; SIGTERM/SIGINT still end the wait."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while True:
+            try:
+                await db.migrate()
+                db.outage.up()
+                return
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                db.outage.down(exc)
+            if not await db.wait_until_up(stop):
+                raise KeyboardInterrupt
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 async def _tenants_create(db: Database, name: str) -> int:

@@ -136,3 +136,12 @@ class Permanent(ProviderError):
     """The provider rejected the request for a reason retrying cannot fix."""
 
     code = "permanent"
+
+
+class DatabaseUnavailable(SyncSvcError):
+    """The database cannot be reached right now (restarting, down, a connection cut): the
+    request did nothing durable and is worth repeating after ``retry_after_s``."""
+
+    code = "database_unavailable"
+    http_status = 503
+    retry_after_s = 5

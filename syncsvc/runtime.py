@@ -6,7 +6,9 @@ It sits above every layer, so it may wire ``service`` handlers into the ``queue`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 
 from syncsvc.config import Settings
 from syncsvc.providers.registry import ProviderRegistry
@@ -16,7 +18,9 @@ from syncsvc.scheduler import run_scheduler
 from syncsvc.service import callbacks, google_push, graph_push
 from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.store.crypto import SecretBox
-from syncsvc.store.db import Database
+from syncsvc.store.db import RECONNECT_MAX_S, Database, is_unavailable
+
+log = logging.getLogger("syncsvc.runtime")
 
 #: Handlers of ledger-less operations, by ``Operation.kind``. A handler receives the operation
 #: (``payload``, ``tenant_id``, ``mailbox``) and raises ``syncsvc.errors`` to ask for a retry
@@ -52,12 +56,42 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         tasks=TASK_HANDLERS,
     )
     try:
-        async with asyncio.TaskGroup() as group:  # one failing cancels the other
-            group.create_task(worker.run(stop))
-            group.create_task(run_scheduler(settings, db, stop))
-            group.create_task(google_push.run_channel_checks(db, stop))
-            group.create_task(graph_push.run_subscription_checks(db, stop))
+        async with asyncio.TaskGroup() as group:
+            group.create_task(supervised("worker", worker.run, db, stop))
+            group.create_task(
+                supervised("scheduler", lambda s: run_scheduler(settings, db, s), db, stop)
+            )
+            group.create_task(
+                supervised("channels", lambda s: google_push.run_channel_checks(db, s), db, stop)
+            )
+            group.create_task(
+                supervised(
+                    "subscriptions", lambda s: graph_push.run_subscription_checks(db, s), db, stop
+                )
+            )
     finally:
         await registry.aclose()
         if isinstance(limiter, RedisRateLimiter):
             await limiter.aclose()
+
+
+async def supervised(
+    name: str, loop: Callable[[asyncio.Event], Awaitable[None]], db: Database, stop: asyncio.Event
+) -> None:
+    """Runs ``loop`` until ``stop``, restarting it when it fails, so that no failure ends the
+    process: a database outage (restart, cut connections, not started yet) is logged once
+    per outage by ``db.outage`` and waited out with backoff, then the loop starts afresh
+    (its claims are leases, nothing it held is lost); anything else is logged with its
+    traceback and retried after a pause."""
+    while not stop.is_set():
+        try:
+            await loop(stop)
+            return
+        except Exception as exc:
+            if is_unavailable(exc):
+                db.outage.down(exc)
+            else:
+                log.exception("event=loop.crashed loop=%s", name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RECONNECT_MAX_S)
+        await db.wait_until_up(stop)

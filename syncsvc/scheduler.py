@@ -40,7 +40,7 @@ from syncsvc.providers._http import ssl_context
 from syncsvc.service import schedules as service
 from syncsvc.service.plans import Clock, PlanSpec, system_clock
 from syncsvc.store.crypto import SecretBox
-from syncsvc.store.db import Database
+from syncsvc.store.db import Database, is_unavailable
 
 log = logging.getLogger("syncsvc.scheduler")
 
@@ -207,8 +207,11 @@ async def run_scheduler(
         while not stop.is_set():
             try:
                 await scheduler.tick()
-            except Exception:
-                # The database may be away for a moment; the next tick tries again.
-                log.exception("event=scheduler.tick.error")
+            except Exception as exc:
+                if is_unavailable(exc):
+                    # Away for a moment: logged once per outage; the next tick tries again.
+                    db.outage.down(exc)
+                else:
+                    log.exception("event=scheduler.tick.error")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick_s)

@@ -28,6 +28,7 @@ from syncsvc.api._framework import (
     validation_error,
 )
 from syncsvc.errors import (
+    DatabaseUnavailable,
     ErrorDetail,
     Forbidden,
     SyncSvcError,
@@ -37,6 +38,7 @@ from syncsvc.errors import (
 )
 from syncsvc.service import idempotency
 from syncsvc.service.tenants import tenant_for_key
+from syncsvc.store.db import is_unavailable
 
 log = logging.getLogger("syncsvc.http")
 
@@ -108,6 +110,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except DatabaseUnavailable as exc:
+        return _unavailable(request, exc)
     except SyncSvcError as exc:
         return error_response(exc.http_status, exc.code, exc.message, exc.details)
     except PydanticValidationError as exc:
@@ -126,9 +130,24 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
-    except Exception:
+    except Exception as exc:
+        if is_unavailable(exc):
+            return _unavailable(request, exc)
         log.exception("event=http.error method=%s route=%s", request.method, route_of(request))
         return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
+    """503 with ``Retry-After`` for any route while the database is away (webhook senders
+    retry on 5xx too); one log line per outage, not a traceback per request."""
+    request.app[DB].unavailable(exc)
+    response = error_response(
+        DatabaseUnavailable.http_status,
+        DatabaseUnavailable.code,
+        "the database is unavailable for a moment; retry after the Retry-After seconds",
+    )
+    response.headers["Retry-After"] = str(DatabaseUnavailable.retry_after_s)
+    return response
 
 
 def bearer_key(request: web.Request) -> str | None:

@@ -43,7 +43,7 @@ from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, Even
 from syncsvc.queue.outbox import LEDGER_TABLE, chunks
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Decision, decide, spec_for
-from syncsvc.store.db import Database
+from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
 from syncsvc.store.types import utcnow
 
@@ -165,6 +165,12 @@ class Worker:
         for mailbox, active in list(self._active.items()):
             if active is task:
                 del self._active[mailbox]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its record could not be written (the database went away): said once.
+            if is_unavailable(exc):
+                self.db.outage.down(exc)
+            else:
+                log.error("sync.cycle.unrecorded error=%r", exc)
 
     # --- claiming -------------------------------------------------------------------------
 
@@ -275,9 +281,12 @@ class Worker:
                 for task in finished:
                     del running[task]
                     task.result()  # a bug in the work surfaces here
-        except Exception:
+        except Exception as exc:
             # A bug must not end the worker silently: log it; the leases expire and retry.
-            log.exception("sync.cycle.crashed mailbox=%s", mailbox)
+            if is_unavailable(exc):
+                self.db.outage.down(exc)  # one line per outage, not a traceback per cycle
+            else:
+                log.exception("sync.cycle.crashed mailbox=%s", mailbox)
         finally:
             for task in running:
                 task.cancel()

@@ -125,26 +125,34 @@ class Served:
 
 
 class Launcher:
-    """Starts ``syncsvc serve`` as a user would and stops it with SIGTERM."""
+    """Starts ``syncsvc serve`` (or ``api``, ``worker``) as a user would and stops it with
+    SIGTERM. With ``log_dir``, each process's stderr (its log) goes to a file there."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], log_dir: Path | None = None) -> None:
         self.env = dict(env)
+        self.log_dir = log_dir
         self.started: list[asyncio.subprocess.Process] = []
 
-    async def start(self) -> Served:
-        port = free_port()
-        process = await asyncio.create_subprocess_exec(
-            SYNCSVC,
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+    async def spawn(self, *args: str, stdout: int | None = None) -> asyncio.subprocess.Process:
+        """``syncsvc <args>``; its stderr goes to ``<log_dir>/<command>-<n>.log``."""
+        if self.log_dir is None:
+            process = await asyncio.create_subprocess_exec(
+                SYNCSVC, *args, env=self.env, stdout=stdout, stderr=asyncio.subprocess.DEVNULL
+            )
+        else:
+            name = self.log_dir / f"{args[0]}-{len(self.started)}.log"
+            with name.open("ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    SYNCSVC, *args, env=self.env, stdout=stdout, stderr=log
+                )
         self.started.append(process)
+        return process
+
+    async def start(self, command: str = "serve") -> Served:
+        port = free_port()
+        process = await self.spawn(
+            command, "--host", "127.0.0.1", "--port", str(port), stdout=asyncio.subprocess.PIPE
+        )
         assert process.stdout is not None
         banner: list[str] = []
         expected = f"listening on http://127.0.0.1:{port}"

@@ -3,6 +3,11 @@
 Limits are time-scaled (tens of requests per second) so that a few seconds show what Graph's
 10,000 per 10 minutes would show in hours. Window checks use the limiter's own grant times
 (Redis server time), the clock the guarantee is stated in.
+
+These tests assert safety only (never over the limit, never more holders than slots, nothing
+lost across a restart), which no slow or busy machine can break; how close to the limit the
+rate comes is measured by ``bench/ratelimit.py``, and the exact arithmetic is tested with a
+controlled clock in ``tests/unit/test_ratelimit.py``.
 """
 
 from __future__ import annotations
@@ -61,14 +66,20 @@ async def hammer(
     workers: int,
     duration_s: float,
     hold_s: tuple[float, float],
+    until: asyncio.Event | None = None,
+    run: Run | None = None,
 ) -> Run:
     """``workers`` tasks acquire, hold a while (the provider call) and release, until time is
-    up; an unreachable Redis is waited out as a worker would."""
-    run = Run()
+    up (or ``until`` is set, if given); an unreachable Redis is waited out as a worker would.
+    Grants are recorded in ``run`` as they happen, if given."""
+    run = run if run is not None else Run()
     end = time.monotonic() + duration_s
 
+    def going() -> bool:
+        return not until.is_set() if until is not None else time.monotonic() < end
+
     async def worker() -> None:
-        while time.monotonic() < end:
+        while going():
             try:
                 got = await limiter.acquire(mailbox, limit)
             except Transient as exc:
@@ -138,50 +149,48 @@ async def test_concurrency_cap_holds_under_many_acquirers(make_limiter: MakeLimi
         )
     )
     holds = [h for run in runs for h in run.holds]
-    assert len(holds) > 50
-    assert max_overlap(holds) == 3
+    assert holds
+    assert max_overlap(holds) <= 3
 
 
-async def test_no_window_exceeds_the_limit_and_the_rate_comes_close(
-    make_limiter: MakeLimiter,
-) -> None:
-    """50 per 1 s: burst 2, then 48/s. Starting with a full bucket, the first second holds
-    2 + 48 = 50 grants, the limit itself; 4 s allow 200 and should give about 194."""
+async def test_no_window_exceeds_the_limit(make_limiter: MakeLimiter) -> None:
+    """50 per 1 s (burst 2, then 48/s), starting with a full bucket, hammered for 3 s: no
+    one-second window of grants holds more than 50, however the acquirers are scheduled."""
     limit = RateLimit(requests=50, per_s=1.0, concurrency=50)
     limiter = make_limiter()
     await limiter.release(await acquire_wait(limiter, "a@x", limit))
     await asyncio.sleep(0.1)  # refills the 2-token bucket in 2/48 s
-    duration_s = 4.0
-    run = await hammer(
-        limiter, "a@x", limit, workers=20, duration_s=duration_s, hold_s=(0.001, 0.002)
-    )
-    assert limit.requests - 2 <= max_in_window(run.grants, limit.per_s) <= limit.requests
-    allowed = limit.requests * duration_s / limit.per_s
-    assert len(run.grants) / allowed >= 0.9
+    run = await hammer(limiter, "a@x", limit, workers=20, duration_s=3.0, hold_s=(0.001, 0.002))
+    assert run.grants
+    assert max_in_window(run.grants, limit.per_s) <= limit.requests
 
 
 async def test_pause_stops_every_acquirer_and_a_shorter_one_does_not_shorten_it(
     make_limiter: MakeLimiter,
 ) -> None:
+    """Pauses long enough (tens of seconds) that no scheduling delay can end them early; the
+    end of a pause is waited for, not timed."""
     limit = RateLimit(requests=1000, per_s=1.0, concurrency=4)
     first, second = make_limiter(), make_limiter()
     await acquire_wait(first, "a@x", limit)  # the bucket is warm: only the pause can refuse
-    await first.pause("a@x", 0.4)
-    await second.pause("a@x", 0.1)
-    assert await second.paused_for("a@x") == pytest.approx(0.4, abs=0.05)
+    await first.pause("a@x", 60.0)
+    await second.pause("a@x", 1.0)
+    assert 30.0 < await second.paused_for("a@x") <= 60.0
     for limiter in (first, second):
         wait = await limiter.acquire("a@x", limit)
         assert isinstance(wait, float)
-        assert 0.3 < wait <= 0.4
-    assert isinstance(await second.acquire("b@x", limit), float | Lease)
-    await asyncio.sleep(0.2)
-    await second.pause("a@x", 0.5)  # extends to 0.7 s after the first pause began
-    await asyncio.sleep(0.25)
-    assert await first.paused_for("a@x") == pytest.approx(0.25, abs=0.08)
-    assert isinstance(await first.acquire("a@x", limit), float)
-    await asyncio.sleep(0.3)
-    assert await first.paused_for("a@x") == 0.0
-    assert isinstance(await first.acquire("a@x", limit), Lease)
+        assert 30.0 < wait <= 60.0
+    async with asyncio.timeout(10):  # other mailboxes go on (after their first refill tick)
+        await acquire_wait(second, "b@x", limit)
+    await second.pause("a@x", 120.0)  # a longer one extends it
+    assert 90.0 < await first.paused_for("a@x") <= 120.0
+
+    await first.pause("c@x", 0.3)
+    assert isinstance(await second.acquire("c@x", limit), float)
+    async with asyncio.timeout(30):
+        while await first.paused_for("c@x") > 0.0:  # noqa: ASYNC110 - Redis's state, polled
+            await asyncio.sleep(0.05)
+        await acquire_wait(second, "c@x", limit)
 
 
 async def test_a_crashed_holders_slot_frees_itself(make_limiter: MakeLimiter) -> None:
@@ -191,7 +200,7 @@ async def test_a_crashed_holders_slot_frees_itself(make_limiter: MakeLimiter) ->
     started = time.monotonic()
     lease = await acquire_wait(survivor, "a@x", limit)
     waited = time.monotonic() - started
-    assert 0.2 < waited < 0.6
+    assert waited > 0.2  # never two holders of the one slot: it waited for the expiry
     assert isinstance(await crashed.acquire("a@x", limit), float)
     await survivor.release(lease)
     assert isinstance(await crashed.acquire("a@x", limit), Lease)
@@ -251,7 +260,6 @@ async def test_three_processes_share_one_limit(redis_url: str) -> None:
     assert all(run.grants for run in runs)
     assert max_in_window(grants, SHARED_LIMIT.per_s) <= SHARED_LIMIT.requests
     assert max_overlap([h for run in runs for h in run.holds]) <= SHARED_LIMIT.concurrency
-    assert len(grants) >= 0.85 * SHARED_LIMIT.requests * duration_s
 
 
 @pytest.mark.redis
@@ -300,25 +308,45 @@ async def test_limits_hold_across_a_redis_restart(
 ) -> None:
     """A restart mid-run: acquirers back off, then resume within the limits. With its data
     kept, every limit holds; with every key lost, the window limit still holds (buckets start
-    empty) while slots held across the loss are forgotten, so only the window is checked."""
+    empty) while slots held across the loss are forgotten, so only the window is checked.
+
+    Driven by what happened, not by the clock: the restart comes after some grants, and the
+    run ends once grants have been made after it."""
     limit = RateLimit(requests=50, per_s=1.0, concurrency=3)
     limiters = [RedisRateLimiter.from_url(redis_url, lease_ttl_s=2.0) for _ in range(2)]
-    duration_s, restart_after_s = 3.5, 1.2
+    done = asyncio.Event()
+    runs = [Run() for _ in limiters]
 
     async def restart() -> float:
-        await asyncio.sleep(restart_after_s)
+        while sum(len(run.holds) for run in runs) < 20:  # noqa: ASYNC110 - polls the runs
+            await asyncio.sleep(0.05)
         await asyncio.to_thread(redis_server.restart, wipe=wipe)
-        return time.monotonic()
+        restarted_at = time.monotonic()
+        while sum(1 for run in runs for h in run.holds if h[0] > restarted_at) < 20:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        done.set()
+        return restarted_at
 
     try:
-        restarting = asyncio.create_task(restart())
-        runs = await asyncio.gather(
-            *(
-                hammer(lim, "a@x", limit, workers=8, duration_s=duration_s, hold_s=(0.01, 0.03))
-                for lim in limiters
-            )
-        )
-        restarted_at = await restarting
+        async with asyncio.timeout(60):
+            restarting = asyncio.create_task(restart())
+            hammering = [
+                asyncio.create_task(
+                    hammer(
+                        lim,
+                        "a@x",
+                        limit,
+                        workers=8,
+                        duration_s=0,
+                        hold_s=(0.01, 0.03),
+                        until=done,
+                        run=run,
+                    )
+                )
+                for lim, run in zip(limiters, runs, strict=True)
+            ]
+            restarted_at = await restarting
+            await asyncio.gather(*hammering)
     finally:
         for lim in limiters:
             await lim.aclose()
@@ -328,6 +356,4 @@ async def test_limits_hold_across_a_redis_restart(
     assert max_in_window(grants, limit.per_s) <= limit.requests
     if not wipe:
         assert max_overlap(holds) <= limit.concurrency
-    after = [h for h in holds if h[0] > restarted_at]
-    left_s = duration_s - restart_after_s - 0.5
-    assert len(after) >= 0.8 * limit.refill_per_s * left_s
+    assert [h for h in holds if h[0] > restarted_at]

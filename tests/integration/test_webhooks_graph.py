@@ -41,8 +41,9 @@ from tests.servers.postgres import free_port
 CPH = ZoneInfo("Europe/Copenhagen")
 SECRET_KEY = "webhook-test-secret-key-" + "w" * 20
 WAIT_S = 30.0
-#: Graph drops endpoints slower than 3 s; ours answers from one indexed read and an insert.
-ACK_MAX_S = 1.0
+#: Graph drops endpoints slower than 3 s (its own rule, the bound asserted); ours answers
+#: from one indexed read and an insert, far sooner (``bench/webhooks.py``).
+ACK_MAX_S = 3.0
 
 
 @pytest.fixture(scope="module")

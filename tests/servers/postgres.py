@@ -50,6 +50,8 @@ class PostgresServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes]
+    #: Commits survive a crash of the server (``synchronous_commit=on``); see ``start_postgres``.
+    durable: bool = False
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -66,6 +68,40 @@ class PostgresServer:
             await conn.close()
         return self.dsn(name)
 
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            ready = subprocess.run(
+                [str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                check=False,
+            )
+            if ready.returncode == 0:
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                output = (self.directory / "log").read_text(errors="replace")
+                raise RuntimeError(f"PostgreSQL did not start on port {self.port}:\n{output}")
+            time.sleep(0.05)
+
+    def crash(self) -> None:
+        """What ``pg_ctl stop -m immediate`` does: SIGQUIT to the postmaster, which ends every
+        backend at once without a checkpoint (the next start replays the WAL)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            self.process.wait(STOP_TIMEOUT_S)
+
+    def start(self) -> None:
+        """Starts the stopped server again on the same port and data folder."""
+        if self.process.poll() is None:
+            return
+        self.process = _launch(self.directory, self.port, durable=self.durable)
+        self.wait_ready()
+
+    def restart_immediate(self) -> None:
+        """``pg_ctl restart -m immediate``: every connection is cut mid-whatever."""
+        self.crash()
+        self.start()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # fast shutdown: ends open sessions
@@ -76,17 +112,20 @@ class PostgresServer:
                 self.process.wait()
 
 
-def start_postgres() -> PostgresServer:
+def start_postgres(*, durable: bool = False) -> PostgresServer:
+    """``durable=False`` acknowledges commits before their WAL is written (fast, and fine
+    while the server is never crashed); tests that crash it want ``durable`` so that what
+    was committed is still there after the restart (``fsync`` stays off either way: the OS
+    keeps the written WAL when only the server dies)."""
     directory = Path(tempfile.mkdtemp(prefix="syncsvc-pg-"))
     if os.geteuid() == 0:
         shutil.chown(directory, PG_USER, PG_USER)
-    data = directory / "data"
     subprocess.run(
         [
             *_as_postgres(),
             str(PG_BIN / "initdb"),
             "-D",
-            str(data),
+            str(directory / "data"),
             "-U",
             PG_USER,
             "-A",
@@ -100,13 +139,24 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
     )
     port = free_port()
-    log = (directory / "log").open("wb")
+    process = _launch(directory, port, durable=durable)
+    server = PostgresServer(port=port, directory=directory, process=process, durable=durable)
+    try:
+        server.wait_ready()
+    except RuntimeError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return server
+
+
+def _launch(directory: Path, port: int, *, durable: bool) -> subprocess.Popen[bytes]:
+    log = (directory / "log").open("ab")
     process = subprocess.Popen(
         [
             *_as_postgres(),
             str(PG_BIN / "postgres"),
             "-D",
-            str(data),
+            str(directory / "data"),
             "-p",
             str(port),
             "-k",
@@ -116,7 +166,7 @@ def start_postgres() -> PostgresServer:
             "-c",
             "fsync=off",
             "-c",
-            "synchronous_commit=off",
+            f"synchronous_commit={'on' if durable else 'off'}",
             "-c",
             "full_page_writes=off",
             "-c",
@@ -126,25 +176,23 @@ def start_postgres() -> PostgresServer:
         stderr=subprocess.STDOUT,
     )
     log.close()
-    server = PostgresServer(port=port, directory=directory, process=process)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        ready = subprocess.run(
-            [str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
-        )
-        if ready.returncode == 0:
-            return server
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            output = (directory / "log").read_text(errors="replace")
-            shutil.rmtree(directory, ignore_errors=True)
-            raise RuntimeError(f"PostgreSQL did not start on port {port}:\n{output}")
-        time.sleep(0.05)
+    return process
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of the test's own, for tests that crash, stop and restart it."""
+    server = start_postgres(durable=True)
     try:
         yield server
     finally:
