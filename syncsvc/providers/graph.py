@@ -38,13 +38,17 @@ from yarl import URL
 from syncsvc.errors import (
     AuthFailed,
     Permanent,
-    ProviderConflict,
     ProviderError,
     ProviderNotFound,
     Throttled,
     Transient,
 )
-from syncsvc.providers._http import ca_bundle_path, parse_retry_after, ssl_context
+from syncsvc.providers._http import (
+    ca_bundle_path,
+    error_for_status,
+    parse_retry_after,
+    ssl_context,
+)
 from syncsvc.providers.base import (
     BatchResult,
     BusyInterval,
@@ -112,18 +116,7 @@ def error_for(answer: GraphAnswer, what: str) -> ProviderError:
         message = str(answer.body["error"].get("message") or "")
     text = f"{what}: HTTP {answer.status} {code}: {message}".rstrip(": ")
     retry_after_s = parse_retry_after(answer.headers.get("retry-after"))
-    status = answer.status
-    if status == 429 or (status in (503, 504) and retry_after_s is not None):
-        return Throttled(text, retry_after_s)
-    if status in (401, 403):
-        return AuthFailed(text)
-    if status in (404, 410):
-        return ProviderNotFound(text)
-    if status in (409, 412):
-        return ProviderConflict(text)
-    if status >= 500 or status == 408:
-        return Transient(text, retry_after_s)
-    return Permanent(text)
+    return error_for_status(answer.status, text, retry_after_s=retry_after_s)
 
 
 class _TimeoutSession(requests.Session):
