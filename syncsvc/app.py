@@ -13,8 +13,11 @@ from aiohttp import web
 from syncsvc.api._framework import DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
 from syncsvc.api._framework import openapi_document as _openapi_document
 from syncsvc.api.middleware import MIDDLEWARES
+from syncsvc.api.plans import CALENDARS
 from syncsvc.config import Settings
 from syncsvc.metrics import Metrics
+from syncsvc.providers.registry import ProviderRegistry
+from syncsvc.service.plans import CalendarBusy
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from webhooks.routes import routes as webhook_routes
@@ -62,6 +65,14 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app[DB] = db
     app[SECRET_BOX] = SecretBox(settings.secret_key)
     app[METRICS] = Metrics()
+    # avoid_busy reads calendars from the API process: its own adapters, closed with the app.
+    registry = ProviderRegistry(settings, app[SECRET_BOX])
+    app[CALENDARS] = CalendarBusy(registry)
+
+    async def close_registry(_: web.Application) -> None:
+        await registry.aclose()
+
+    app.on_cleanup.append(close_registry)
     endpoints = [ep for table in api_routes() for ep in table.endpoints]
     for ep in endpoints:
         app.router.add_route(ep.method, ep.path, ep.handle)

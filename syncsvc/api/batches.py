@@ -18,7 +18,7 @@ from syncsvc.api.plan_schemas import (
     SyncCountsOut,
     instant,
 )
-from syncsvc.api.plans import body_errors, clock_of, users_out
+from syncsvc.api.plans import body_errors, calendars_of, clock_of, users_out
 from syncsvc.service import batches as service
 from syncsvc.service.batches import BatchView
 
@@ -65,7 +65,9 @@ async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
     operations in one transaction; the calendars follow asynchronously."""
     with body_errors(PlanBody):
         async with ctx.session() as session, session.begin():
-            created = await service.commit(session, ctx.tenant_id, body.to_spec(), clock_of(ctx)())
+            created = await service.commit(
+                session, ctx.tenant_id, body.to_spec(), clock_of(ctx)(), calendars_of(ctx)
+            )
     return BatchCreatedOut(
         id=created.id,
         created_by=created.created_by,

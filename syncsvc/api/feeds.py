@@ -5,6 +5,8 @@ The feed path is public (``access_for``): the unguessable token is the credentia
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aiohttp import web
 from pydantic import BaseModel, Field
 
@@ -28,6 +30,14 @@ class FeedOut(BaseModel):
 
 class FeedPath(BaseModel):
     token: str = Field(min_length=1, max_length=TOKEN_MAX_CHARS)
+
+
+class FeedQuery(BaseModel):
+    tasks: Literal["todos", "events"] = Field(
+        "todos",
+        description="``events``: tasks as all-day VEVENTs, for Outlook and Google "
+        "subscriptions, which ignore VTODO.",
+    )
 
 
 @routes.endpoint(
@@ -61,14 +71,18 @@ async def revoke_feed(ctx: Ctx, path: UserPath) -> None:
     "GET",
     "/feeds/{token}.ics",
     path=FeedPath,
+    query=FeedQuery,
     media_type=ICAL_MEDIA_TYPE,
     summary="The user's activities as an iCalendar feed (RFC 5545)",
 )
-async def get_feed(ctx: Ctx, path: FeedPath) -> web.StreamResponse:
-    """Needs no API key. Meetings and calls are VEVENTs, tasks VTODOs; cancelled activities
-    and those of deleted batches (for 30 days) are STATUS:CANCELLED. Answers ``304`` to an
-    ``If-None-Match`` holding the current strong ``ETag``."""
+async def get_feed(ctx: Ctx, path: FeedPath, query: FeedQuery) -> web.StreamResponse:
+    """Needs no API key. Meetings and calls are VEVENTs, tasks VTODOs (all-day VEVENTs with
+    ``?tasks=events``); cancelled activities and those of deleted batches (for 30 days) are
+    STATUS:CANCELLED, without alarms. Answers ``304`` to an ``If-None-Match`` holding the
+    current strong ``ETag``."""
     state = await service.current_state(ctx.db, path.token, utcnow())
+    if query.tasks == "events":
+        state = state.with_tasks_as_events()
     headers = {"ETag": state.etag, "Cache-Control": f"private, max-age={FEED_MAX_AGE_S}"}
     if etag_matches(ctx.request.headers.get("If-None-Match"), state.etag):
         return web.Response(status=304, headers=headers)

@@ -23,7 +23,7 @@ from syncsvc.api.plan_schemas import (
 from syncsvc.errors import ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.model import WEEKDAYS, Plan, UserSummary
 from syncsvc.service import plans as service
-from syncsvc.service.plans import Clock, system_clock
+from syncsvc.service.plans import CalendarBusy, Clock, system_clock
 
 routes = Routes(tag="plans")
 
@@ -31,8 +31,16 @@ routes = Routes(tag="plans")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
+#: Reads the users' calendars for ``avoid_busy`` (``build_app`` installs one per app).
+CALENDARS: web.AppKey[CalendarBusy] = web.AppKey("calendar_busy", CalendarBusy)
+
+
 def clock_of(ctx: Ctx) -> Clock:
     return ctx.request.app.get(CLOCK, system_clock)
+
+
+def calendars_of(ctx: Ctx) -> CalendarBusy | None:
+    return ctx.request.app.get(CALENDARS)
 
 
 @contextmanager
@@ -104,5 +112,7 @@ async def preview_plan(ctx: Ctx, body: PlanBody) -> PreviewOut:
     """The plan as ``POST /v1/batches`` would commit it now: nothing is written."""
     async with ctx.session() as session:
         with body_errors(PlanBody):
-            plan = await service.preview(session, ctx.tenant_id, body.to_spec(), clock_of(ctx)())
+            plan = await service.preview(
+                session, ctx.tenant_id, body.to_spec(), clock_of(ctx)(), calendars_of(ctx)
+            )
     return preview_out(plan)

@@ -46,23 +46,30 @@ class FeedCalendar:
     timezone: str
 
 
-def render_feed(calendar: FeedCalendar, items: Sequence[FeedItem]) -> bytes:
-    """The whole feed: header, VTIMEZONE of the user's zone, then one component per item."""
+def render_feed(
+    calendar: FeedCalendar, items: Sequence[FeedItem], *, tasks_as_events: bool = False
+) -> bytes:
+    """The whole feed: header, VTIMEZONE of the user's zone, then one component per item.
+
+    ``tasks_as_events``: tasks as all-day VEVENTs (Outlook and Google subscriptions drop
+    VTODOs), the way the CalDAV provider stores them.
+    """
     head: bytes = _header(calendar, items).to_ical()
     if not head.endswith(END_OF_CALENDAR):
         raise ValueError("icalendar wrote an unexpected calendar ending")
     parts = [head[: -len(END_OF_CALENDAR)]]
-    parts.extend(component_bytes(item) for item in items)
+    parts.extend(component_bytes(item, tasks_as_events) for item in items)
     parts.append(END_OF_CALENDAR)
     return b"".join(parts)
 
 
 @functools.lru_cache(maxsize=COMPONENT_CACHE_MAX)
-def component_bytes(item: FeedItem) -> bytes:
-    """The VEVENT (meetings, calls) or VTODO (tasks with a due date) of one item."""
+def component_bytes(item: FeedItem, tasks_as_events: bool = False) -> bytes:
+    """The VEVENT (meetings, calls; tasks too with ``tasks_as_events``) or VTODO (tasks with
+    a due date) of one item."""
     spec = item.spec
     component: Component
-    if spec.kind == "task" and spec.due is not None:
+    if spec.kind == "task" and spec.due is not None and not tasks_as_events:
         component = build_todo(spec, now=item.modified, last_modified=item.modified)
     else:
         component = build_event(spec, now=item.modified, last_modified=item.modified)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import date, time, timedelta
+from datetime import date, datetime, time, timedelta
 
 from syncsvc.planner.model import (
     WEEKDAYS,
@@ -212,3 +212,54 @@ def long_plan_warning(
             f"{weekly} per user.",
         )
     ]
+
+
+#: Skipped slots named in a ``busy_skipped`` warning before "and N more".
+BUSY_SKIPPED_LISTED = 10
+
+
+def busy_skipped_warnings(
+    unaware: Sequence[PlannedActivity],
+    busy: Mapping[str, Sequence[tuple[datetime, datetime]]],
+    users: Mapping[str, PlanUser],
+) -> list[PlanWarning]:
+    """One warning per user naming the slots skipped as busy in their calendar: the slots a
+    plan made without the calendars (``unaware``) would have taken that overlap a busy time."""
+    skipped: dict[str, list[PlannedActivity]] = {}
+    for activity in unaware:
+        start, end = activity.start, activity.end
+        if start is None or end is None:
+            continue
+        if any(
+            b_start < end and start < b_end for b_start, b_end in busy.get(activity.user_id, ())
+        ):
+            skipped.setdefault(activity.user_id, []).append(activity)
+    warnings = []
+    for uid, activities in skipped.items():
+        user = users[uid]
+        slots = [
+            f"{a.start:%a %Y-%m-%d %H:%M}–{a.end:%H:%M}"
+            for a in activities[:BUSY_SKIPPED_LISTED]
+            if a.start is not None and a.end is not None
+        ]
+        more = len(activities) - len(slots)
+        listed = ", ".join(slots) + (f" and {more} more" if more else "")
+        warnings.append(
+            PlanWarning(
+                "busy_skipped",
+                f"User {user.name or uid} ({uid}): {len(activities)} slot(s) skipped as busy in "
+                f"their calendar: {listed}.",
+                "The activities moved to the next free slots.",
+            )
+        )
+    return warnings
+
+
+def unread_busy_warning(users: Sequence[PlanUser]) -> PlanWarning:
+    names = ", ".join(f"{u.name or u.id} ({u.id})" for u in users)
+    return PlanWarning(
+        "busy_unread",
+        f"Busy times of {names} could not be read from their calendar; the plan avoids only "
+        "the activities syncsvc knows.",
+        "Check the calendar connection, or preview again later.",
+    )

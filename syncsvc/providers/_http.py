@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the provider adapters: which CAs to trust, how long to wait.
+"""HTTP plumbing shared by the provider adapters: which CAs to trust, how long to wait, and
+the one table from an HTTP status to the error tree (``error_for_status``).
 
 The service trusts extra CAs only through the standard ``SSL_CERT_FILE`` /
 ``REQUESTS_CA_BUNDLE`` variables and hands that one bundle to every client it builds
@@ -15,6 +16,16 @@ import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from syncsvc.errors import (
+    AuthFailed,
+    Permanent,
+    ProviderConflict,
+    ProviderError,
+    ProviderNotFound,
+    Throttled,
+    Transient,
+)
 
 CA_BUNDLE_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
@@ -53,3 +64,59 @@ def parse_retry_after(value: str | None, now_s: float | None = None) -> float | 
         current = time.time() if now_s is None else now_s
         return max(0.0, math.ceil(when.timestamp() - current))
     return seconds if seconds >= 0 and math.isfinite(seconds) else None
+
+
+#: Every status with a meaning of its own, for all three providers, and what each really
+#: sends with it. Unlisted: other 5xx are ``Transient``, other 4xx ``Permanent``.
+STATUS_ERRORS: Mapping[int, type[ProviderError]] = {
+    # Graph InvalidAuthenticationToken (after one token refresh); Google authError;
+    # CalDAV a wrong password.
+    401: AuthFailed,
+    # Graph ErrorAccessDenied (no application access policy); Google forbidden,
+    # insufficientPermissions (its rate-limit 403s are ``throttled``); CalDAV no write right.
+    403: AuthFailed,
+    # Graph ErrorItemNotFound; Google notFound; CalDAV no such resource.
+    404: ProviderNotFound,
+    # Graph and Google: deleted (Google ``GONE_STATUSES``); CalDAV gone.
+    410: ProviderNotFound,
+    # A server-side request timeout: the request may be sent again.
+    408: Transient,
+    # Graph ErrorIrresolvableConflict; Google duplicate (the event id is taken); CalDAV
+    # "resource exists" (lock-related 409s are ``locked``).
+    409: ProviderConflict,
+    # If-Match / If-None-Match failed: Graph changeKey, Google etag, CalDAV etag.
+    412: ProviderConflict,
+    # Graph ErrorItemLocked / mailbox being moved; Xandikos and others on overlapping PUTs to
+    # one collection (RFC 4918 §11.3): the lock goes away, so try again later.
+    423: Transient,
+    # Graph ApplicationThrottled / MailboxConcurrency (with Retry-After); Google
+    # rateLimitExceeded; CalDAV servers behind a rate-limiting proxy.
+    429: Throttled,
+}
+#: Statuses that mean "slow down" when the server says when to come back (Graph's 503/504
+#: under load, CalDAV servers answering 503 with Retry-After).
+THROTTLED_WITH_RETRY_AFTER = frozenset({503, 504})
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    retry_after_s: float | None = None,
+    throttled: bool = False,
+    locked: bool = False,
+) -> ProviderError:
+    """The error for a failed answer, the same way for every provider.
+
+    ``throttled``: the body says "rate limit" under a status that otherwise means something
+    else (Google's 403 ``rateLimitExceeded`` / ``quotaExceeded``). ``locked``: the body of a
+    409 names a lock (CalDAV servers refusing a concurrent write), which passes like a 423.
+    """
+    if throttled or (status in THROTTLED_WITH_RETRY_AFTER and retry_after_s is not None):
+        return Throttled(message, retry_after_s)
+    kind = STATUS_ERRORS.get(status, Transient if status >= 500 else Permanent)
+    if locked and status == 409:
+        kind = Transient
+    if kind is Transient or kind is Throttled:
+        return kind(message, retry_after_s)
+    return kind(message)

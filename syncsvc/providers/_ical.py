@@ -97,7 +97,8 @@ def build_event(
     if spec.batch_id is not None:
         event.add(BATCH_PROPERTY, spec.batch_id)
     event.add(ACTIVITY_PROPERTY, spec.activity_id)
-    if spec.reminder_minutes is not None:
+    # A cancelled item keeps no alarm: a client would still ring for it.
+    if spec.reminder_minutes is not None and spec.status != "cancelled":
         event.add_component(
             Alarm.new_display(ALARM_DESCRIPTION, trigger=timedelta(minutes=-spec.reminder_minutes))
         )
@@ -134,7 +135,7 @@ def build_todo(
     if spec.batch_id is not None:
         todo.add(BATCH_PROPERTY, spec.batch_id)
     todo.add(ACTIVITY_PROPERTY, spec.activity_id)
-    if spec.reminder_minutes is not None:
+    if spec.reminder_minutes is not None and spec.status != "cancelled":
         alarm = Alarm.new_display(
             ALARM_DESCRIPTION, trigger=timedelta(minutes=-spec.reminder_minutes)
         )
@@ -167,6 +168,10 @@ def add_timezones(calendar: Calendar) -> None:
         return
     margin = timedelta(days=TIMEZONE_MARGIN_DAYS)
     calendar.add_missing_timezones(first_date=min(days) - margin, last_date=max(days) + margin)
+    # icalendar notes the covered years in a COMMENT, which RFC 5545 §3.6.5 does not allow
+    # in a VTIMEZONE (libical flags it); the zone rules themselves are complete.
+    for timezone in calendar.timezones:
+        timezone.pop("COMMENT", None)
 
 
 def render_resource(spec: EventSpec, *, now: datetime | None = None) -> bytes:

@@ -34,15 +34,13 @@ import aiohttp
 from multidict import CIMultiDict
 
 from syncsvc.errors import (
-    AuthFailed,
     Permanent,
     ProviderConflict,
     ProviderError,
     ProviderNotFound,
-    Throttled,
     Transient,
 )
-from syncsvc.providers._http import parse_retry_after
+from syncsvc.providers._http import error_for_status, parse_retry_after
 from syncsvc.providers._ical import (
     BATCH_PROPERTY,
     ParsedEvent,
@@ -241,17 +239,8 @@ class CalDAVProvider:
         if 300 <= status < 400:
             location = response.headers.get("Location", "?")
             raise Permanent(f"{message}: redirected to {location}; configure that calendar URL")
-        if status in (401, 403):
-            raise AuthFailed(message)
-        if status in (404, 410):
-            raise ProviderNotFound(message)
-        if status in (409, 412):
-            raise ProviderConflict(message)
-        if status == 429 or (status == 503 and retry_after is not None):
-            raise Throttled(message, retry_after_s=retry_after)
-        if status >= 500:
-            raise Transient(message, retry_after_s=retry_after)
-        raise Permanent(message)
+        locked = status == 409 and b"lock" in response.body.lower()
+        raise error_for_status(status, message, retry_after_s=retry_after, locked=locked)
 
     async def _get(self, name: str) -> tuple[EventRef, bytes] | None:
         response = await self._send("GET", self._resource_url(name))

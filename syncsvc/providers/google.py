@@ -54,7 +54,7 @@ from syncsvc.errors import (
     Throttled,
     Transient,
 )
-from syncsvc.providers._http import ca_bundle_path
+from syncsvc.providers._http import ca_bundle_path, error_for_status
 from syncsvc.providers.base import (
     BatchResult,
     BusyInterval,
@@ -666,19 +666,11 @@ def map_http_error(exc: HttpError, daily_reset_tz: str = DAILY_QUOTA_RESET_TZ) -
     status = exc.resp.status
     reason = _reason(exc)
     message = f"Google {status} {reason or ''}: {_message(exc)}".strip()
-    if status == 429 or (status == 403 and reason in RATE_LIMIT_REASONS):
-        return Throttled(message, retry_after_s=None)
     if status == 403 and reason in ("quotaExceeded", "dailyLimitExceeded"):
-        return Throttled(message, retry_after_s=seconds_until_midnight(daily_reset_tz))
-    if status in (401, 403):
-        return AuthFailed(message)
-    if status in GONE_STATUSES:
-        return ProviderNotFound(message)
-    if status in (409, 412):
-        return ProviderConflict(message)
-    if status >= 500 or status == 408:
-        return Transient(message)
-    return Permanent(message)
+        wait_s = seconds_until_midnight(daily_reset_tz)
+        return error_for_status(status, message, retry_after_s=wait_s, throttled=True)
+    throttled = status == 403 and reason in RATE_LIMIT_REASONS
+    return error_for_status(status, message, throttled=throttled)
 
 
 def seconds_until_midnight(zone: str, now: datetime | None = None) -> float:

@@ -38,13 +38,17 @@ from yarl import URL
 from syncsvc.errors import (
     AuthFailed,
     Permanent,
-    ProviderConflict,
     ProviderError,
     ProviderNotFound,
     Throttled,
     Transient,
 )
-from syncsvc.providers._http import ca_bundle_path, parse_retry_after, ssl_context
+from syncsvc.providers._http import (
+    ca_bundle_path,
+    error_for_status,
+    parse_retry_after,
+    ssl_context,
+)
 from syncsvc.providers.base import (
     BatchResult,
     BusyInterval,
@@ -112,18 +116,7 @@ def error_for(answer: GraphAnswer, what: str) -> ProviderError:
         message = str(answer.body["error"].get("message") or "")
     text = f"{what}: HTTP {answer.status} {code}: {message}".rstrip(": ")
     retry_after_s = parse_retry_after(answer.headers.get("retry-after"))
-    status = answer.status
-    if status == 429 or (status in (503, 504) and retry_after_s is not None):
-        return Throttled(text, retry_after_s)
-    if status in (401, 403):
-        return AuthFailed(text)
-    if status in (404, 410):
-        return ProviderNotFound(text)
-    if status in (409, 412):
-        return ProviderConflict(text)
-    if status >= 500 or status == 408:
-        return Transient(text, retry_after_s)
-    return Permanent(text)
+    return error_for_status(answer.status, text, retry_after_s=retry_after_s)
 
 
 class _TimeoutSession(requests.Session):
@@ -291,9 +284,28 @@ class GraphProvider:
         return _ref_or_raise(answer, f"create {spec.key}")
 
     async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
+        """PATCHes the event; attendees only when they differ from the event's.
+
+        Exchange mails every attendee an update whenever the list is sent, even unchanged, so
+        an edit of the subject of 1,000 meetings must not send it: one ``$select=attendees``
+        read decides (only for specs with attendees).
+        """
         body = event_body(spec, self.timezone, with_transaction=False)
+        if "attendees" in body and await self._attendees_of(ref) == _attendee_keys(
+            body["attendees"]
+        ):
+            del body["attendees"]
         answer = await self.client.send("PATCH", self._event_url(ref.event_id), body)
         return _ref_or_raise(answer, f"update {spec.key}")
+
+    async def _attendees_of(self, ref: EventRef) -> frozenset[tuple[str, str]] | None:
+        """The event's attendees as ``_attendee_keys``; ``None`` when it cannot be read (the
+        PATCH then sends them, and meets the same error if there is one)."""
+        url = self._event_url(ref.event_id) + "?$select=attendees"
+        answer = await self.client.send("GET", url)
+        if answer.status != 200 or not isinstance(answer.body, dict):
+            return None
+        return _attendee_keys(answer.body.get("attendees") or [])
 
     async def delete(self, ref: EventRef) -> None:
         answer = await self.client.send("DELETE", self._event_url(ref.event_id))
@@ -511,6 +523,16 @@ def event_body(spec: EventSpec, fallback_zone: str, *, with_transaction: bool) -
     if with_transaction:
         body["transactionId"] = transaction_id(spec.key)
     return body
+
+
+def _attendee_keys(attendees: Sequence[Any]) -> frozenset[tuple[str, str]]:
+    """Attendees by (lower-cased address, name): what a resend would change."""
+    keys = set()
+    for attendee in attendees:
+        email = attendee.get("emailAddress") if isinstance(attendee, dict) else None
+        if isinstance(email, dict):
+            keys.add((str(email.get("address") or "").lower(), str(email.get("name") or "")))
+    return frozenset(keys)
 
 
 def _ref_or_raise(answer: GraphAnswer, what: str) -> EventRef:

@@ -21,7 +21,13 @@ from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.model import PlanUser, Target, UserSummary
 from syncsvc.planner.tags import fixed_values, parse
 from syncsvc.queue.outbox import NewEvent, add_events, calendar_of, request_deletes, request_updates
-from syncsvc.service.plans import PlanContext, PlanSpec, prepare, target_from_json
+from syncsvc.service.plans import (
+    CalendarBusy,
+    PlanContext,
+    PlanSpec,
+    prepare,
+    target_from_json,
+)
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.types import utcnow
 
@@ -111,14 +117,18 @@ def derive_state(requested: str, sync: SyncCounts) -> str:
 
 
 async def commit(
-    session: AsyncSession, tenant_id: str, spec: PlanSpec, now: datetime
+    session: AsyncSession,
+    tenant_id: str,
+    spec: PlanSpec,
+    now: datetime,
+    busy: CalendarBusy | None = None,
 ) -> BatchCreated:
     """Plan and store a batch: batch, activities, ledger rows and operations in one commit.
 
     A plan that fails validation raises before anything is added; any later error rolls the
     caller's transaction back, so an error leaves no rows behind.
     """
-    ctx = await prepare(session, tenant_id, spec, now)
+    ctx = await prepare(session, tenant_id, spec, now, busy)
     batch_id = uuid.uuid4().hex
     created_by = created_by_of(batch_id)
     stamp = utcnow()

@@ -68,7 +68,7 @@ WRITE_SETTLE_S = 300
 #: Rendered bodies kept per process, by total size.
 BODY_CACHE_MAX_BYTES = 64 * 1024 * 1024
 #: Raised when the rendered form changes, so clients holding an old ETag get the new form.
-FEED_FORMAT_VERSION = 1
+FEED_FORMAT_VERSION = 2
 FEED_NAME_PREFIX = "syncsvc"
 
 
@@ -115,6 +115,11 @@ class FeedState:
     etag: str
     #: Deleted activities stamped before this are left out; the body must use the same.
     cutoff: datetime
+    #: Tasks as all-day VEVENTs (``?tasks=events``): another body, so another ETag.
+    tasks_as_events: bool = False
+
+    def with_tasks_as_events(self) -> FeedState:
+        return replace(self, etag=self.etag[:-1] + '-events"', tasks_as_events=True)
 
 
 def deleted_cutoff(now: datetime) -> datetime:
@@ -387,6 +392,10 @@ async def feed_body(db: Database, state: FeedState) -> bytes:
             calendar, items = await feed_items(
                 session, state.tenant_id, state.user_id, state.cutoff
             )
-        return await asyncio.to_thread(render_feed, calendar, items)
+        return await asyncio.to_thread(
+            functools.partial(render_feed, tasks_as_events=state.tasks_as_events),
+            calendar,
+            items,
+        )
 
     return await _bodies.get_or_render(state.etag, render)

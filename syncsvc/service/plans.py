@@ -2,19 +2,25 @@
 
 The planner is pure; everything it needs from the database (users, their days off, the
 tenant's closing days, existing activities as busy time) is read here, once per request.
+With ``avoid_busy`` the users' own calendars are read too (``CalendarBusy``): the plan is made
+once without them to learn its window, then again with their busy times (a few rounds if
+skipping busy slots pushed the plan past the window read).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
+from time import monotonic
 from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.errors import ErrorDetail, NotFound, ValidationError
+from syncsvc.errors import ErrorDetail, NotFound, SyncSvcError, ValidationError
 from syncsvc.planner import plan
 from syncsvc.planner.model import (
     WEEKDAYS,
@@ -32,11 +38,31 @@ from syncsvc.planner.model import (
     Weekday,
     Window,
 )
+from syncsvc.planner.preview import busy_skipped_warnings, unread_busy_warning
+from syncsvc.providers.base import CalendarProvider
 from syncsvc.queue.outbox import chunks
 from syncsvc.store.models import Activity, Tenant, User
 
 #: The service's clock: injectable so tests and benchmarks plan at a fixed instant.
 Clock = Callable[[], datetime]
+Interval = tuple[datetime, datetime]
+
+log = logging.getLogger(__name__)
+
+#: A calendar's busy times are reused this long: a preview and the commit that follows it
+#: (the CRM's "looks good → commit") read each calendar once.
+BUSY_CACHE_TTL_S = 120.0
+#: Cached windows kept at most (oldest dropped first).
+BUSY_CACHE_MAX = 10_000
+#: One provider read covers at most this much (Graph's getSchedule takes at most 62 days).
+BUSY_READ_SPAN = timedelta(days=60)
+#: Calendars read at once for one plan, and how long one may take before the plan goes on.
+BUSY_READ_CONCURRENCY = 8
+BUSY_READ_TIMEOUT_S = 15.0
+#: The window read reaches this far past the plan's last slot, and is widened at most this
+#: many times when skipping busy slots pushed the plan past it.
+BUSY_WINDOW_SLACK = timedelta(days=7)
+BUSY_ROUNDS = 4
 
 
 def system_clock() -> datetime:
@@ -247,6 +273,91 @@ async def busy_times(
     return busy
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    expires_s: float
+    start: datetime
+    end: datetime
+    intervals: tuple[Interval, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BusyRead:
+    """Busy intervals per user id, and the users whose calendar could not be read."""
+
+    busy: Mapping[str, tuple[Interval, ...]]
+    unread: tuple[str, ...] = ()
+
+
+class CalendarBusy:
+    """Reads users' busy times from their calendars (Graph getSchedule, Google freeBusy, CalDAV
+    time-range query), concurrently, each cached for ``ttl_s`` per tenant, user, connection and
+    window. A calendar that fails or times out is reported as unread, never raised: a plan
+    without one user's calendar is still a plan (the preview warns)."""
+
+    def __init__(
+        self,
+        providers: Callable[[User], Awaitable[CalendarProvider]],
+        *,
+        ttl_s: float = BUSY_CACHE_TTL_S,
+        timeout_s: float = BUSY_READ_TIMEOUT_S,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self._providers = providers
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._cache: dict[tuple[str, str, str], _Cached] = {}
+        self._gate = asyncio.Semaphore(BUSY_READ_CONCURRENCY)
+        #: Provider reads made (one per user and ``BUSY_READ_SPAN``); benchmarks print it.
+        self.reads = 0
+
+    async def read(self, users: Iterable[User], start: datetime, end: datetime) -> BusyRead:
+        connected = [u for u in users if u.calendar_provider not in ("", "none")]
+        answers = await asyncio.gather(*(self._one(u, start, end) for u in connected))
+        busy = {u.id: got for u, got in zip(connected, answers, strict=True) if got is not None}
+        unread = tuple(u.id for u, got in zip(connected, answers, strict=True) if got is None)
+        return BusyRead(busy, unread)
+
+    async def _one(self, user: User, start: datetime, end: datetime) -> tuple[Interval, ...] | None:
+        key = (user.tenant_id, user.id, user.calendar_provider + repr(user.calendar_config))
+        now_s = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit.expires_s > now_s and hit.start <= start and end <= hit.end:
+            return hit.intervals
+        try:
+            async with self._gate, asyncio.timeout(self._timeout_s):
+                provider = await self._providers(user)
+                found: list[Interval] = []
+                low = start
+                while low < end:
+                    high = min(low + BUSY_READ_SPAN, end)
+                    self.reads += 1
+                    found += [(b.start, b.end) for b in await provider.busy(low, high)]
+                    low = high
+        except (SyncSvcError, OSError, TimeoutError) as exc:
+            log.warning("busy times of user %s could not be read: %s", user.id, exc)
+            return None
+        intervals = tuple(found)
+        if len(self._cache) >= BUSY_CACHE_MAX:
+            self._cache = {k: v for k, v in self._cache.items() if v.expires_s > now_s}
+            while len(self._cache) >= BUSY_CACHE_MAX:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = _Cached(now_s + self._ttl_s, start, end, intervals)
+        return intervals
+
+
+def plan_window(result: Plan, now: datetime, start_date: date) -> tuple[datetime, datetime] | None:
+    """The span whose calendar busy times matter to ``result``: from its first day (or now)
+    to ``BUSY_WINDOW_SLACK`` past its last slot; ``None`` when nothing has a slot (tasks)."""
+    ends = [a.end for a in result.activities if a.end is not None]
+    if not ends:
+        return None
+    # A day early: the first day starts at midnight in the users' zones, not in UTC.
+    first = datetime.combine(start_date - timedelta(days=1), time(), UTC)
+    return max(first, now), max(ends) + BUSY_WINDOW_SLACK
+
+
 async def closing_days(session: AsyncSession, tenant_id: str) -> frozenset[date]:
     tenant = await session.get(Tenant, tenant_id)
     if tenant is None:
@@ -255,9 +366,16 @@ async def closing_days(session: AsyncSession, tenant_id: str) -> frozenset[date]
 
 
 async def prepare(
-    session: AsyncSession, tenant_id: str, spec: PlanSpec, now: datetime
+    session: AsyncSession,
+    tenant_id: str,
+    spec: PlanSpec,
+    now: datetime,
+    calendars: CalendarBusy | None = None,
 ) -> PlanContext:
-    """Reads what the plan needs and plans it; a ``PlanError`` is already a 422."""
+    """Reads what the plan needs and plans it; a ``PlanError`` is already a 422.
+
+    With ``avoid_busy`` and ``calendars``, the users' calendar busy times count too.
+    """
     users = await load_users(session, tenant_id, referenced_users(spec))
     busy: Mapping[str, list[tuple[datetime, datetime]]] = {}
     if spec.schedule.avoid_busy:
@@ -274,9 +392,51 @@ async def prepare(
         one_per_organisation=spec.one_per_organisation,
         closing_days=await closing_days(session, tenant_id),
     )
-    return PlanContext(request=request, plan=plan(request), users=users)
+    result = plan(request)
+    if spec.schedule.avoid_busy and calendars is not None:
+        request, result = await _around_calendars(request, result, users, calendars, busy)
+    return PlanContext(request=request, plan=result, users=users)
 
 
-async def preview(session: AsyncSession, tenant_id: str, spec: PlanSpec, now: datetime) -> Plan:
+async def _around_calendars(
+    request: PlanRequest,
+    first: Plan,
+    users: Mapping[str, User],
+    calendars: CalendarBusy,
+    own: Mapping[str, Sequence[Interval]],
+) -> tuple[PlanRequest, Plan]:
+    """Plans again around the calendars' busy times until the window read covers the plan."""
+    window = plan_window(first, request.now, request.schedule.start_date)
+    if window is None:
+        return request, first
+    result = first
+    read = BusyRead({})
+    for _ in range(BUSY_ROUNDS):
+        read = await calendars.read(users.values(), *window)
+        request = replace(
+            request,
+            users={
+                uid: replace(u, busy=(*own.get(uid, ()), *read.busy.get(uid, ())))
+                for uid, u in request.users.items()
+            },
+        )
+        result = plan(request)
+        wider = plan_window(result, request.now, request.schedule.start_date)
+        if wider is None or wider[1] - BUSY_WINDOW_SLACK <= window[1]:
+            break
+        window = (window[0], wider[1])
+    extra = busy_skipped_warnings(first.activities, read.busy, request.users)
+    if read.unread:
+        extra.append(unread_busy_warning([request.users[u] for u in read.unread]))
+    return request, replace(result, warnings=(*result.warnings, *extra))
+
+
+async def preview(
+    session: AsyncSession,
+    tenant_id: str,
+    spec: PlanSpec,
+    now: datetime,
+    calendars: CalendarBusy | None = None,
+) -> Plan:
     """``POST /v1/plans``: the plan as it would be committed now; writes nothing."""
-    return (await prepare(session, tenant_id, spec, now)).plan
+    return (await prepare(session, tenant_id, spec, now, calendars)).plan

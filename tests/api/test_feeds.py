@@ -21,6 +21,7 @@ from syncsvc.service import feeds as feeds_service
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity
 from tests.api.conftest import TenantKey, Tenants
+from tests.libical import libical_read
 
 Client = TestClient[web.Request, web.Application]
 
@@ -356,3 +357,46 @@ async def test_a_settled_feed_answers_304_until_a_patch_commits(
     assert changed.headers["ETag"] != etag
     event = _by_uid(Calendar.from_ical(await changed.read()))[_uid(first)]
     assert str(event["SUMMARY"]) == "Edited"
+
+
+async def test_libical_takes_the_feed_and_tasks_come_as_events_when_asked(
+    client: Client, tenants: Tenants
+) -> None:
+    """Outlook and Google subscriptions ignore VTODO: ``?tasks=events`` gives all-day VEVENTs.
+    Either way libical (Evolution's parser) finds nothing to reject, and cancelled items keep
+    no alarm."""
+    await _put_user(client, tenants.a)
+    meetings = await _commit(client, tenants.a)
+    tasks = await _commit(client, tenants.a, kind="task")
+    for activity in (meetings[1], tasks[1]):
+        response = await client.patch(
+            f"/v1/activities/{activity['id']}",
+            json={"status": "cancelled"},
+            headers=tenants.a.headers,
+        )
+        assert response.status == 200, await response.text()
+    path = await _new_feed(client, tenants.a)
+    task_uids = {_uid(t) for t in tasks}
+    cancelled_uids = {_uid(meetings[1]), _uid(tasks[1])}
+
+    plain = await client.get(path)
+    as_events = await client.get(path + "?tasks=events")
+    assert plain.status == as_events.status == 200
+    assert plain.headers["ETag"] != as_events.headers["ETag"]
+    for body, task_kind in ((await plain.read(), "VTODO"), (await as_events.read(), "VEVENT")):
+        read = libical_read(body)
+        assert read.errors == []
+        kinds = {i.uid: i.kind for i in read.items}
+        assert {kinds[u] for u in task_uids} == {task_kind}
+        assert {kinds[_uid(m)] for m in meetings} == {"VEVENT"}
+        for item in read.items:
+            assert item.cancelled == (item.uid in cancelled_uids)
+            assert item.alarms == (0 if item.cancelled else 1)
+            assert item.all_day == (item.uid in task_uids and task_kind == "VEVENT")
+
+    again = await client.get(
+        path + "?tasks=events", headers={"If-None-Match": as_events.headers["ETag"]}
+    )
+    assert again.status == 304
+    wrong = await client.get(path + "?tasks=todo")
+    assert wrong.status == 422

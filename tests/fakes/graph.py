@@ -512,6 +512,8 @@ class FakeGraph:
         #: Every token request (successful or not), and every HTTP request to Graph.
         self.token_requests = 0
         self.round_trips: list[tuple[str, str]] = []
+        #: Every PATCH of an event as (event id, body), to see what an update resent.
+        self.patch_bodies: list[tuple[str, Any]] = []
         self.tls: TlsFiles | None = None
         #: System CAs plus the fake's certificate: what SSL_CERT_FILE should name in tests.
         self.ca_bundle: Path | None = None
@@ -1136,6 +1138,7 @@ class FakeGraph:
     ) -> _Response:
         assert box is not None
         event = self._event(box, match)
+        self.patch_bodies.append((event.id, req.body))
         props, start, end, all_day, extended = self._validated_event(req.body, event)
         event.props, event.start, event.end, event.is_all_day = props, start, end, all_day
         event.extended = extended

@@ -463,8 +463,10 @@ def test_rendering_reads_back_to_the_same_event() -> None:
     assert (event.uid, event.summary, event.status) == ("act-1@syncsvc", "Besøg act-1", "CANCELLED")
     assert (event.start, event.end) == (spec.start, spec.end)
     assert (event.batch_id, event.activity_id) == ("batch-1", "activity-act-1")
-    assert event.reminder_minutes == 30
+    assert event.reminder_minutes is None  # a cancelled item keeps no alarm to ring
     assert not event.transparent and not event.all_day
+    planned = parse_event(render_resource(replace(spec, status="planned"), now=NOW))
+    assert planned.reminder_minutes == 30
 
 
 def test_parsing_takes_the_end_from_duration_and_defaults() -> None:

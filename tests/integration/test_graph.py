@@ -684,3 +684,32 @@ async def test_busy_comes_from_get_schedule_without_free_items(
         BusyInterval(at(14), at(15)),
         BusyInterval(at(15), at(16)),
     ]
+
+
+async def test_an_update_resends_attendees_only_when_they_changed(
+    fake: FakeGraph, provider: GraphProvider, mailbox: str
+) -> None:
+    """Exchange mails every attendee when the list is sent again: a retitle must not send it."""
+    guests = (EventAttendee("Ada", "ada@brewery.example"), EventAttendee("Bo", "bo@x.example"))
+    meeting = spec(1, attendees=guests)
+    ref = await provider.create(meeting)
+    fake.patch_bodies.clear()
+
+    await provider.update(ref, replace(meeting, subject="Besøg igen"))
+    # The same people, in another order and with the address in other case.
+    reordered = (EventAttendee("Bo", "BO@x.example"), guests[0])
+    await provider.update(ref, replace(meeting, subject="Besøg 3", attendees=reordered))
+    assert [("attendees" in body, body["subject"]) for _, body in fake.patch_bodies] == [
+        (False, "Besøg igen"),
+        (False, "Besøg 3"),
+    ]
+
+    await provider.update(ref, replace(meeting, attendees=guests[:1]))
+    assert fake.patch_bodies[-1][1]["attendees"] == [
+        {"emailAddress": {"address": "ada@brewery.example", "name": "Ada"}, "type": "required"}
+    ]
+    (event,) = fake.mailbox_events(mailbox)
+    assert event.subject == meeting.subject
+    assert [a["emailAddress"]["address"] for a in event.props["attendees"]] == [
+        "ada@brewery.example"
+    ]
