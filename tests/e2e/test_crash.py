@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.e2e.fleet import own_event
 from tests.integration.test_cli import KEY_RE, Launcher, Served
 from tests.integration.test_sync_caldav import _events as calendar_events
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
@@ -34,14 +35,6 @@ SYNC_TIMEOUT_S = 60.0
 #: even on a fast machine (at the 20/s default a quiet machine finished before the third).
 CALDAV_RATE = "8/1"
 SEEDS = [11, 23, 37]
-
-
-def own_event(uid: str) -> str:
-    return (
-        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\n"
-        f"UID:{uid}\r\nDTSTAMP:20270101T000000Z\r\nDTSTART:20270601T060000Z\r\n"
-        "DTEND:20270601T070000Z\r\nSUMMARY:Dentist\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
-    )
 
 
 class Service:

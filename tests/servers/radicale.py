@@ -7,6 +7,7 @@ each from ``new_calendar`` so they never see each other's events.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -58,43 +59,78 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     )
 
 
+class RadicaleServer:
+    """One Radicale process on a fixed port and folder: killed (``kill9``), frozen
+    (``freeze``/``thaw``: SIGSTOP/SIGCONT) and started again at will, its calendars kept."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = folder
+        self.port = port or _free_port()
+        self.log = folder / "radicale.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "radicale",
+                    "--config",
+                    "",
+                    "--server-hosts",
+                    f"127.0.0.1:{self.port}",
+                    "--auth-type",
+                    "none",
+                    "--storage-filesystem-folder",
+                    str(self.folder / "collections"),
+                    "--logging-level",
+                    "warning",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_ready(self.url, self.process, self.log)
+
+    def kill9(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen process dies too
+            self.process.kill()
+            self.process.wait()
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=RADICALE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @pytest.fixture(scope="session")
 def radicale_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (ending in ``/``) of a Radicale server that lives for the whole session."""
-    folder = tmp_path_factory.mktemp("radicale")
-    port = _free_port()
-    log = folder / "radicale.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "radicale",
-                "--config",
-                "",
-                "--server-hosts",
-                f"127.0.0.1:{port}",
-                "--auth-type",
-                "none",
-                "--storage-filesystem-folder",
-                str(folder / "collections"),
-                "--logging-level",
-                "warning",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
+    server = RadicaleServer(tmp_path_factory.mktemp("radicale"))
+    server.start()
     try:
-        _wait_ready(url, process, log)
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=RADICALE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 async def new_calendar(
