@@ -13,10 +13,14 @@ Shape of one worker process:
   batch) when it has one: one grant of ``n`` tokens, and as many concurrency slots as the
   provider serves items of one batch at once.
 
-Claims are leases (``state='running'`` with ``not_before`` = lease end): a crashed worker's
-operations become claimable again when the lease ends. The embedded default is one process, so
-it frees every lease at start-up. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED`` and
-lock the ledger rows too, so two workers never work on one ledger row at once.
+Claims are short leases (``state='running'`` with ``not_before`` = lease end) that the
+claiming worker renews while it holds them (a heartbeat every ``HEARTBEAT_S``): a crashed
+worker's operations become claimable again within ``CLAIM_TTL_S``, and a worker that stops
+(SIGTERM, cancellation) hands back what it still holds at once. A renewal only touches a row
+whose lease end is still the one this worker wrote, so it never extends another's claim. The
+embedded default is one process, so it frees every lease at start-up. On PostgreSQL, claims
+use ``FOR UPDATE SKIP LOCKED`` and lock the ledger rows too, so two workers never work on one
+ledger row at once.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from syncsvc.store.types import utcnow
 log = logging.getLogger("syncsvc.worker")
 
 POLL_S = 0.2
-CLAIM_TTL_S = 120.0
+#: A claim's lease; renewed every ``HEARTBEAT_S`` while held, so it only runs out on a crash.
+CLAIM_TTL_S = 30.0
+HEARTBEAT_S = 10.0
 CYCLE_MAX_OPS = 200
 MAX_MAILBOX_TASKS = 64
 MAX_ATTEMPTS = 8
@@ -142,10 +148,15 @@ class Worker:
         #: Creates per batched call last seen for a mailbox: sizes its next claims.
         self._batch_size: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: Operations this worker holds → the lease end it last wrote for them.
+        self._held: dict[int, datetime] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.embedded:
             await self._free_all_claims()
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        self._background.add(heartbeat)
+        heartbeat.add_done_callback(self._background.discard)
         try:
             while not stop.is_set():
                 for mailbox in await self._due_mailboxes():
@@ -181,6 +192,61 @@ class Worker:
                 .where(Operation.state == "running")
                 .values(state="pending", not_before=utcnow())
             )
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        """Renews the leases of every operation still held, so they outlive slow calls."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+            if self._held and not stop.is_set():
+                try:
+                    await self._renew()
+                except Exception as exc:
+                    if not is_unavailable(exc):
+                        raise
+                    self.db.outage.down(exc)  # the leases may lapse; CAS keeps rows safe
+
+    async def _renew(self) -> None:
+        by_lease: dict[datetime, list[int]] = {}
+        for op_id, lease_end in list(self._held.items()):
+            by_lease.setdefault(lease_end, []).append(op_id)
+        new_end = utcnow() + timedelta(seconds=CLAIM_TTL_S)
+        async with self.db.session() as s, s.begin():
+            for lease_end, op_ids in by_lease.items():
+                for part in chunks(op_ids, 500):
+                    await s.execute(
+                        update(Operation)
+                        .where(
+                            Operation.id.in_(part),
+                            Operation.state == "running",
+                            Operation.not_before == lease_end,
+                        )
+                        .values(not_before=new_end)
+                    )
+        for lease_ids in by_lease.values():
+            for op_id in lease_ids:
+                if op_id in self._held:
+                    self._held[op_id] = new_end
+
+    async def _hand_back(self, op_ids: Sequence[int]) -> None:
+        """Claims of a stopping cycle that are still running go back to pending at once (no
+        attempt spent); a crash between a provider's answer and here is the create-adoption
+        case every operation already survives."""
+        leases = [(op_id, self._held.pop(op_id)) for op_id in op_ids if op_id in self._held]
+        if not leases:
+            return
+        now = utcnow()
+        async with self.db.session() as s, s.begin():
+            for op_id, lease_end in leases:
+                await s.execute(
+                    update(Operation)
+                    .where(
+                        Operation.id == op_id,
+                        Operation.state == "running",
+                        Operation.not_before == lease_end,
+                    )
+                    .values(state="pending", not_before=now)
+                )
 
     async def _due_mailboxes(self) -> list[str]:
         now = utcnow()
@@ -232,10 +298,11 @@ class Worker:
                 claimed.append(_Claimed(op_id, ledger_id, kind))
             if claimed:
                 claimed_ids = [c.op_id for c in claimed]
+                lease_end = now + timedelta(seconds=CLAIM_TTL_S)
                 await s.execute(
                     update(Operation)
                     .where(Operation.id.in_(claimed_ids))
-                    .values(state="running", not_before=now + timedelta(seconds=CLAIM_TTL_S))
+                    .values(state="running", not_before=lease_end)
                 )
                 # Other waiting operations of these rows are covered: the claimed ones act on
                 # data read after this commit. Merging them saves a redundant call each.
@@ -248,6 +315,8 @@ class Worker:
                     )
                     .values(state="done", last_error="merged")
                 )
+        for c in claimed:
+            self._held[c.op_id] = lease_end
         return claimed
 
     # --- one cycle of one mailbox ---------------------------------------------------------
@@ -262,6 +331,7 @@ class Worker:
         started = time.monotonic()
         sem = asyncio.Semaphore(limit.concurrency)
         running: dict[asyncio.Task[None], int] = {}  # work in hand → operations it carries
+        mine: list[int] = []  # every operation this cycle claimed
         claimed_total = 0
         try:
             while not stop.is_set():
@@ -271,6 +341,7 @@ class Worker:
                 if claimed_total < CYCLE_MAX_OPS and in_hand <= size // 2:
                     claimed = await self._claim(mailbox, size - in_hand)
                     claimed_total += len(claimed)
+                    mine.extend(c.op_id for c in claimed)
                 for work, ops in await self._plan(mailbox, limit, claimed, stats, stop):
                     running[asyncio.create_task(_guarded(sem, work))] = ops
                 if not running:
@@ -291,6 +362,12 @@ class Worker:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+            try:
+                await self._hand_back(mine)
+            except Exception as exc:  # the leases run out instead
+                if not is_unavailable(exc):
+                    raise
+                self.db.outage.down(exc)
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(
