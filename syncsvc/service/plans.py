@@ -333,7 +333,11 @@ class CalendarBusy:
                 while low < end:
                     high = min(low + BUSY_READ_SPAN, end)
                     self.reads += 1
-                    found += [(b.start, b.end) for b in await provider.busy(low, high)]
+                    found += [
+                        (b.start, b.end)
+                        for b in await provider.busy(low, high)
+                        if b.start.tzinfo and b.end.tzinfo and b.start < b.end  # the planner's rule
+                    ]
                     low = high
         except (SyncSvcError, OSError, TimeoutError) as exc:
             log.warning("busy times of user %s could not be read: %s", user.id, exc)

@@ -25,6 +25,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 
+from syncsvc.api.plans import CALENDARS
 from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.service.tenants import create_tenant
@@ -197,9 +198,13 @@ async def test_busy_blocks_in_each_calendar_take_their_slots(world: World) -> No
         assert any(f"({uid})" in m and "Mon 2027-06-07 09:00–10:00" in m for m in skipped), uid
     assert not [x for x in preview["warnings"] if x["code"] == "busy_unread"]
 
-    # The commit plans the same way (the calendars' answers are reused from the preview).
+    # The commit plans the same way, with the calendars' answers cached by the preview.
+    calendars = w.client.server.app[CALENDARS]
+    reads = calendars.reads
+    assert reads >= len(USERS)
     committed = await w.client.post("/v1/batches", headers=w.headers, json=_body(USERS))
     assert committed.status == 201, await committed.text()
+    assert calendars.reads == reads
     async with w.db.session() as s:
         rows = (await s.execute(select(Activity.user_id, Activity.start, Activity.end))).all()
     assert len(rows) == 9
