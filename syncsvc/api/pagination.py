@@ -26,6 +26,8 @@ LIMIT_MAX = 500
 CURSOR_MAX_CHARS = 1000
 #: Rows written to the socket per chunk of a CSV export.
 CSV_FLUSH_ROWS = 500
+#: First characters a spreadsheet reads as a formula (OWASP CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -128,6 +130,16 @@ def page(
     )
 
 
+def csv_cell(value: Any) -> Any:
+    """A cell as text a spreadsheet shows rather than runs: text opening like a formula gets a
+    leading ``'`` (OWASP), so a subject ``=HYPERLINK(...)`` from a CRM stays a subject."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 async def csv_response(
     request: web.Request,
     header: Sequence[str],
@@ -147,7 +159,7 @@ async def csv_response(
     writer.writerow(header)
     count = 0
     async for row in rows:
-        writer.writerow(["" if value is None else value for value in row])
+        writer.writerow([csv_cell(value) for value in row])
         count += 1
         if count % CSV_FLUSH_ROWS == 0:
             await response.write(buffer.getvalue().encode())

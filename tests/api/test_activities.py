@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy import select, update
 
+from syncsvc.api.pagination import csv_cell
 from syncsvc.config import Settings
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation
@@ -311,3 +312,31 @@ async def test_tenants_cannot_touch_each_others_activities(
     assert (await client.post(f"{url}/follow-ups", json={}, headers=other)).status == 404
     mine = await (await client.get(url, headers=tenants.a.headers)).json()
     assert (mine["status"], mine["version"]) == ("planned", 1)
+
+
+async def test_csv_export_neutralises_cells_a_spreadsheet_would_run(
+    client: Client, tenants: Tenants
+) -> None:
+    """OWASP CSV injection: a CRM subject like ``=HYPERLINK(...)`` reaches the file as text."""
+    body = plan_body(targets=2)
+    body["template"] = {"kind": "meeting", "subject": '=HYPERLINK("x") $account-name$'}
+    body["targets"][1]["name"] = "@SUM(A1)"
+    batch_id, everything = await batch_activities(client, tenants, body)
+    assert everything[0]["subject"] == '=HYPERLINK("x") Org 0'  # JSON keeps the value as is
+    response = await client.get(
+        f"/v1/batches/{batch_id}/activities?format=csv", headers=tenants.a.headers
+    )
+    rows = list(csv.reader(io.StringIO(await response.text())))
+    subject = rows[0].index("subject")
+    assert [r[subject] for r in rows[1:]] == [
+        '\'=HYPERLINK("x") Org 0',
+        '\'=HYPERLINK("x") @SUM(A1)',
+    ]
+    assert rows[1][rows[0].index("start")] == "2030-06-05T09:00:00+02:00"  # plain cells untouched
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_every_formula_start_is_neutralised_and_other_cells_kept(start: str) -> None:
+    assert csv_cell(start + "1+1") == "'" + start + "1+1"
+    assert csv_cell("a" + start) == "a" + start
+    assert csv_cell(None) == "" and csv_cell(3) == 3
