@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import json
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -38,6 +41,41 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"]),
         sa.PrimaryKeyConstraint("tenant_id", "provider", "domain"),
     )
+    _claim_existing_mailboxes()
+
+
+def _claim_existing_mailboxes() -> None:
+    """Mailboxes registered before ownership go to the tenant whose user named them first."""
+    fields = {"graph": "mailbox", "google": "calendar_id"}
+    bind = op.get_bind()
+    rows = bind.execute(
+        sa.text(
+            "SELECT tenant_id, calendar_provider, calendar_config FROM users "
+            "WHERE calendar_provider IN ('graph', 'google') ORDER BY created_at, tenant_id, id"
+        )
+    )
+    owners: dict[tuple[str, str], str] = {}
+    for tenant_id, provider, config in rows:
+        config = json.loads(config) if isinstance(config, str) else (config or {})
+        address = str(config.get(fields[provider]) or "").strip().lower()
+        if address:
+            owners.setdefault((provider, address), tenant_id)
+    table = sa.table(
+        "mailbox_owners",
+        sa.column("provider"),
+        sa.column("address"),
+        sa.column("tenant_id"),
+        sa.column("created_at"),
+    )
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if owners:
+        op.bulk_insert(
+            table,
+            [
+                {"provider": p, "address": a, "tenant_id": t, "created_at": now}
+                for (p, a), t in owners.items()
+            ],
+        )
 
 
 def downgrade() -> None:
