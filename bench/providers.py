@@ -40,9 +40,9 @@ from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
 from syncsvc.providers.google import GoogleProvider
 from syncsvc.providers.graph import GraphProvider
-from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.queue.ratelimit import MemoryRateLimiter
 from syncsvc.queue.worker import Worker
+from syncsvc.service.connections import UserProviders
 from syncsvc.store.crypto import SecretBox
 from tests.fakes.google import FakeGoogleConfig, running_fake
 from tests.fakes.graph import FakeGraph, ThrottleLimits
@@ -250,7 +250,7 @@ async def main() -> None:
             t0 = time.monotonic()
             await commit_batch(client, headers, users, args.per_calendar * len(users))
             commit_s = time.monotonic() - t0
-            registry = ProviderRegistry(settings, SecretBox(settings.secret_key))
+            registry = UserProviders(settings, SecretBox(settings.secret_key))
             stack.push_async_callback(registry.aclose)
             worker = Worker(settings, db, MemoryRateLimiter(), registry, embedded=True)
             started = time.monotonic()

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import SyncSvcError
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database, is_unavailable
 
 EXIT_OK = 0
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
     create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
     create.add_argument("name")
+    domains = tenant_commands.add_parser("domains", help="the domains a tenant's connection covers")
+    domain_commands = domains.add_subparsers(dest="domains_command", required=True)
+    add = domain_commands.add_parser("add", help="the tenant's mailboxes may be in this domain")
+    add.add_argument("tenant", help="tenant id (ten_…)")
+    add.add_argument("domain")
+    add.add_argument("--provider", choices=("google", "graph"), default="google")
     return parser
 
 
@@ -92,8 +99,10 @@ async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> in
         if args.command == "migrate":
             print("database schema is up to date")
             return EXIT_OK
+        if args.command == "tenants" and args.tenants_command == "domains":
+            return await _domains_add(db, args.tenant, args.provider, args.domain)
         if args.command == "tenants":
-            return await _tenants_create(db, args.name)
+            return await _tenants_create(db, args.name, SecretBox(settings.secret_key))
         host: str = getattr(args, "host", None) or settings.host
         port: int = settings.port if getattr(args, "port", None) is None else args.port
         if args.command == "serve":
@@ -131,12 +140,24 @@ async def _migrate_when_up(db: Database) -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _tenants_create(db: Database, name: str) -> int:
-    from syncsvc.service.tenants import create_tenant
+async def _tenants_create(db: Database, name: str, box: SecretBox) -> int:
+    from syncsvc.service.tenants import create_tenant_with_secret
 
-    tenant, key = await create_tenant(db, name)
-    print(f"created tenant {tenant.name} ({tenant.id}); its API key, shown only now:")
+    tenant, key, signing_secret = await create_tenant_with_secret(db, name, box)
+    print(f"created tenant {tenant.name} ({tenant.id}).")
+    print("Its callback signing secret (Standard Webhooks), shown only now:")
+    print(signing_secret)
+    print("Its API key, shown only now:")
     print(key)
+    return EXIT_OK
+
+
+async def _domains_add(db: Database, tenant_id: str, provider: str, domain: str) -> int:
+    from syncsvc.service.mailboxes import add_domain
+
+    async with db.session() as session, session.begin():
+        await add_domain(session, tenant_id, provider, domain)
+    print(f"tenant {tenant_id}: {provider} mailboxes may be in {domain.strip().lower()}")
     return EXIT_OK
 
 

@@ -11,12 +11,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from syncsvc.config import Settings
-from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
 from syncsvc.service import callbacks, google_push, graph_push
 from syncsvc.service.changes import CALLBACK_KIND
+from syncsvc.service.connections import UserProviders
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import RECONNECT_MAX_S, Database, is_unavailable
 
@@ -46,7 +46,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         limiter = RedisRateLimiter.from_url(settings.redis_url)
     else:
         limiter = MemoryRateLimiter()
-    registry = ProviderRegistry(settings, SecretBox(settings.secret_key))
+    registry = UserProviders(settings, SecretBox(settings.secret_key))
     worker = Worker(
         settings,
         db,

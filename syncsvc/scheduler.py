@@ -10,12 +10,10 @@ says how a claim stays exactly-once across processes), and runs each claimed att
 Any failure (HTTP status, timeout, not JSON, invalid targets, a plan that cannot be planned)
 is written on the run, which is retried with backoff; nothing is fatal to the loop.
 
-**The signed request.** ``X-Syncsvc-Timestamp`` is the Unix time in whole seconds when the
-request was sent; ``X-Syncsvc-Signature`` is the lowercase hex HMAC-SHA256, under the
-service's callback signing key (the one that signs callbacks to the CRM), of
-``<timestamp>.<targets_url>`` — the URL exactly as the schedule stores it. The CRM recomputes
-it, compares in constant time and refuses timestamps far from its own clock. Redirects are not
-followed (the signature must not travel to another host).
+**The signed request** carries the tenant's Standard Webhooks headers (``webhook-id``,
+``webhook-timestamp``, ``webhook-signature``; ``service/signing.py``) over the URL exactly as
+the schedule stores it, the GET having no body. Redirects are not followed (the signature must
+not travel to another host).
 """
 
 from __future__ import annotations
@@ -51,8 +49,6 @@ DUE_PER_TICK = 100
 #: Runs fetching and committing at once in one scheduler.
 RUNS_AT_ONCE = 8
 READ_CHUNK_BYTES = 64 * 1024
-SIGNATURE_HEADER = "X-Syncsvc-Signature"
-TIMESTAMP_HEADER = "X-Syncsvc-Timestamp"
 
 
 class TargetsError(SyncSvcError):
@@ -61,24 +57,11 @@ class TargetsError(SyncSvcError):
     code = "targets_unavailable"
 
 
-def signed_message(timestamp: int, url: str) -> bytes:
-    """What ``X-Syncsvc-Signature`` signs: ``<timestamp>.<url>``."""
-    return f"{timestamp}.{url}".encode()
-
-
-def signed_headers(box: SecretBox, url: str, timestamp: int) -> dict[str, str]:
-    return {
-        TIMESTAMP_HEADER: str(timestamp),
-        SIGNATURE_HEADER: box.sign(signed_message(timestamp, url)),
-        "Accept": "application/json",
-    }
-
-
 async def fetch_targets(
-    http: aiohttp.ClientSession, box: SecretBox, url: str, *, max_bytes: int
+    http: aiohttp.ClientSession, signed: Mapping[str, str], url: str, *, max_bytes: int
 ) -> list[Any]:
     """The ``targets`` list from the CRM, unchecked; every failure is a ``TargetsError``."""
-    headers = signed_headers(box, url, int(time.time()))
+    headers = {**signed, "Accept": "application/json"}
     try:
         async with http.get(url, headers=headers, allow_redirects=False) as response:
             if response.status != 200:
@@ -164,8 +147,9 @@ class Scheduler:
         """One attempt of one occurrence; its outcome is written on the run, never raised."""
         started = time.perf_counter()
         try:
+            signed = await service.targets_headers(self.db, self.box, run)
             targets = await fetch_targets(
-                self.http, self.box, run.targets_url, max_bytes=self.max_body_bytes
+                self.http, signed, run.targets_url, max_bytes=self.max_body_bytes
             )
             spec = plan_spec(run.plan, targets, run) if targets else None
             result = await service.finish(self.db, run, spec, self.clock())

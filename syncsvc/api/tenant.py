@@ -1,12 +1,13 @@
-"""``/v1/tenant``: the calling tenant's callback URL and closing days."""
+"""``/v1/tenant``: the calling tenant's callback URL, closing days and signing secret."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 from pydantic import BaseModel, Field, field_validator
 
 from syncsvc.api._framework import Ctx, Routes
+from syncsvc.service import signing
 from syncsvc.service import tenant as service
 from syncsvc.service.users import check_http_url
 
@@ -20,8 +21,9 @@ class TenantOut(BaseModel):
     id: str
     name: str
     callback_url: str | None = Field(
-        description="Where user edits and deletions are POSTed, signed "
-        "(`X-Syncsvc-Signature: sha256=<hex HMAC-SHA256 of the body>`)."
+        description="Where user edits and deletions are POSTed, signed per Standard "
+        "Webhooks 1.0 with the tenant's own secret (`webhook-id`, `webhook-timestamp`, "
+        "`webhook-signature`)."
     )
     closing_days: list[date] = Field(description="Days the whole organisation is closed.")
 
@@ -72,3 +74,29 @@ async def patch_tenant(ctx: Ctx, body: TenantPatch) -> TenantOut:
     )
     async with ctx.session() as session, session.begin():
         return _out(await service.patch(session, ctx.tenant_id, changes))
+
+
+class SigningSecretOut(BaseModel):
+    signing_secret: str = Field(
+        description="The new `whsec_…` secret, shown only now; it signs from now on."
+    )
+    previous_valid_until: datetime = Field(
+        description="Until then the previous secret signs too (a second, space-separated "
+        "signature in `webhook-signature`), so the CRM can switch without losing a callback."
+    )
+
+
+@routes.endpoint(
+    "POST",
+    "/v1/tenant/signing-secret/rotate",
+    response=SigningSecretOut,
+    summary="Rotate the signing secret",
+)
+async def rotate_signing_secret(ctx: Ctx) -> SigningSecretOut:
+    """Makes a new signing secret; the old one keeps signing beside it for 24 hours."""
+    now = datetime.now(UTC)
+    async with ctx.session() as session, session.begin():
+        secret = await signing.rotate(session, ctx.box, ctx.tenant_id, now)
+    return SigningSecretOut(
+        signing_secret=secret, previous_valid_until=now + signing.ROTATION_OVERLAP
+    )

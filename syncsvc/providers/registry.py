@@ -1,11 +1,17 @@
-"""Builds the right ``CalendarProvider`` for a user's stored calendar connection.
+"""Builds the right ``CalendarProvider`` for a calendar connection.
 
 One registry per worker process: it owns the shared clients (one aiohttp session for CalDAV,
-one MSAL app for Graph) and keeps one adapter per calendar, so tokens and connections are
-reused across operations.
+one MSAL app for Graph) and keeps one adapter per connection, so tokens and connections are
+reused across operations. It takes a plain ``Connection`` built by the service layer
+(``service/connections.py``) — decrypted credentials included — so providers stay below
+storage and never see a database row or the secret box.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -16,46 +22,52 @@ from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.caldav import CalDAVProvider
 from syncsvc.providers.google import GoogleProvider
 from syncsvc.providers.graph import GraphClient
-from syncsvc.store.crypto import SecretBox
-from syncsvc.store.models import User
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One calendar connection: whose it is, which account, and the credentials to reach it."""
+
+    tenant_id: str
+    provider: str  # "graph" | "google" | "caldav" | "none"
+    #: The mailbox (Graph), calendar id (Google) or collection URL (CalDAV).
+    account: str
+    timezone: str
+    #: Non-secret settings (CalDAV ``username``).
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    #: Decrypted secrets (CalDAV ``password``, Google ``oauth``).
+    credentials: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ProviderRegistry:
-    def __init__(self, settings: Settings, box: SecretBox) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.box = box
-        self._providers: dict[tuple[str, str, str, str], CalendarProvider] = {}
+        self._providers: dict[str, CalendarProvider] = {}
         self._session: aiohttp.ClientSession | None = None
         self._graph: GraphClient | None = None
 
-    async def __call__(self, user: User) -> CalendarProvider:
-        # The connection as stored (settings and encrypted secret): a corrected password or a
-        # new calendar builds a new adapter.
-        connection = repr(sorted(user.calendar_config.items())) + repr(user.calendar_secret)
-        cache_key = (user.tenant_id, user.id, user.calendar_provider, connection)
+    def __call__(self, connection: Connection) -> CalendarProvider:
+        # The connection as given: a corrected password or a new calendar builds a new adapter.
+        cache_key = repr(connection)
         provider = self._providers.get(cache_key)
         if provider is None:
-            provider = self._build(user)
+            provider = self._build(connection)
             self._providers[cache_key] = provider
         return provider
 
-    def _secret(self, user: User) -> dict[str, object]:
-        return self.box.decrypt(user.calendar_secret) if user.calendar_secret else {}
-
-    def _build(self, user: User) -> CalendarProvider:
-        config = user.calendar_config
-        if user.calendar_provider == "caldav":
+    def _build(self, c: Connection) -> CalendarProvider:
+        if c.provider == "caldav":
             if self._session is None:
                 self._session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(ssl=ssl_context())
                 )
             return CalDAVProvider(
-                str(config["url"]),
-                str(config.get("username", "")),
-                str(self._secret(user).get("password", "")),
+                c.account,
+                str(c.settings.get("username", "")),
+                str(c.credentials.get("password", "")),
                 self._session,
             )
-        if user.calendar_provider == "graph":
+        if c.provider == "graph":
             s = self.settings
             if not (s.graph_client_id and s.graph_client_secret and s.graph_tenant_id):
                 raise AuthFailed("Microsoft Graph is not configured (SYNCSVC_GRAPH_CLIENT_ID, …)")
@@ -67,23 +79,23 @@ class ProviderRegistry:
                     api_url=s.graph_api_url,
                     authority_url=s.graph_authority_url,
                 )
-            return self._graph.mailbox(str(config["mailbox"]), user.timezone)
-        if user.calendar_provider == "google":
-            oauth = self._secret(user).get("oauth")
+            return self._graph.mailbox(c.account, c.timezone)
+        if c.provider == "google":
+            oauth = c.credentials.get("oauth")
             if isinstance(oauth, dict):
                 return GoogleProvider.with_user_oauth(
                     self.settings,
-                    str(config["calendar_id"]),
+                    c.account,
                     refresh_token=str(oauth["refresh_token"]),
                     client_id=str(oauth["client_id"]),
                     client_secret=str(oauth["client_secret"]),
                 )
+            # Delegation impersonates the calendar's own address, which mailbox ownership
+            # checked, never the free ``email`` field a tenant may set to anyone.
             return GoogleProvider.with_service_account(
-                self.settings,
-                user.email or str(config["calendar_id"]),
-                calendar_id=str(config["calendar_id"]),
+                self.settings, c.account, calendar_id=c.account
             )
-        raise Permanent(f"user {user.id} has no calendar connection ({user.calendar_provider})")
+        raise Permanent(f"no calendar connection ({c.provider})")
 
     async def aclose(self) -> None:
         for provider in self._providers.values():

@@ -1,9 +1,9 @@
 """Delivers ``callback`` operations to the tenant's CRM (api-contract.md, "Callbacks to the CRM").
 
-The body is the operation's payload as compact JSON; ``X-Syncsvc-Signature: sha256=<hex>`` is
-the HMAC-SHA256 of exactly those bytes with the service's callback key, and
-``X-Syncsvc-Delivery`` the operation id, the same on every retry, so the CRM can drop a
-delivery it already acknowledged. A 2xx answer is the acknowledgement.
+The body is the operation's payload plus ``tenant_id``, as compact JSON, signed per Standard
+Webhooks 1.0 with the tenant's own secret (``service/signing.py``): ``webhook-id`` is
+``op_<operation id>``, the same on every retry, so the CRM can drop a delivery it already
+acknowledged. A 2xx answer is the acknowledgement.
 
 408, 425, 429, 5xx, timeouts and refused connections mean the CRM is not listening now: they
 raise ``Throttled`` (with the CRM's ``Retry-After`` when given), which pauses that tenant's
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import aiohttp
@@ -25,20 +26,18 @@ import aiohttp
 from syncsvc.errors import Permanent, Throttled
 from syncsvc.providers._http import parse_retry_after, ssl_context
 from syncsvc.queue.worker import TaskContext
+from syncsvc.service import signing
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.models import Operation, Tenant
 
 log = logging.getLogger("syncsvc.callbacks")
 
-SIGNATURE_HEADER = "X-Syncsvc-Signature"
-DELIVERY_HEADER = "X-Syncsvc-Delivery"
-SIGNATURE_SCHEME = "sha256="
 CALLBACK_TIMEOUT_S = 10.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
 @lru_cache(maxsize=4)
-def _box(secret_key: str) -> SecretBox:
+def box_for(secret_key: str) -> SecretBox:
     """Key derivation costs a little; one box per secret key serves every delivery."""
     return SecretBox(secret_key)
 
@@ -48,21 +47,25 @@ def callback_body(payload: dict[str, object]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
 
 
-def signature(secret_key: str, body: bytes) -> str:
-    return SIGNATURE_SCHEME + _box(secret_key).sign(body)
+def message_id(op: Operation) -> str:
+    return f"op_{op.id}"
 
 
 async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
     """Task handler: POSTs one signed callback; returning means the CRM acknowledged it."""
+    now = datetime.now(UTC)
     async with ctx.db.session() as s:
         tenant = await s.get(Tenant, op.tenant_id)
-    if tenant is None or not tenant.callback_url:
-        return  # nobody to tell
-    body = callback_body(op.payload)
+        if tenant is None or not tenant.callback_url:
+            return  # nobody to tell
+        url = tenant.callback_url
+        secrets = await signing.signing_secrets(
+            s, box_for(ctx.settings.secret_key), op.tenant_id, now
+        )
+    body = callback_body({**op.payload, "tenant_id": op.tenant_id})
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: signature(ctx.settings.secret_key, body),
-        DELIVERY_HEADER: str(op.id),
+        **signing.signed_headers(secrets, message_id(op), body.decode(), now),
     }
     timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
     try:
@@ -70,7 +73,7 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
             aiohttp.ClientSession(
                 timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context())
             ) as http,
-            http.post(tenant.callback_url, data=body, headers=headers, allow_redirects=False) as r,
+            http.post(url, data=body, headers=headers, allow_redirects=False) as r,
         ):
             status = r.status
             retry_after_s = parse_retry_after(r.headers.get("Retry-After"))

@@ -35,8 +35,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.tags import parse
-from syncsvc.service import batches
+from syncsvc.service import batches, signing
 from syncsvc.service.plans import PlanSpec, load_users, referenced_users, spec_from_json
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import Batch, Schedule, ScheduleRun
 
@@ -477,3 +478,14 @@ async def record_failure(
             update(ScheduleRun).where(_held(run)).values(error=error[:ERROR_MAX_CHARS], **values)
         )
         return result if _changed(marked) == 1 else None
+
+
+async def targets_headers(db: Database, box: SecretBox, run: ClaimedRun) -> dict[str, str]:
+    """The tenant's Standard Webhooks headers for one attempt's ``GET targets_url``: the
+    signed "body" is the URL as stored (a GET has none), the id names the run and attempt.
+    Real time, not the scheduler's clock: the CRM checks the timestamp against its own."""
+    now = datetime.now(UTC)
+    async with db.session() as session:
+        secrets = await signing.signing_secrets(session, box, run.tenant_id, now)
+    message_id = f"run_{run.run_id}_{run.attempt}"
+    return signing.signed_headers(secrets, message_id, run.targets_url, now)

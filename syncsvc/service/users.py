@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
+from syncsvc.service import mailboxes
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.models import User
 
@@ -139,6 +140,8 @@ async def put_user(
     user.country = spec.country
     user.subdivision = spec.subdivision
     user.days_off = sorted({d.isoformat() for d in spec.days_off})
+    await mailboxes.claim(session, tenant_id, provider, public)
+    before = (user.calendar_provider, dict(user.calendar_config or {}))
     if provider != user.calendar_provider or public != user.calendar_config:
         # Days off read from another calendar do not belong to the new one.
         user.provider_days_off = []
@@ -151,6 +154,8 @@ async def put_user(
         raise Conflict(
             "the user was created concurrently; retry", [ErrorDetail(("path", "user_id"), "busy")]
         ) from exc
+    if not created and before != (provider, public):
+        await mailboxes.release(session, tenant_id, *before)
     return user, created
 
 

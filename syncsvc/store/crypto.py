@@ -1,14 +1,13 @@
-"""Encryption of stored credentials and signing of callbacks, keyed from ``SECRET_KEY``.
+"""Encryption of stored credentials (and of tenants' signing secrets), keyed from ``SECRET_KEY``.
 
-Separate keys are derived (HKDF) for each purpose so that a leaked callback signature key
-reveals nothing about stored secrets.
+The key is derived (HKDF, per purpose) rather than used as is. Callbacks are signed with each
+tenant's own secret (``service/signing.py``), never with a key derived from ``SECRET_KEY``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,6 @@ def _derive(secret_key: str, purpose: bytes) -> bytes:
 class SecretBox:
     def __init__(self, secret_key: str) -> None:
         self._fernet = Fernet(base64.urlsafe_b64encode(_derive(secret_key, b"credentials")))
-        self._sign_key = _derive(secret_key, b"callbacks")
 
     def encrypt(self, data: Mapping[str, Any]) -> bytes:
         return self._fernet.encrypt(json.dumps(dict(data), sort_keys=True).encode())
@@ -43,10 +41,6 @@ class SecretBox:
             ) from exc
         assert isinstance(value, dict)
         return value
-
-    def sign(self, body: bytes) -> str:
-        """HMAC-SHA256 (hex) of a callback body, sent as ``X-Syncsvc-Signature``."""
-        return hmac.new(self._sign_key, body, hashlib.sha256).hexdigest()
 
 
 def hash_token(token: str) -> str:

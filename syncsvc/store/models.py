@@ -61,6 +61,11 @@ class Tenant(Base):
     #: The tenant's own closing days (ISO dates), skipped like public holidays.
     closing_days: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The tenant's Standard Webhooks secret (``whsec_…``), encrypted; made when first needed.
+    signing_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: The secret before the last rotation, still signing beside the new one until the time below.
+    previous_signing_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    previous_signing_secret_until: Mapped[datetime | None] = mapped_column()
 
 
 class User(Base):
@@ -356,3 +361,27 @@ class Subscription(Base):
 
 #: A user's own calendar change is matched to our ledger by the provider's event id.
 Index("ix_external_events_event", ExternalEvent.provider, ExternalEvent.event_id)
+
+
+class MailboxOwner(Base):
+    """A Graph mailbox or Google calendar belongs to at most one tenant: the first to register
+    it claims it here (the primary key makes two claims at once collide)."""
+
+    __tablename__ = "mailbox_owners"
+
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: Lower-cased mailbox address / calendar id.
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantDomain(Base):
+    """A domain a tenant's connection covers (``syncsvc tenants domains add``): once a tenant
+    has any for a provider, its mailboxes there must be in one of them."""
+
+    __tablename__ = "tenant_domains"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)

@@ -34,9 +34,13 @@ async def test_another_tenants_user_is_404_and_stays_untouched(
     listed = await (await client.get("/v1/users", headers=tenants.b.headers)).json()
     assert listed == {"items": [], "next_cursor": None}
 
-    # B's PUT of the same id makes B's own user; A's is unchanged.
+    # B's PUT of the same id makes B's own user (on B's own mailbox: A's is A's); A's is
+    # unchanged.
+    b_calendar = {"provider": "graph", "mailbox": "ck@b.example"}
     put = await client.put(
-        "/v1/users/u1", json=user_body(name="B's user"), headers=tenants.b.headers
+        "/v1/users/u1",
+        json=user_body(name="B's user", calendar=b_calendar),
+        headers=tenants.b.headers,
     )
     assert put.status == 200
     a_user = await (await client.get("/v1/users/u1", headers=tenants.a.headers)).json()

@@ -40,9 +40,9 @@ from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.providers._ical import ParsedEvent, parse_events
 from syncsvc.providers.graph import CANCELLED_SUBJECT_PREFIX
-from syncsvc.providers.registry import ProviderRegistry
 from syncsvc.runtime import run_workers
 from syncsvc.service.changes import refresh_days_off
+from syncsvc.service.connections import UserProviders
 from syncsvc.service.google_push import enqueue_channel_checks
 from syncsvc.service.graph_push import enqueue_subscription_checks
 from syncsvc.service.tenants import create_tenant
@@ -261,7 +261,7 @@ async def _connect(w: World) -> None:
 
     await eventually(read, "Graph's and Google's days off")
     # CalDAV has no push: its days off are read as a CalDAV poll would read them.
-    registry = ProviderRegistry(w.settings, SecretBox(w.settings.secret_key))
+    registry = UserProviders(w.settings, SecretBox(w.settings.secret_key))
     async with w.db.session() as s:
         caldav_user = await s.get(User, (w.tenant_id, "caldav1"))
     assert caldav_user is not None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +28,9 @@ from syncsvc.providers.google import (
     service_account_credentials,
     user_oauth_credentials,
 )
+from syncsvc.service.connections import UserProviders
+from syncsvc.store.crypto import SecretBox
+from syncsvc.store.models import User
 from tests.fakes.google import (
     JWT_BEARER_GRANT,
     FailureMode,
@@ -164,6 +169,38 @@ async def test_concurrent_calls_on_one_provider(
     assert sorted(r.event_id for r in refs) == sorted(event_id_for(f"c{i:02}") for i in range(20))
     assert len(fake.events(user)) == 20
     assert [g.subject for g in fake.token_grants].count(user) == 1  # one refresh, shared
+
+
+async def test_the_registry_impersonates_the_calendar_never_the_free_email_field(
+    fake: FakeGoogle, sa_info: dict[str, str], tmp_path: Path
+) -> None:
+    """A tenant setting a user's ``email`` to someone else's address must not make the service
+    account act as that person (issue 10): delegation impersonates the calendar's address."""
+    key_file = tmp_path / "sa.json"
+    key_file.write_text(json.dumps(sa_info), encoding="utf-8")
+    settings = Settings(
+        database_url="sqlite+aiosqlite://",
+        secret_key="k" * 40,
+        google_api_url=fake.api_url,
+        google_token_url=fake.token_url,
+        google_service_account_file=str(key_file),
+    )
+    calendar, victim = new_user(), new_user()
+    user = User(
+        tenant_id="ten_x",
+        id="u1",
+        email=victim,
+        timezone="Europe/Copenhagen",
+        calendar_provider="google",
+        calendar_config={"calendar_id": calendar},
+    )
+    registry = UserProviders(settings, SecretBox(settings.secret_key))
+    try:
+        await (await registry(user)).create(meeting("r1"))
+    finally:
+        await registry.aclose()
+    assert fake.token_grants[-1].subject == calendar
+    assert len(fake.events(calendar)) == 1 and fake.events(victim) == []
 
 
 # -- single events -------------------------------------------------------------------------

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -75,3 +77,38 @@ async def test_concurrent_migrate_processes_all_succeed(database_url: str, tmp_p
         assert len(versions) == 1
     finally:
         await db.aclose()
+
+
+def _upgrade_with_shared_mailbox(conn: Connection) -> list[tuple[str, str, str]]:
+    command.upgrade(alembic_config(conn), "0001")
+    for tenant, at in (("ten_b", datetime(2026, 1, 2)), ("ten_a", datetime(2026, 1, 1))):
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, name, api_key_hash, closing_days, created_at) "
+                "VALUES (:t, :t, :t, '[]', :at)"
+            ),
+            {"t": tenant, "at": at},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO users (tenant_id, id, name, email, mobile, timezone, days_off, "
+                "provider_days_off, calendar_provider, calendar_config, created_at, updated_at) "
+                "VALUES (:t, 'u', '', '', '', 'UTC', '[]', '[]', 'graph', :c, :at, :at)"
+            ),
+            {"t": tenant, "c": '{"mailbox": "MD@corp.example"}', "at": at},
+        )
+    command.upgrade(alembic_config(conn), "head")
+    rows = conn.execute(text("SELECT provider, address, tenant_id FROM mailbox_owners"))
+    return [tuple(r) for r in rows]
+
+
+async def test_mailboxes_registered_before_ownership_go_to_the_first_tenant(
+    database_url: str,
+) -> None:
+    db = Database(database_url)
+    try:
+        async with db.engine.begin() as conn:
+            owners = await conn.run_sync(_upgrade_with_shared_mailbox)
+    finally:
+        await db.aclose()
+    assert owners == [("graph", "md@corp.example", "ten_a")]

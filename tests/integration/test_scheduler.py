@@ -5,7 +5,6 @@ schedulers on PostgreSQL, one run after downtime, retries, and DST in Europe/Hel
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,11 +20,12 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from sqlalchemy import func, select
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from syncsvc.config import Settings
-from syncsvc.scheduler import SIGNATURE_HEADER, TIMESTAMP_HEADER, Scheduler, run_scheduler
+from syncsvc.scheduler import Scheduler, run_scheduler
 from syncsvc.service import schedules as service
-from syncsvc.service.tenants import create_tenant
+from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.service.users import UserSpec, put_user
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -63,9 +63,10 @@ class Seen:
 @dataclass(slots=True)
 class FakeCrm:
     """Answers ``GET /targets/<name>`` from a script per name (the last reply repeats) and
-    refuses, with 401, a request whose signature does not verify."""
+    refuses, with 401, a request whose Standard Webhooks signature (over the URL) does not
+    verify with the tenant's signing secret."""
 
-    box: SecretBox
+    signing_secret: str = ""
     base_url: str = ""
     scripts: dict[str, list[Reply]] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
@@ -78,9 +79,14 @@ class FakeCrm:
         return self.url(name)
 
     async def handle(self, request: web.Request) -> web.Response:
-        timestamp = request.headers.get(TIMESTAMP_HEADER, "")
-        expected = self.box.sign(f"{timestamp}.{request.url}".encode())
-        signed = hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, ""))
+        timestamp = request.headers.get("webhook-timestamp", "")
+        try:
+            Webhook(self.signing_secret).verify(
+                str(request.url), dict(request.headers), json_parse=False
+            )
+            signed = True
+        except WebhookVerificationError:
+            signed = False
         self.seen.append(Seen(request.path, signed, int(timestamp or 0)))
         if not signed:
             return web.Response(status=401)
@@ -93,7 +99,7 @@ class FakeCrm:
 
 @pytest_asyncio.fixture
 async def crm() -> AsyncIterator[FakeCrm]:
-    fake = FakeCrm(SecretBox(SECRET_KEY))
+    fake = FakeCrm()
     app = web.Application()
     app.router.add_get("/targets/{name}", fake.handle)
     async with TestServer(app, host="127.0.0.1") as server:
@@ -122,8 +128,11 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.aclose()
 
 
-async def make_tenant(db: Database) -> str:
-    tenant, _ = await create_tenant(db, "Helsinki office")
+async def make_tenant(db: Database, crm: FakeCrm) -> str:
+    """The tenant, whose signing secret the CRM learns as it would: shown at creation."""
+    tenant, _, crm.signing_secret = await create_tenant_with_secret(
+        db, "Helsinki office", SecretBox(SECRET_KEY)
+    )
     async with db.session() as session, session.begin():
         await put_user(
             session,
@@ -209,7 +218,7 @@ def utc(*args: int) -> datetime:
 async def test_a_due_occurrence_commits_one_batch_with_the_fetched_targets(
     db: Database, crm: FakeCrm
 ) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     url = crm.script("monday", targets_reply("Alko Oy", "Fazer Oy", "Iittala Oy"))
     schedule_id = await make_schedule(db, tenant_id, url, WEDNESDAY, "0 6 * * mon", MEETINGS)
     # Monday 06:00 in Helsinki, summer time since Sunday: 03:00 UTC.
@@ -257,7 +266,7 @@ async def test_two_schedulers_on_postgres_commit_each_occurrence_once(
     await first.migrate()
     occurrences = 4
     try:
-        tenant_id = await make_tenant(first)
+        tenant_id = await make_tenant(first, crm)
         schedule_ids = [
             await make_schedule(
                 first,
@@ -316,7 +325,7 @@ async def _until(check: Any, timeout_s: float = 15.0) -> None:
 
 
 async def test_after_downtime_a_missed_occurrence_runs_once(db: Database, crm: FakeCrm) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     url = crm.script("daily", targets_reply("Alko Oy"))
     schedule_id = await make_schedule(db, tenant_id, url, WEDNESDAY)
     # Due daily at 04:00 UTC (06:00 EET); down from Thursday until Saturday noon, so the
@@ -343,7 +352,7 @@ async def test_after_downtime_a_missed_occurrence_runs_once(db: Database, crm: F
 async def test_a_failing_targets_url_is_recorded_retried_with_backoff_then_succeeds(
     db: Database, crm: FakeCrm
 ) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     max_bytes = 4096
     url = crm.script(
         "flaky",
@@ -391,7 +400,7 @@ async def test_a_failing_targets_url_is_recorded_retried_with_backoff_then_succe
 async def test_a_run_fails_after_the_last_attempt_and_the_loop_goes_on(
     db: Database, crm: FakeCrm
 ) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     broken = await make_schedule(db, tenant_id, crm.script("down", Reply(status=500)), WEDNESDAY)
     empty = await make_schedule(db, tenant_id, crm.script("none", targets_reply()), WEDNESDAY)
     clock = FakeClock(utc(2027, 3, 25, 4, 0))
@@ -414,7 +423,7 @@ async def test_a_run_fails_after_the_last_attempt_and_the_loop_goes_on(
 async def test_a_dst_week_in_helsinki_runs_at_six_local_every_day(
     db: Database, crm: FakeCrm
 ) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     url = crm.script("daily", targets_reply("Alko Oy"))
     created = utc(2027, 3, 25, 10, 0)
     schedule_id = await make_schedule(db, tenant_id, url, created)
@@ -484,7 +493,7 @@ def test_the_latest_occurrence_in_the_repeated_hour_is_the_first_pass() -> None:
 async def test_a_crashed_runners_attempt_is_retried_after_its_lease_and_it_writes_nothing(
     db: Database, crm: FakeCrm
 ) -> None:
-    tenant_id = await make_tenant(db)
+    tenant_id = await make_tenant(db, crm)
     url = crm.script("daily", targets_reply("Alko Oy"))
     schedule_id = await make_schedule(db, tenant_id, url, WEDNESDAY)
     occurrence = utc(2027, 3, 25, 4, 0)

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select, update
+from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
@@ -31,9 +32,9 @@ from syncsvc.providers.google import (
     service_account_credentials,
 )
 from syncsvc.runtime import run_workers
-from syncsvc.service.callbacks import SIGNATURE_HEADER, signature
 from syncsvc.service.google_push import GOOGLE_SYNC, RENEW_BEFORE_S, enqueue_channel_checks
-from syncsvc.service.tenants import create_tenant
+from syncsvc.service.tenants import create_tenant_with_secret
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, Tenant, User
 from tests.fakes.google import FakeGoogle, running_fake
@@ -212,7 +213,7 @@ class Service:
     headers: dict[str, str]
     tenant_id: str
     crm: CrmEndpoint
-    secret_key: str
+    signing_secret: str
 
 
 class CrmEndpoint(Receiver):
@@ -239,7 +240,8 @@ async def service(
     await db.migrate()
     crm = CrmEndpoint()
     await crm.start()
-    tenant, key = await create_tenant(db, "acme")
+    box = SecretBox(settings.secret_key)
+    tenant, key, signing_secret = await create_tenant_with_secret(db, "acme", box)
     async with db.session() as s, s.begin():
         await s.execute(update(Tenant).where(Tenant.id == tenant.id).values(callback_url=crm.url))
     stop = asyncio.Event()
@@ -247,7 +249,7 @@ async def service(
     server = TestServer(build_app(settings, db), host="127.0.0.1", port=port)
     async with TestClient(server) as client:
         yield Service(
-            client, db, {"Authorization": f"Bearer {key}"}, tenant.id, crm, settings.secret_key
+            client, db, {"Authorization": f"Bearer {key}"}, tenant.id, crm, signing_secret
         )
     stop.set()
     await worker
@@ -414,7 +416,7 @@ async def test_user_changes_in_google_reach_the_activity_and_the_crm(
 
     await _eventually(delivered, "two CRM callbacks")
     for headers, body in svc.crm.received:
-        assert headers[SIGNATURE_HEADER] == signature(svc.secret_key, body)
+        assert Webhook(svc.signing_secret).verify(body, headers)["tenant_id"] == svc.tenant_id
     assert sorted(json.loads(body)["type"] for _, body in svc.crm.received) == [
         "activity.changed",
         "activity.deleted",

@@ -9,8 +9,6 @@ on Monday 7 June from 09:00 with no gap: 09:00, 10:00, 11:00 local = 07:00, 08:0
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +22,7 @@ import pytest_asyncio
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from sqlalchemy import func, select, update
+from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
@@ -31,7 +30,7 @@ from syncsvc.queue.worker import MAX_ATTEMPTS
 from syncsvc.runtime import run_workers
 from syncsvc.service.changes import ExternalChange, apply_external_changes
 from syncsvc.service.graph_push import GRAPH_SYNC, enqueue_subscription_checks
-from syncsvc.service.tenants import create_tenant
+from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.store.crypto import SecretBox, hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
@@ -81,6 +80,8 @@ class Service:
     headers: dict[str, str]
     crm: Crm
     mailbox: str
+    signing_secret: str
+    tenant_id: str
 
     async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         async with self.http.request(
@@ -121,7 +122,7 @@ async def service(
     )
     db = Database(settings.database_url)
     await db.migrate()
-    _, key = await create_tenant(db, "acme")
+    tenant, key, signing_secret = await create_tenant_with_secret(db, "acme", SecretBox(SECRET_KEY))
     crm = Crm()
     crm_app = web.Application()
     crm_app.router.add_post("/crm/hook", crm.handle)
@@ -142,6 +143,8 @@ async def service(
             {"Authorization": f"Bearer {key}"},
             crm,
             mailbox,
+            signing_secret,
+            tenant.id,
         )
         try:
             yield svc
@@ -234,11 +237,12 @@ async def _event_id(db: Database, activity_id: str) -> str:
         return ledger.event_id
 
 
-def _verify(headers: dict[str, str], body: bytes) -> None:
-    """The CRM's check: HMAC-SHA256 of the exact body with the callback key."""
-    key = SecretBox(SECRET_KEY)._sign_key
-    expected = "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Syncsvc-Signature"], expected)
+def _verify(svc: Service, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    """The CRM's check: Standard Webhooks, with the tenant's own secret; the payload names the
+    tenant. Returns the payload without that name."""
+    payload: dict[str, Any] = Webhook(svc.signing_secret).verify(body, headers)
+    assert payload.pop("tenant_id") == svc.tenant_id
+    return payload
 
 
 @pytest.mark.timeout(120)
@@ -282,8 +286,7 @@ async def test_user_edits_reach_the_activity_and_the_crm(service: Service, fake:
 
     await eventually(lambda: _acked(svc.crm, 1), "the callback")
     status, headers, body = svc.crm.received[-1]
-    _verify(headers, body)
-    assert json.loads(body) == {
+    assert _verify(svc, headers, body) == {
         "type": "activity.changed",
         "activity_id": moved_id,
         "batch_id": batch_id,
@@ -315,8 +318,7 @@ async def test_user_edits_reach_the_activity_and_the_crm(service: Service, fake:
     assert note.status == 202
     await eventually(lambda: _acked(svc.crm, 2), "the delete callback")
     status, headers, body = svc.crm.received[-1]
-    _verify(headers, body)
-    assert json.loads(body) == {
+    assert _verify(svc, headers, body) == {
         "type": "activity.deleted",
         "activity_id": deleted_id,
         "batch_id": batch_id,
@@ -494,7 +496,7 @@ async def test_callback_retried_until_acknowledged(service: Service, fake: FakeG
     )
     await eventually(lambda: _acked(svc.crm, 1), "the acknowledged callback")
     assert [status for status, _, _ in svc.crm.received] == [503] * (MAX_ATTEMPTS + 2) + [200]
-    deliveries = {headers["X-Syncsvc-Delivery"] for _, headers, _ in svc.crm.received}
+    deliveries = {headers["webhook-id"] for _, headers, _ in svc.crm.received}
     assert len(deliveries) == 1  # one delivery, retried: the CRM can tell repeats apart
     bodies = {body for _, _, body in svc.crm.received}
     assert len(bodies) == 1
