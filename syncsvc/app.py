@@ -16,7 +16,7 @@ from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
 from syncsvc.config import Settings
 from syncsvc.metrics import Metrics
-from syncsvc.providers.registry import ProviderRegistry
+from syncsvc.service.connections import UserProviders
 from syncsvc.service.plans import CalendarBusy
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -66,7 +66,7 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app[SECRET_BOX] = SecretBox(settings.secret_key)
     app[METRICS] = Metrics()
     # avoid_busy reads calendars from the API process: its own adapters, closed with the app.
-    registry = ProviderRegistry(settings, app[SECRET_BOX])
+    registry = UserProviders(settings, app[SECRET_BOX])
     app[CALENDARS] = CalendarBusy(registry)
 
     async def close_registry(_: web.Application) -> None:
