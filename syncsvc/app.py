@@ -16,6 +16,7 @@ from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
 from syncsvc.config import Settings
 from syncsvc.metrics import Metrics
+from syncsvc.providers import egress
 from syncsvc.service.connections import UserProviders
 from syncsvc.service.plans import CalendarBusy
 from syncsvc.store.crypto import SecretBox
@@ -62,6 +63,7 @@ def build_app(settings: Settings, db: Database) -> web.Application:
         handler_args={"max_line_size": REQUEST_LINE_MAX_BYTES},
     )
     app[SETTINGS] = settings
+    egress.install(settings.egress)
     app[DB] = db
     app[SECRET_BOX] = SecretBox(settings.secret_key)
     app[METRICS] = Metrics()

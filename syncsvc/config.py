@@ -16,6 +16,7 @@ from syncsvc.limits import (
     GRAPH_LIMIT,
     RateLimit,
 )
+from syncsvc.providers.egress import EgressPolicy
 
 PREFIX = "SYNCSVC_"
 SECRET_KEY_MIN_CHARS = 32
@@ -60,6 +61,8 @@ class Settings:
     #: Per-app limits by provider, over every mailbox of every tenant (Graph's by default;
     #: ``SYNCSVC_<PROVIDER>_APP_RATE`` sets one for any provider, e.g. a Google project quota).
     app_limits: Mapping[str, RateLimit] = field(default_factory=lambda: {"graph": GRAPH_APP_LIMIT})
+    #: Where tenant-supplied URLs may lead beyond the public internet (``SYNCSVC_EGRESS_ALLOW``).
+    egress: EgressPolicy = field(default_factory=lambda: EgressPolicy.from_env(os.environ))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -142,6 +145,10 @@ class Settings:
                         "must look like 130000/10 (requests/seconds)",
                     )
                 )
+        try:
+            kwargs["egress"] = EgressPolicy.from_env(env)
+        except ValueError as exc:
+            errors.append(ErrorDetail((PREFIX + "EGRESS_ALLOW",), str(exc)))
         if errors:
             raise ConfigError("invalid configuration", errors)
         kwargs["limits"] = limits

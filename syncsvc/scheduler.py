@@ -35,6 +35,7 @@ from syncsvc.api.plan_schemas import PlanBody
 from syncsvc.config import Settings
 from syncsvc.errors import SyncSvcError
 from syncsvc.providers._http import ssl_context
+from syncsvc.providers.egress import REFUSED_FOR_TENANT, GuardedConnector, is_refusal
 from syncsvc.service import schedules as service
 from syncsvc.service.plans import Clock, PlanSpec, system_clock
 from syncsvc.store.crypto import SecretBox
@@ -76,6 +77,9 @@ async def fetch_targets(
     except TimeoutError as exc:
         raise TargetsError("targets_url did not answer in time") from exc
     except aiohttp.ClientError as exc:
+        if is_refusal(exc):
+            log.warning("event=egress.refused what=targets_url detail=%s", exc)
+            raise TargetsError(f"targets_url could not be fetched: {REFUSED_FOR_TENANT}") from exc
         raise TargetsError(f"targets_url could not be fetched: {type(exc).__name__}") from exc
     try:
         data = json.loads(raw)
@@ -183,7 +187,7 @@ async def run_scheduler(
     """Runs schedules until ``stop`` is set. Safe to run in every process: claims are
     exactly-once across them."""
     timeout = aiohttp.ClientTimeout(total=targets_timeout_s)
-    connector = aiohttp.TCPConnector(ssl=ssl_context())
+    connector = GuardedConnector(settings.egress, ssl=ssl_context())
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         scheduler = Scheduler(
             db, SecretBox(settings.secret_key), http, clock, settings.max_body_bytes

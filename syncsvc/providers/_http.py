@@ -49,8 +49,14 @@ def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=bundle)
 
 
+#: The longest wait a server may ask for: past it a hostile or broken ``Retry-After`` (say
+#: 99999999999999) would park a mailbox for ever, or overflow a datetime.
+RETRY_AFTER_MAX_S = 3600.0
+
+
 def parse_retry_after(value: str | None, now_s: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), at most
+    ``RETRY_AFTER_MAX_S``."""
     if value is None:
         return None
     text = value.strip()
@@ -62,8 +68,8 @@ def parse_retry_after(value: str | None, now_s: float | None = None) -> float | 
         except (TypeError, ValueError):
             return None
         current = time.time() if now_s is None else now_s
-        return max(0.0, math.ceil(when.timestamp() - current))
-    return seconds if seconds >= 0 and math.isfinite(seconds) else None
+        return min(RETRY_AFTER_MAX_S, max(0.0, math.ceil(when.timestamp() - current)))
+    return None if math.isnan(seconds) or seconds < 0 else min(seconds, RETRY_AFTER_MAX_S)
 
 
 #: Every status with a meaning of its own, for all three providers, and what each really

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import ssl
 import xml.etree.ElementTree as ET
@@ -50,6 +51,9 @@ from syncsvc.providers._ical import (
     render_resource,
 )
 from syncsvc.providers.base import BatchResult, BusyInterval, EventRef, EventSpec, TimeOff
+from syncsvc.providers.egress import REFUSED_FOR_TENANT, is_refusal, read_bounded
+
+log = logging.getLogger("syncsvc.caldav")
 
 CALDAV_BATCH_MAX = 1
 #: Creates run concurrently in ``create_many``; CalDAV servers serialise writes per
@@ -218,7 +222,7 @@ class CalDAVProvider:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                content = await response.read()
+                content = await read_bounded(response)
                 return _Response(response.status, CIMultiDict(response.headers), content)
         except aiohttp.InvalidURL as exc:
             raise Permanent(f"CalDAV {method}: invalid URL {url!r}") from exc
@@ -227,6 +231,9 @@ class CalDAVProvider:
         except TimeoutError as exc:
             raise Transient(f"CalDAV {method} timed out") from exc
         except aiohttp.ClientError as exc:
+            if is_refusal(exc):
+                log.warning("event=egress.refused what=caldav detail=%s", exc)
+                raise Permanent(f"CalDAV {method}: {REFUSED_FOR_TENANT}") from exc
             raise Transient(f"CalDAV {method} failed: {exc}") from exc
 
     def _raise_for(self, method: str, response: _Response) -> NoReturn:

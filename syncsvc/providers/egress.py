@@ -12,6 +12,7 @@ host or a network holding the address. The check runs twice: on the URL when it 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,20 @@ class EgressPolicy:
         if address is not None and self.address_refusal(name, address) is not None:
             raise ValueError(REFUSED_FOR_TENANT)
         return value
+
+
+_installed: EgressPolicy | None = None
+
+
+def install(policy: EgressPolicy) -> None:
+    """Makes ``policy`` the one the API's URL validators use (set from the settings at start)."""
+    global _installed
+    _installed = policy
+
+
+def current() -> EgressPolicy:
+    """The installed policy, else the one ``SYNCSVC_EGRESS_ALLOW`` describes."""
+    return _installed if _installed is not None else EgressPolicy.from_env(os.environ)
 
 
 def _literal(host: str) -> IPAddress | None:

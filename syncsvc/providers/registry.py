@@ -20,6 +20,7 @@ from syncsvc.errors import AuthFailed, Permanent
 from syncsvc.providers._http import ssl_context
 from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.caldav import CalDAVProvider
+from syncsvc.providers.egress import GuardedConnector
 from syncsvc.providers.google import GoogleProvider
 from syncsvc.providers.graph import GraphClient
 
@@ -59,7 +60,7 @@ class ProviderRegistry:
         if c.provider == "caldav":
             if self._session is None:
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(ssl=ssl_context())
+                    connector=GuardedConnector(self.settings.egress, ssl=ssl_context())
                 )
             return CalDAVProvider(
                 c.account,

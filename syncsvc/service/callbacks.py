@@ -25,6 +25,7 @@ import aiohttp
 
 from syncsvc.errors import Permanent, Throttled
 from syncsvc.providers._http import parse_retry_after, ssl_context
+from syncsvc.providers.egress import REFUSED_FOR_TENANT, GuardedConnector, is_refusal
 from syncsvc.queue.worker import TaskContext
 from syncsvc.service import signing
 from syncsvc.store.crypto import SecretBox
@@ -71,7 +72,8 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
     try:
         async with (
             aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context())
+                timeout=timeout,
+                connector=GuardedConnector(ctx.settings.egress, ssl=ssl_context()),
             ) as http,
             http.post(url, data=body, headers=headers, allow_redirects=False) as r,
         ):
@@ -80,6 +82,9 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
     except TimeoutError as exc:
         raise Throttled(f"callback timed out after {CALLBACK_TIMEOUT_S} s") from exc
     except aiohttp.ClientError as exc:
+        if is_refusal(exc):
+            log.warning("event=egress.refused what=callback tenant=%s detail=%s", op.tenant_id, exc)
+            raise Permanent(f"callback not sent: {REFUSED_FOR_TENANT}") from exc
         raise Throttled(f"callback failed: {type(exc).__name__}") from exc
     if 200 <= status < 300:
         log.info("event=callback.delivered op=%d tenant=%s status=%d", op.id, op.tenant_id, status)

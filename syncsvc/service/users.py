@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import holidays
 from sqlalchemy import select
@@ -20,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
+from syncsvc.providers import egress
 from syncsvc.service import mailboxes
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.models import User
@@ -56,11 +56,8 @@ def countries() -> tuple[str, ...]:
 
 
 def check_http_url(value: str) -> str:
-    """Addresses we call (CalDAV servers, the CRM): http(s) with a host, nothing else."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL with a host")
-    return value
+    """Addresses we call for a tenant (CalDAV servers, the CRM) pass the egress policy."""
+    return egress.current().check_url(value)
 
 
 def check_timezone(name: str) -> str:

@@ -30,9 +30,11 @@ RETRIED = frozenset({503})
 
 
 def fleet_env(env: dict[str, str], database_url: str, **more: str) -> dict[str, str]:
-    """The process environment: the caller's minus any ``SYNCSVC_*``, plus the fleet's."""
+    """The process environment: the caller's minus any ``SYNCSVC_*`` (but its egress
+    allow-list), plus the fleet's."""
     clean = {k: v for k, v in env.items() if not k.startswith("SYNCSVC_")}
     clean.update(SYNCSVC_DATABASE_URL=database_url, SYNCSVC_SECRET_KEY=SECRET_KEY)
+    clean.update(SYNCSVC_EGRESS_ALLOW=env.get("SYNCSVC_EGRESS_ALLOW", ""))  # loopback servers
     clean.update({f"SYNCSVC_{k.upper()}": v for k, v in more.items()})
     return clean
 

@@ -97,6 +97,7 @@ async def test_kill_9_mid_create_and_mid_delete_leaves_exactly_the_batch(
         SYNCSVC_DATABASE_URL=f"sqlite:///{tmp_path / 'syncsvc.db'}",
         SYNCSVC_SECRET_KEY="crash-test-secret-key-" + "c" * 20,
         SYNCSVC_CALDAV_RATE=CALDAV_RATE,
+        SYNCSVC_EGRESS_ALLOW=os.environ["SYNCSVC_EGRESS_ALLOW"],
     )
     auth = {"Authorization": aiohttp.encode_basic_auth(RADICALE_USER, RADICALE_PASSWORD)}
     async with aiohttp.ClientSession() as http:

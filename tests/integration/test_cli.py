@@ -37,7 +37,11 @@ class Result:
 def env(tmp_path: Path) -> dict[str, str]:
     """A clean SYNCSVC_* environment around an empty SQLite file."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SYNCSVC_")}
-    return {**base, "SYNCSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'syncsvc.db'}"}
+    return {
+        **base,
+        "SYNCSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'syncsvc.db'}",
+        "SYNCSVC_EGRESS_ALLOW": os.environ["SYNCSVC_EGRESS_ALLOW"],
+    }
 
 
 async def run(env: Mapping[str, str], *args: str) -> Result:

@@ -8,6 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from syncsvc.providers._http import RETRY_AFTER_MAX_S, parse_retry_after
 from tests.api.conftest import OPERATOR_KEY, Tenants
 
 Client = TestClient[web.Request, web.Application]
@@ -38,3 +39,10 @@ async def test_ordinary_nesting_still_validates(client: Client, tenants: Tenants
         "/dashboard/login", data=b'{"key": "' + OPERATOR_KEY.encode() + b'"}', headers=JSON
     )
     assert answer.status in (200, 204, 303), await answer.text()
+
+
+@pytest.mark.parametrize(
+    "header", ["99999999999999", "1e308", "Fri, 31 Dec 9999 23:59:59 GMT", str(10**400)]
+)
+def test_a_huge_retry_after_is_capped(header: str) -> None:
+    assert parse_retry_after(header, now_s=0.0) == RETRY_AFTER_MAX_S
