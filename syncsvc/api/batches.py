@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from syncsvc.api._framework import Ctx, Routes
+from syncsvc.api._framework import Ctx, Routes, json_response
 from syncsvc.api.pagination import PageQuery, cursor_key, encode_cursor
 from syncsvc.api.plan_schemas import (
     BatchCreatedOut,
@@ -20,6 +20,7 @@ from syncsvc.api.plan_schemas import (
 )
 from syncsvc.api.plans import body_errors, calendars_of, clock_of, users_out
 from syncsvc.service import batches as service
+from syncsvc.service import idempotency
 from syncsvc.service.batches import BatchView
 
 routes = Routes(tag="batches")
@@ -63,18 +64,30 @@ def _fields(view: BatchView) -> dict[str, object]:
 async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
     """Plans like ``POST /v1/plans`` and stores the batch, its activities and their external
     operations in one transaction; the calendars follow asynchronously."""
+    key = ctx.request.headers.get("Idempotency-Key")
     with body_errors(PlanBody):
         async with ctx.session() as session, session.begin():
             created = await service.commit(
                 session, ctx.tenant_id, body.to_spec(), clock_of(ctx)(), calendars_of(ctx)
             )
-    return BatchCreatedOut(
-        id=created.id,
-        created_by=created.created_by,
-        state=created.state,
-        total=created.total,
-        users=users_out(created.users),
-    )
+            out = BatchCreatedOut(
+                id=created.id,
+                created_by=created.created_by,
+                state=created.state,
+                total=created.total,
+                users=users_out(created.users),
+            )
+            if key is not None:  # the replay commits with the batch (see idempotency.py)
+                answer = json_response(out, 201)
+                await idempotency.answer_within(
+                    session,
+                    ctx.tenant_id,
+                    key,
+                    answer.status,
+                    answer.content_type,
+                    answer.text,
+                )
+    return out
 
 
 @routes.endpoint(

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail
 from syncsvc.store.db import Database
@@ -88,6 +89,23 @@ async def begin(
             [ErrorDetail(("header", "Idempotency-Key"), "in progress; retry later")],
         ) from exc
     return None
+
+
+async def answer_within(
+    session: AsyncSession,
+    tenant_id: str,
+    key: str,
+    status: int,
+    content_type: str | None,
+    body: str | None,
+) -> None:
+    """Stores the answer in the caller's transaction, so the change and its replay commit
+    together: a process that dies after the commit can no longer leave a done change whose key
+    a retry would run again (a second batch)."""
+    row = await session.get(IdempotencyKey, (tenant_id, key))
+    if row is not None:
+        row.status = status
+        row.response = {"content_type": content_type, "body": body}
 
 
 async def finish(
