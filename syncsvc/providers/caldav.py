@@ -299,7 +299,9 @@ class CalDAVProvider:
         ref, body = found
         if not any(event.uid == event_uid(spec.key) for event in _parse_or_skip(body)):
             raise ProviderConflict(f"CalDAV resource {name!r} holds another event")
-        return ref
+        # It holds the activity as it was then; edits made since (whose operations this create
+        # stands in for) must land too, so the adopted event is rewritten to the spec now.
+        return await self.update(ref, spec)
 
     async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
         response = await self._put(ref.event_id, spec, {"If-Match": ref.etag or "*"})

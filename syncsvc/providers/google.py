@@ -536,16 +536,16 @@ class GoogleProvider:
     ) -> EventRef:
         """Our derived id exists already: an earlier create of ours got through.
 
-        Fetch it once. If it was deleted since (Google keeps it as ``cancelled`` and the id stays
-        taken), bring it back with this spec's content: that is what a create asks for.
+        It holds the activity as it was then, and edits made since (whose operations this create
+        stands in for) must land too: the event is patched to this spec's content. If it was
+        deleted since (Google keeps it as ``cancelled`` and the id stays taken), that brings it
+        back, which is what a create asks for.
         """
         event = self._get_or_none(http, body["id"])
         if event is None:
             raise ProviderConflict(f"event id {body['id']} is taken but cannot be read")
-        if event.get("status") != "cancelled":
-            return _ref(event)
         revived = {k: v for k, v in body.items() if k != "id"}
-        revived["status"] = "confirmed"
+        revived.setdefault("status", "confirmed")
         result = (
             self._events()
             .patch(

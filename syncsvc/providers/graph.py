@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,10 +281,12 @@ class GraphProvider:
 
     async def create(self, spec: EventSpec) -> EventRef:
         body = event_body(spec, self.timezone, with_transaction=True)
+        sent_at = dt.datetime.now(dt.UTC)
         answer = await self.client.send(
             "POST", self.client.url(f"{self._user_path}/calendar/events"), body
         )
-        return _ref_or_raise(answer, f"create {spec.key}")
+        ref = _ref_or_raise(answer, f"create {spec.key}")
+        return await self.update(ref, spec) if _replayed(answer.body, sent_at) else ref
 
     async def update(self, ref: EventRef, spec: EventSpec) -> EventRef:
         """PATCHes the event; attendees only when they differ from the event's.
@@ -345,6 +348,7 @@ class GraphProvider:
                     "body": event_body(spec, self.timezone, with_transaction=True),
                 }
             )
+        sent_at = dt.datetime.now(dt.UTC)
         try:
             answer = await self.client.send("POST", self.client.url("/$batch"), {"requests": items})
             if answer.status != 200 or not isinstance(answer.body, dict):
@@ -364,7 +368,10 @@ class GraphProvider:
             headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
             sub = GraphAnswer(int(item.get("status") or 0), headers, item.get("body"))
             try:
-                results.append(BatchResult(spec.key, ref=_ref_or_raise(sub, f"create {spec.key}")))
+                ref = _ref_or_raise(sub, f"create {spec.key}")
+                if _replayed(sub.body, sent_at):
+                    ref = await self.update(ref, spec)
+                results.append(BatchResult(spec.key, ref=ref))
             except ProviderError as exc:
                 results.append(BatchResult(spec.key, error=exc))
                 if isinstance(exc, Throttled) and (
@@ -535,6 +542,26 @@ def _attendee_keys(attendees: Sequence[Any]) -> frozenset[tuple[str, str]]:
         if isinstance(email, dict):
             keys.add((str(email.get("address") or "").lower(), str(email.get("name") or "")))
     return frozenset(keys)
+
+
+#: A create answered with an event made this long before we sent it is a ``transactionId``
+#: replay: our earlier create got through before a crash. It shows the activity as it was
+#: then, and edits since (whose operations this create stands in for) must land too.
+REPLAY_AGE_S = 10.0
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _replayed(body: object, sent_at: dt.datetime) -> bool:
+    created = body.get("createdDateTime") if isinstance(body, dict) else None
+    if not isinstance(created, str):
+        return False
+    try:
+        when = dt.datetime.fromisoformat(_FRACTION.sub(r"\1", created.replace("Z", "+00:00")))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when < sent_at - dt.timedelta(seconds=REPLAY_AGE_S)
 
 
 def _ref_or_raise(answer: GraphAnswer, what: str) -> EventRef:

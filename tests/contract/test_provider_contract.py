@@ -71,6 +71,43 @@ async def test_create_twice_with_one_key_makes_one_event(harness: ProviderHarnes
     assert [event.event_id for event in await harness.server_events()] == [first.event_id]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+async def test_a_repeated_create_brings_the_event_to_the_activity_as_it_is_now(
+    harness: ProviderHarness, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    """A create whose first try got through before a crash is claimed again after the activity
+    was edited (the edit's own operation merged into it): the event must end as the edit says,
+    not as the first try wrote it."""
+    from syncsvc.providers import graph
+
+    monkeypatch.setattr(graph, "REPLAY_AGE_S", 0.0)  # any earlier create counts as a replay
+    batch = new_batch_id()
+    spec = make_spec(1, batch)
+    first = await harness.provider.create(spec)
+    edited = replace(
+        spec,
+        subject="Omdøbt efter nedbruddet",
+        start=MONDAY_9 + timedelta(hours=2),
+        end=MONDAY_9 + timedelta(hours=3),
+        sequence=1,
+    )
+
+    if batched:
+        (result,) = await harness.provider.create_many([edited])
+        assert result.ref is not None, result.error
+        again = result.ref
+    else:
+        again = await harness.provider.create(edited)
+
+    assert again.event_id == first.event_id
+    (event,) = await harness.server_events()
+    assert (event.subject, event.start, event.end) == (
+        "Omdøbt efter nedbruddet",
+        datetime(2027, 6, 14, 11, 0, tzinfo=CPH),
+        datetime(2027, 6, 14, 12, 0, tzinfo=CPH),
+    )
+
+
 async def test_update_changes_subject_and_time(harness: ProviderHarness) -> None:
     batch = new_batch_id()
     spec = make_spec(1, batch)
