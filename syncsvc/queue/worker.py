@@ -202,9 +202,10 @@ class Worker:
                 try:
                     await self._renew()
                 except Exception as exc:
+                    # The leases may lapse (compare-and-set keeps the rows safe); the outage
+                    # is the dispatcher's to report, once, with its recovery.
                     if not is_unavailable(exc):
                         raise
-                    self.db.outage.down(exc)  # the leases may lapse; CAS keeps rows safe
 
     async def _renew(self) -> None:
         by_lease: dict[datetime, list[int]] = {}
@@ -364,10 +365,9 @@ class Worker:
             await asyncio.gather(*running, return_exceptions=True)
             try:
                 await self._hand_back(mine)
-            except Exception as exc:  # the leases run out instead
+            except Exception as exc:  # the leases run out instead; the dispatcher reports it
                 if not is_unavailable(exc):
                     raise
-                self.db.outage.down(exc)
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(

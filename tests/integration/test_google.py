@@ -316,7 +316,8 @@ async def test_repeated_create_adopts_the_existing_event(
     second = await provider.create(meeting("i1"))
     assert second.event_id == first.event_id
     assert len(fake.events(user)) == 1
-    assert fake.stats(user).requests - before == 2  # insert → 409, then one get
+    # insert → 409, one get, and one patch to the spec as it is now (edits since must land)
+    assert fake.stats(user).requests - before == 3
 
 
 async def test_create_after_delete_brings_the_event_back(
@@ -367,9 +368,9 @@ async def test_batch_of_120_creates_uses_three_round_trips(
     events = fake.events(user)
     assert len(events) == 120
     stats = fake.stats(user)
-    # ceil(120 / 50) = 3 batches, plus one get for the adopted duplicate.
-    assert stats.http_requests - http_before == 4
-    assert stats.requests - calls_before == 121
+    # ceil(120 / 50) = 3 batches, plus one get and one patch for the adopted duplicate.
+    assert stats.http_requests - http_before == 5
+    assert stats.requests - calls_before == 122
 
 
 async def test_batch_stops_after_throttling_and_reports_the_rest_throttled(
