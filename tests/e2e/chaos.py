@@ -58,6 +58,8 @@ class Scale:
     freeze_s: float = 3.0
     moves: int = 4
     cancels: int = 3
+    #: How long a fault's recovery is watched for; a slower one is reported, not waited out.
+    recover_timeout_s: float = 40.0
     settle_timeout_s: float = 150.0
 
 
@@ -166,7 +168,7 @@ async def _run(
         """Seconds until the sync moves again (or there is nothing left to do)."""
         t0 = time.monotonic()
         before = await progress()
-        while time.monotonic() - t0 < scale.settle_timeout_s:
+        while time.monotonic() - t0 < scale.recover_timeout_s:
             if await progress() > before or await _all_settled(fleet, batches, deleted):
                 break
             await asyncio.sleep(0.2)

@@ -90,7 +90,9 @@ async def test_a_worker_survives_a_restart_and_an_outage_then_finishes(
             await fleet.aclose()
     lines = log_lines(worker.log)
     assert not [line for line in lines if "Traceback" in line], lines
-    assert len(outage_lines(worker.log)) == 2, lines  # one line per outage
+    # At most one line per outage: the 4-s outage is always noticed, an immediate restart only
+    # when a query happened to be in flight (otherwise the pool reconnects without a word).
+    assert 1 <= len(outage_lines(worker.log)) <= 2, lines
 
 
 @pytest.mark.timeout(180)
