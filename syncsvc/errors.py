@@ -132,6 +132,14 @@ class Transient(ProviderError):
         self.retry_after_s = retry_after_s
 
 
+class Unreachable(Transient):
+    """The provider's server did not answer at all (refused, reset, timed out). The server is
+    down, not the operation wrong: the mailbox waits, as when throttled, and the operation
+    uses none of its attempts, so an outage longer than the backoff loses nothing."""
+
+    code = "unreachable"
+
+
 class Permanent(ProviderError):
     """The provider rejected the request for a reason retrying cannot fix."""
 

@@ -40,6 +40,7 @@ from syncsvc.errors import (
     ProviderError,
     ProviderNotFound,
     Transient,
+    Unreachable,
 )
 from syncsvc.providers._http import error_for_status, parse_retry_after
 from syncsvc.providers._ical import (
@@ -229,11 +230,13 @@ class CalDAVProvider:
         except aiohttp.ClientConnectorCertificateError as exc:
             raise Permanent(f"CalDAV {method}: TLS certificate rejected") from exc
         except TimeoutError as exc:
-            raise Transient(f"CalDAV {method} timed out") from exc
+            raise Unreachable(f"CalDAV {method} timed out") from exc
         except aiohttp.ClientError as exc:
             if is_refusal(exc):
                 log.warning("event=egress.refused what=caldav detail=%s", exc)
                 raise Permanent(f"CalDAV {method}: {REFUSED_FOR_TENANT}") from exc
+            if isinstance(exc, aiohttp.ClientConnectionError):
+                raise Unreachable(f"CalDAV {method} failed: {exc}") from exc
             raise Transient(f"CalDAV {method} failed: {exc}") from exc
 
     def _raise_for(self, method: str, response: _Response) -> NoReturn:

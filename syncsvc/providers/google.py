@@ -53,6 +53,7 @@ from syncsvc.errors import (
     SyncTokenExpired,
     Throttled,
     Transient,
+    Unreachable,
 )
 from syncsvc.providers._http import ca_bundle_path, error_for_status
 from syncsvc.providers.base import (
@@ -502,7 +503,7 @@ class GoogleProvider:
             except ga_exceptions.TransportError as exc:
                 raise Transient(f"Google token endpoint unreachable: {exc}") from exc
             except (httplib2.HttpLib2Error, OSError) as exc:
-                raise Transient(f"Google unreachable: {exc!r}") from exc
+                raise Unreachable(f"Google unreachable: {exc!r}") from exc
 
     def _get_or_none(
         self, http: google_auth_httplib2.AuthorizedHttp, event_id: str

@@ -43,6 +43,7 @@ from syncsvc.errors import (
     ProviderNotFound,
     Throttled,
     Transient,
+    Unreachable,
 )
 from syncsvc.providers._http import (
     ca_bundle_path,
@@ -248,7 +249,9 @@ class GraphClient:
                 answer_headers = {k.lower(): v for k, v in response.headers.items()}
                 status = response.status
         except TimeoutError as exc:
-            raise Transient(f"graph {method} timed out after {self.timeout_s} s") from exc
+            raise Unreachable(f"graph {method} timed out after {self.timeout_s} s") from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise Unreachable(f"graph {method} failed: {type(exc).__name__}: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise Transient(f"graph {method} failed: {type(exc).__name__}: {exc}") from exc
         try:

@@ -90,6 +90,10 @@ class TaskContext:
 TaskHandler = Callable[[TaskContext, Operation], Awaitable[None]]
 
 
+#: Errors that say "not now" rather than "this operation failed": waited out, no attempt used.
+_WAIT_OUT = (errors.Throttled, errors.Unreachable)
+
+
 def backoff_s(attempt: int) -> float:
     """Exponential backoff with jitter (tenacity's formula) for the n-th failed attempt."""
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
@@ -594,18 +598,18 @@ class Worker:
         failures: Sequence[tuple[_Job, errors.ProviderError]],
         stats: CycleStats,
     ) -> None:
-        """Throttling pauses the mailbox and uses no attempt (one pause for the whole lot);
-        transient errors use an attempt; anything else gives up (api-contract.md)."""
-        throttled = [(j, e) for j, e in failures if isinstance(e, errors.Throttled)]
-        if throttled:
-            stats.throttled += len(throttled)
-            waits = [e.retry_after_s for _, e in throttled if isinstance(e, errors.Throttled)]
-            known = [w for w in waits if w is not None]
+        """Throttling and an unreachable server pause the mailbox and use no attempt (one
+        pause for the whole lot); other transient errors use an attempt; anything else gives
+        up (api-contract.md)."""
+        waiting = [(j, e) for j, e in failures if isinstance(e, _WAIT_OUT)]
+        if waiting:
+            stats.throttled += len(waiting)
+            known = [e.retry_after_s for _, e in waiting if e.retry_after_s is not None]
             await self._throttled(
-                mailbox, [j.claimed.op_id for j, _ in throttled], max(known) if known else None
+                mailbox, [j.claimed.op_id for j, _ in waiting], max(known) if known else None
             )
         for job, exc in failures:
-            if isinstance(exc, errors.Throttled):
+            if isinstance(exc, _WAIT_OUT):
                 continue
             if isinstance(exc, errors.Transient):
                 retry_after = exc.retry_after_s
@@ -645,13 +649,21 @@ class Worker:
             return
         try:
             await handler(TaskContext(self.settings, self.db, self.providers), op)
-        except errors.Throttled as exc:
+        except (OSError, TimeoutError) as exc:
+            stats.throttled += 1
+            await self._throttled(mailbox, [claimed.op_id], None)
+            log.warning(
+                "sync.task.unreachable mailbox=%s op=%d error=%r", mailbox, claimed.op_id, exc
+            )
+            return
+        except _WAIT_OUT as exc:
             stats.throttled += 1
             await self._throttled(mailbox, [claimed.op_id], exc.retry_after_s)
             return
-        except (errors.Transient, OSError, TimeoutError) as exc:
-            retry_after = exc.retry_after_s if isinstance(exc, errors.Transient) else None
-            stats.failed += await self._failed_attempt(claimed.op_id, None, str(exc), retry_after)
+        except errors.Transient as exc:
+            stats.failed += await self._failed_attempt(
+                claimed.op_id, None, str(exc), exc.retry_after_s
+            )
             return
         except errors.SyncSvcError as exc:
             await self._give_up_task(claimed.op_id, f"{exc.code}: {exc}")
@@ -876,7 +888,11 @@ def _as_provider_error(exc: BaseException) -> errors.ProviderError:
     """Network trouble outside an adapter's own translation is a transient provider error."""
     if isinstance(exc, errors.ProviderError):
         return exc
-    error = errors.Transient(f"{type(exc).__name__}: {exc}")
+    error: errors.Transient
+    if isinstance(exc, (OSError, TimeoutError)):
+        error = errors.Unreachable(f"{type(exc).__name__}: {exc}")
+    else:
+        error = errors.Transient(f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
 

@@ -2,9 +2,10 @@
 
 The hook: the worker's record of a create's success is lost (as a kill -9 or a database outage
 right after the provider answered would lose it), so the events are in Radicale while the
-ledger still says ``pending_create``. The record is dropped rather than raised: a raise ends the
-cycle and cancels its sibling creates, which makes how many events arrive a race. The batch is then edited; its update operations are merged
-into the re-claimed creates, which find their events (412) and must rewrite them to the edit.
+ledger still says ``pending_create``. The record is dropped rather than raised: a raise ends
+the cycle and cancels its sibling creates, which makes how many events arrive a race. The batch
+is then edited; its update operations are merged into the re-claimed creates, which find their
+events (412) and must rewrite them to the edit.
 """
 
 from __future__ import annotations

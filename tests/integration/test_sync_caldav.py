@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import select
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
@@ -21,7 +23,8 @@ from syncsvc.providers._ical import parse_events
 from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
-from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
+from syncsvc.store.models import Operation, SyncCycle
+from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, RadicaleServer, new_calendar
 
 CPH = ZoneInfo("Europe/Copenhagen")
 SYNC_TIMEOUT_S = 60.0
@@ -181,3 +184,76 @@ async def test_batch_lands_follows_edits_and_is_deleted(
         assert gone["sync"]["deleted"] == 60
         remaining = [await _events(http, url) for url in calendars]
         assert [[e.uid for e in events] for events in remaining] == [["own-1"], [], []]
+
+
+@pytest.mark.timeout(120)
+async def test_a_calendar_server_that_is_down_costs_no_attempts_and_loses_nothing(
+    service: tuple[TestClient[Any, Any], Database, dict[str, str]], tmp_path: Path
+) -> None:
+    """A server that refuses connections is down, not the operation wrong: the worker keeps
+    retrying (however long the outage) and gives nothing up, then syncs once it is back."""
+    client, db, headers = service
+    server = RadicaleServer(tmp_path / "radicale")
+    server.folder.mkdir()
+    server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = await new_calendar(http, server.url)
+            user = {
+                "name": "User 0",
+                "timezone": "Europe/Copenhagen",
+                "country": "DK",
+                "calendar": {
+                    "provider": "caldav",
+                    "url": url,
+                    "username": RADICALE_USER,
+                    "password": RADICALE_PASSWORD,
+                },
+            }
+            answer = await client.put("/v1/users/u0", headers=headers, json=user)
+            assert answer.status == 200, await answer.text()
+            server.kill9()
+            body = {
+                "targetgroup_name": "Breweries",
+                "targets": [{"id": f"t{i}", "name": f"Brewery {i}"} for i in range(3)],
+                "template": {"kind": "meeting", "subject": "Visit $account-name$"},
+                "schedule": {"start_date": "2027-06-07", "duration": "01:00", "interval": "00:15"},
+                "assignment": {"mode": "users", "users": ["u0"]},
+            }
+            answer = await client.post("/v1/batches", headers=headers, json=body)
+            assert answer.status == 201, await answer.text()
+            batch = (await answer.json())["id"]
+
+            deadline = time.monotonic() + SYNC_TIMEOUT_S
+            while await _refused_cycles(db) < 3:  # three tries found the server down
+                assert time.monotonic() < deadline, await _queue_state(db)
+                await asyncio.sleep(0.1)
+            async with db.session() as s:
+                ops = (await s.execute(select(Operation))).scalars().all()
+            creates = [op for op in ops if op.kind == "create"]
+            assert len(creates) == 3
+            assert all(op.state in ("pending", "running") and op.attempts == 0 for op in creates)
+
+            server.start()
+            synced = await _wait_state(client, headers, batch, "synced")
+            assert synced["sync"] == {**synced["sync"], "synced": 3, "failed": 0}
+            events = await _events(http, url)
+            assert sorted(e.summary for e in events) == [f"Visit Brewery {i}" for i in range(3)]
+    finally:
+        server.stop()
+
+
+async def _refused_cycles(db: Database) -> int:
+    async with db.session() as s:
+        cycles = (await s.execute(select(SyncCycle))).scalars().all()
+    return sum(1 for cycle in cycles if cycle.throttled)
+
+
+async def _queue_state(db: Database) -> Any:
+    """The operations and cycles, for a failing assertion's message."""
+    async with db.session() as s:
+        ops = (await s.execute(select(Operation))).scalars().all()
+        cycles = (await s.execute(select(SyncCycle))).scalars().all()
+    return [(o.kind, o.state, o.attempts, o.not_before, o.last_error) for o in ops], [
+        (c.mailbox, c.done, c.failed, c.throttled) for c in cycles
+    ]
