@@ -79,6 +79,8 @@ class Report:
     failed_ops: int = 0
     exited: list[int | None] = field(default_factory=list)
     settle_s: float = 0.0
+    #: Each batch's state and sync counts when the settle wait ran out (empty when it settled).
+    unsettled: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -90,6 +92,7 @@ class Report:
             or self.deleted_left
             or self.failed_ops
             or self.exited
+            or self.unsettled
             or not self.own_events_ok
         )
 
@@ -220,6 +223,9 @@ async def _run(
     deadline = t0 + scale.settle_timeout_s
     while not await _all_settled(fleet, batches, deleted):
         if time.monotonic() > deadline:
+            for batch in batches:
+                _, body = await fleet.call("GET", f"/v1/batches/{batch}")
+                report.unsettled.append(f"{batch} {body['state']} {body['sync']}")
             break
         await asyncio.sleep(0.5)
     report.settle_s = time.monotonic() - t0

@@ -17,8 +17,12 @@ SEED = 20261202
 async def test_a_bad_night_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
     report = await run_chaos(SEED, tmp_path, Scale())
     print(report.faults, f"settled in {report.settle_s:.1f} s")  # shown with -s or on failure
+    if not report.clean:
+        for log in sorted((tmp_path / "logs").iterdir()):
+            print(f"--- {log.name} (last lines)", *log.read_text().splitlines()[-30:], sep="\n")
     assert [kind for kind, _, _ in report.faults] and len(report.faults) == 7
     assert report.exited == []
+    assert report.unsettled == []
     assert report.missing == []
     assert report.doubles == []
     assert report.orphans == []
