@@ -102,7 +102,7 @@ OPERATOR_PREFIX = "/v1/ops/"
 
 JSON_MEDIA_TYPE = "application/json"
 #: Statuses every operation may answer with the error envelope.
-ERROR_STATUSES = (400, 401, 404, 409, 413, 422)
+ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 503)
 _BAD_STRING = re.compile("[\x00\ud800-\udfff]")
 #: Deepest JSON nesting accepted: far beyond any request of ours, far below the stack limit.
 JSON_MAX_DEPTH = 32
@@ -174,7 +174,7 @@ class Endpoint:
     #: Another media type the handler may answer with (as a ``web.StreamResponse``).
     media_type: str | None
     description: str
-    #: Extra documented error statuses (e.g. 503 for readiness).
+    #: Extra documented error statuses (e.g. 403 for operator paths).
     error_statuses: tuple[int, ...]
     #: Other success answers as (status, media type or None for an empty body), e.g. a
     #: webhook's 200 text/plain handshake next to its 202.
@@ -526,5 +526,5 @@ _STATUS_TEXT = {
     409: "Conflict with stored state, or an Idempotency-Key reused with another body.",
     413: "The body is larger than the limit.",
     422: "Valid JSON whose meaning is invalid; details name each field.",
-    503: "Not ready.",
+    503: "The database is unavailable for a moment: retry after the Retry-After seconds.",
 }

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from syncsvc.api._framework import METRICS, OPENAPI, Ctx, Routes
-from syncsvc.errors import SyncSvcError
+from syncsvc.errors import DatabaseUnavailable
 from syncsvc.metrics import EXPOSITION_CONTENT_TYPE
 from syncsvc.service.ops import refresh_queue_metrics
 
@@ -19,9 +19,10 @@ READY_TIMEOUT_S = 2.0
 routes = Routes(tag="operations")
 
 
-class NotReady(SyncSvcError):
+class NotReady(DatabaseUnavailable):
+    """Readiness failed: a 503 with ``Retry-After``, like every route during an outage."""
+
     code = "not_ready"
-    http_status = 503
 
 
 class Status(BaseModel):
@@ -37,7 +38,6 @@ async def healthz(ctx: Ctx) -> Status:
     "GET",
     "/readyz",
     response=Status,
-    error_statuses=(503,),
     summary="Readiness: 200 when the database answers, else 503",
 )
 async def readyz(ctx: Ctx) -> Status:

@@ -143,7 +143,7 @@ def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
     request.app[DB].unavailable(exc)
     response = error_response(
         DatabaseUnavailable.http_status,
-        DatabaseUnavailable.code,
+        exc.code if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable.code,
         "the database is unavailable for a moment; retry after the Retry-After seconds",
     )
     response.headers["Retry-After"] = str(DatabaseUnavailable.retry_after_s)

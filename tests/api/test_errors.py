@@ -202,6 +202,7 @@ async def test_readyz_is_503_when_the_database_does_not_answer() -> None:
             ready = await client.get("/readyz")
             assert ready.status == 503
             assert (await ready.json())["error"]["code"] == "not_ready"
+            assert int(ready.headers["Retry-After"]) > 0
             assert (await client.get("/healthz")).status == 200
     finally:
         await dead.aclose()
