@@ -250,7 +250,7 @@ async def main() -> None:
             t0 = time.monotonic()
             await commit_batch(client, headers, users, args.per_calendar * len(users))
             commit_s = time.monotonic() - t0
-            registry = UserProviders(settings, SecretBox(settings.secret_key))
+            registry = UserProviders(settings, SecretBox(settings.secret_key), db)
             stack.push_async_callback(registry.aclose)
             worker = Worker(settings, db, MemoryRateLimiter(), registry, embedded=True)
             started = time.monotonic()

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from syncsvc.api._framework import DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
 from syncsvc.api._framework import openapi_document as _openapi_document
+from syncsvc.api.connections import PROVIDERS
 from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
 from syncsvc.config import Settings
@@ -34,6 +35,7 @@ API_MODULES = (
     "feeds",
     "schedules",
     "tenant",
+    "connections",
     "ops",
     "dashboard",
 )
@@ -68,7 +70,8 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app[SECRET_BOX] = SecretBox(settings.secret_key)
     app[METRICS] = Metrics()
     # avoid_busy reads calendars from the API process: its own adapters, closed with the app.
-    registry = UserProviders(settings, app[SECRET_BOX])
+    registry = UserProviders(settings, app[SECRET_BOX], db)
+    app[PROVIDERS] = registry
     app[CALENDARS] = CalendarBusy(registry)
 
     async def close_registry(_: web.Application) -> None:

@@ -46,7 +46,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         limiter = RedisRateLimiter.from_url(settings.redis_url)
     else:
         limiter = MemoryRateLimiter()
-    registry = UserProviders(settings, SecretBox(settings.secret_key))
+    registry = UserProviders(settings, SecretBox(settings.secret_key), db)
     worker = Worker(
         settings,
         db,

@@ -97,7 +97,7 @@ Part = Literal["path", "query", "body", "header"]
 
 #: Paths that need no key (the contract's list); the dashboard checks the operator key itself.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics"})
-PUBLIC_PREFIXES = ("/feeds/", "/dashboard", "/webhooks/")
+PUBLIC_PREFIXES = ("/feeds/", "/dashboard", "/webhooks/", "/oauth/")
 OPERATOR_PREFIX = "/v1/ops/"
 
 JSON_MEDIA_TYPE = "application/json"
@@ -316,6 +316,8 @@ def _message(err: ErrorDetails) -> str:
 
 def _refuse_unknown_query(request: web.Request, model: type[BaseModel] | None) -> None:
     """A misspelt parameter (``?limt=10``) is an error, not silently the default."""
+    if model is not None and model.model_config.get("extra") == "ignore":
+        return  # a provider's redirect, which may add parameters of its own
     known = set() if model is None else {f.alias or n for n, f in model.model_fields.items()}
     unknown = sorted(set(request.query) - known)
     if unknown:

@@ -159,6 +159,19 @@ class GraphClient:
         """The calendar of ``address``; ``timezone`` is the user's, for days off."""
         return GraphProvider(self, address, timezone)
 
+    async def verified_domains(self) -> list[str]:
+        """The directory's verified domain names (``GET /organization``), lower-cased: the
+        mailboxes an app token of this directory may be used for."""
+        answer = await self.send("GET", self.url("/organization", {"$select": "verifiedDomains"}))
+        if answer.status != 200:
+            raise error_for(answer, "GET /organization")
+        domains = set()
+        for org in (answer.body or {}).get("value") or []:
+            for domain in org.get("verifiedDomains") or []:
+                if isinstance(domain, dict) and isinstance(domain.get("name"), str):
+                    domains.add(domain["name"].strip().lower())
+        return sorted(domains)
+
     def _build_app(self) -> msal.ConfidentialClientApplication:
         http = _TimeoutSession(self.timeout_s)
         http.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise override verify

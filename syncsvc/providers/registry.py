@@ -1,8 +1,8 @@
 """Builds the right ``CalendarProvider`` for a calendar connection.
 
 One registry per worker process: it owns the shared clients (one aiohttp session for CalDAV,
-one MSAL app for Graph) and keeps one adapter per connection, so tokens and connections are
-reused across operations. It takes a plain ``Connection`` built by the service layer
+one MSAL app per Entra tenant for Graph) and keeps one adapter per connection, so tokens and
+connections are reused across operations. It takes a plain ``Connection`` built by the service layer
 (``service/connections.py``) — decrypted credentials included — so providers stay below
 storage and never see a database row or the secret box.
 """
@@ -38,6 +38,9 @@ class Connection:
     settings: Mapping[str, Any] = field(default_factory=dict)
     #: Decrypted secrets (CalDAV ``password``, Google ``oauth``).
     credentials: Mapping[str, Any] = field(default_factory=dict)
+    #: Graph: the Entra tenant the tenant's admin consented in (``None``: the install's
+    #: ``SYNCSVC_GRAPH_TENANT_ID``, if set).
+    directory: str | None = None
 
 
 class ProviderRegistry:
@@ -45,7 +48,8 @@ class ProviderRegistry:
         self.settings = settings
         self._providers: dict[str, CalendarProvider] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._graph: GraphClient | None = None
+        #: One app-token client per Entra tenant: a directory's token never reaches another's.
+        self._graph: dict[str, GraphClient] = {}
 
     def __call__(self, connection: Connection) -> CalendarProvider:
         # The connection as given: a corrected password or a new calendar builds a new adapter.
@@ -69,18 +73,7 @@ class ProviderRegistry:
                 self._session,
             )
         if c.provider == "graph":
-            s = self.settings
-            if not (s.graph_client_id and s.graph_client_secret and s.graph_tenant_id):
-                raise AuthFailed("Microsoft Graph is not configured (SYNCSVC_GRAPH_CLIENT_ID, …)")
-            if self._graph is None:
-                self._graph = GraphClient(
-                    tenant_id=s.graph_tenant_id,
-                    client_id=s.graph_client_id,
-                    client_secret=s.graph_client_secret,
-                    api_url=s.graph_api_url,
-                    authority_url=s.graph_authority_url,
-                )
-            return self._graph.mailbox(c.account, c.timezone)
+            return self.graph(c.directory).mailbox(c.account, c.timezone)
         if c.provider == "google":
             oauth = c.credentials.get("oauth")
             if isinstance(oauth, dict):
@@ -98,11 +91,39 @@ class ProviderRegistry:
             )
         raise Permanent(f"no calendar connection ({c.provider})")
 
+    def graph(self, directory: str | None) -> GraphClient:
+        """The app-token client of one Entra tenant (``None``: the install's default)."""
+        s = self.settings
+        if not (s.graph_client_id and s.graph_client_secret):
+            raise AuthFailed("Microsoft Graph is not configured (SYNCSVC_GRAPH_CLIENT_ID, …)")
+        directory = directory or s.graph_tenant_id
+        if not directory:
+            raise AuthFailed(
+                "the tenant has not connected Microsoft 365 (POST /v1/tenant/connections/graph)"
+            )
+        client = self._graph.get(directory)
+        if client is None:
+            client = self._graph[directory] = self.new_graph(directory)
+        return client
+
+    def new_graph(self, directory: str) -> GraphClient:
+        """A client of its own (the caller closes it): MSAL remembers a refused token request
+        for a minute, which must not outlive a consent check that failed."""
+        s = self.settings
+        return GraphClient(
+            tenant_id=directory,
+            client_id=s.graph_client_id or "",
+            client_secret=s.graph_client_secret or "",
+            api_url=s.graph_api_url,
+            authority_url=s.graph_authority_url,
+        )
+
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
         self._providers.clear()
-        if self._graph is not None:
-            await self._graph.aclose()
+        for client in self._graph.values():
+            await client.aclose()
+        self._graph.clear()
         if self._session is not None:
             await self._session.close()

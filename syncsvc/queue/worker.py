@@ -148,7 +148,8 @@ class Worker:
         #: Handlers of ledger-less operations by ``Operation.kind`` (see ``syncsvc/runtime.py``).
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._throttle_streak: dict[str, int] = {}
+        #: Per mailbox: pauses in a row without a success, and when the current one ends.
+        self._throttle_streak: dict[str, tuple[int, float]] = {}
         #: Creates per batched call last seen for a mailbox: sizes its next claims.
         self._batch_size: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -787,12 +788,20 @@ class Worker:
     async def _throttled(
         self, mailbox: str, op_ids: Sequence[int], retry_after_s: float | None
     ) -> None:
-        """Throttled operations use none of their attempts; the whole mailbox pauses."""
-        streak = self._throttle_streak.get(mailbox, 0) + 1
-        self._throttle_streak[mailbox] = streak
+        """Throttled operations use none of their attempts; the whole mailbox pauses.
+
+        Without a ``Retry-After`` the pause doubles with each pause in a row; operations that
+        fail during the current pause (concurrent ones, a batch's items) join it instead of
+        doubling it once each."""
+        streak, until = self._throttle_streak.get(mailbox, (0, 0.0))
+        now = time.monotonic()
         wait = retry_after_s
-        if wait is None:
+        if wait is None and until > now:
+            wait = until - now
+        elif wait is None:
+            streak += 1
             wait = min(THROTTLE_BASE_S * 2 ** (streak - 1), 64.0) * (1 + random.random() / 2)
+        self._throttle_streak[mailbox] = (streak, max(until, now + wait))
         await self._pause(mailbox, wait)
         await self._requeue(op_ids, wait, count_attempt=False)
 

@@ -385,3 +385,39 @@ class TenantDomain(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     provider: Mapped[str] = mapped_column(String(16), primary_key=True)
     domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class TenantConnection(Base):
+    """A tenant's organisation-wide connection to a provider: for Graph, the Entra tenant
+    (``directory``) whose admin consented to our multi-tenant app, and its verified domains.
+
+    ``state``: see ``ConnectionState`` (``service/tenant_connections.py``).
+    """
+
+    __tablename__ = "tenant_connections"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    #: The Entra tenant id; one directory serves at most one syncsvc tenant.
+    directory: Mapped[str | None] = mapped_column(String(64), unique=True)
+    domains: Mapped[list[Any]] = mapped_column(default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OAuthState(Base):
+    """One consent flow in flight: the ``state`` the provider hands back (stored hashed),
+    bound to one tenant and purpose, used once, before it expires."""
+
+    __tablename__ = "oauth_states"
+
+    #: SHA-256 hex of the state value.
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column()
+    #: What the flow needs back at its end (e.g. the user id and return URL of a user connect).
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -80,7 +80,7 @@ async def deliver(db: Database, settings: Settings, tenant_id: str) -> Operation
         mailbox=f"crm:{tenant_id}",
         payload={"type": "activity.deleted", "activity_id": "act_1"},
     )
-    ctx = TaskContext(settings, db, UserProviders(settings, SecretBox(settings.secret_key)))
+    ctx = TaskContext(settings, db, UserProviders(settings, SecretBox(settings.secret_key), db))
     await deliver_callback(ctx, op)
     return op
 

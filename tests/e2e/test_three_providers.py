@@ -261,7 +261,7 @@ async def _connect(w: World) -> None:
 
     await eventually(read, "Graph's and Google's days off")
     # CalDAV has no push: its days off are read as a CalDAV poll would read them.
-    registry = UserProviders(w.settings, SecretBox(w.settings.secret_key))
+    registry = UserProviders(w.settings, SecretBox(w.settings.secret_key), w.db)
     async with w.db.session() as s:
         caldav_user = await s.get(User, (w.tenant_id, "caldav1"))
     assert caldav_user is not None

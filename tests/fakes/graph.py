@@ -36,9 +36,10 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlencode
@@ -174,6 +175,20 @@ class FakeEvent:
         return None
 
 
+@dataclass(slots=True)
+class Directory:
+    """An Entra tenant: its verified domains, and whether its admin consented to the app."""
+
+    tenant_id: str
+    name: str
+    domains: list[str]
+    consented: bool = False
+
+    @property
+    def admin(self) -> str:
+        return f"admin@{self.domains[0] if self.domains else 'example.invalid'}"
+
+
 @dataclass
 class _Mailbox:
     address: str
@@ -189,6 +204,8 @@ class _Mailbox:
     #: When the client received the 429 that started the penalty (None: not yet delivered).
     penalty_announced_at: float | None = None
     denied: bool = False
+    #: The Entra tenant the mailbox lives in: only its app tokens reach it.
+    directory: str = ""
     scripted: deque[Fault] = field(default_factory=deque)
     #: Change log for delta queries: (sequence number, event id), oldest first.
     changes: list[tuple[int, str]] = field(default_factory=list)
@@ -240,6 +257,8 @@ class _Request:
     #: When the HTTP request carrying it arrived, and the mailboxes its answers will throttle.
     arrived: float = 0.0
     penalized: list[_Mailbox] = field(default_factory=list)
+    #: The Entra tenant of the bearer token.
+    directory: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,7 +527,14 @@ class FakeGraph:
         self.faults = FaultPlan()
         self._rng = random.Random(0)
         self._mailboxes: dict[str, _Mailbox] = {}
-        self._tokens: dict[str, float] = {}
+        #: Entra tenants: the default one (``tenant_id``) has consented to the app already.
+        self.directories: dict[str, Directory] = {
+            tenant_id: Directory(tenant_id, "Default Org", [], consented=True)
+        }
+        #: Redirect URIs registered on the app; admin consent refuses any other (AADSTS50011).
+        self.redirect_uris: set[str] = set()
+        #: Token -> (expiry, the Entra tenant it was issued in).
+        self._tokens: dict[str, tuple[float, str]] = {}
         #: Every token request (successful or not), and every HTTP request to Graph.
         self.token_requests = 0
         self.round_trips: list[tuple[str, str]] = []
@@ -591,6 +617,8 @@ class FakeGraph:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+        app.router.add_get("/organizations/v2.0/adminconsent", self._admin_consent_page)
+        app.router.add_post("/organizations/v2.0/adminconsent", self._admin_consent_decide)
         app.router.add_route("*", GRAPH_PATH_PREFIX + "/{tail:.*}", self._graph_http)
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1
@@ -614,8 +642,22 @@ class FakeGraph:
 
     # -- direct access for tests -------------------------------------------------------------
 
-    def add_mailbox(self, address: str, timezone: str = "UTC") -> None:
-        self._mailboxes[address.lower()] = _Mailbox(address=address, timezone=timezone)
+    def add_directory(self, tenant_id: str, name: str, domains: Sequence[str]) -> Directory:
+        """Another customer's Entra tenant; the app is not consented there until its admin
+        accepts on the admin-consent page (account ``admin@<first domain>``)."""
+        directory = Directory(tenant_id, name, list(domains))
+        self.directories[tenant_id] = directory
+        return directory
+
+    def add_mailbox(
+        self, address: str, timezone: str = "UTC", directory: str | None = None
+    ) -> None:
+        home = self.directories[directory or self.tenant_id]
+        domain = address.rpartition("@")[2].lower()
+        if home.tenant_id == self.tenant_id and domain not in home.domains:
+            home.domains.append(domain)
+        box = _Mailbox(address=address, timezone=timezone, directory=home.tenant_id)
+        self._mailboxes[address.lower()] = box
         self.set_automatic_replies(address, "disabled")
 
     def mailbox_events(self, address: str) -> list[FakeEvent]:
@@ -712,9 +754,97 @@ class FakeGraph:
         }
         return web.json_response(body, status=status)
 
+    def _consent_request_error(self, params: Mapping[str, str]) -> web.Response | None:
+        if params.get("client_id") != self.client_id:
+            return self._aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{params.get('client_id')}' was not found.",
+            )
+        if params.get("redirect_uri") not in self.redirect_uris:
+            return self._aad_error(
+                400,
+                "invalid_request",
+                50011,
+                f"The redirect URI '{params.get('redirect_uri')}' specified in the request "
+                "does not match the redirect URIs configured for the application.",
+            )
+        if params.get("scope") != GRAPH_SCOPE:
+            return self._aad_error(400, "invalid_scope", 70011, "The provided scope is invalid.")
+        return None
+
+    async def _admin_consent_page(self, request: web.Request) -> web.Response:
+        """The account picker and permissions page an administrator sees (Accept / Cancel)."""
+        params = dict(request.query)
+        refused = self._consent_request_error(params)
+        if refused is not None:
+            return refused
+        hidden = "".join(
+            f'<input type="hidden" name="{k}" value="{escape(params.get(k, ""))}">'
+            for k in ("client_id", "redirect_uri", "scope", "state")
+        )
+        accounts = "".join(
+            f'<label><input type="radio" name="account" value="{escape(d.admin)}"'
+            f"{' checked' if n == 0 else ''}> {escape(d.admin)} ({escape(d.name)})</label><br>"
+            for n, d in enumerate(self.directories.values())
+        )
+        page = (
+            "<!doctype html><html><head><title>Permissions requested</title></head><body>"
+            '<h1>Permissions requested</h1><form method="post">'
+            f"<fieldset><legend>Pick an account</legend>{accounts}</fieldset>"
+            "<p><b>syncsvc</b> needs permission to: Read and write calendars in all mailboxes "
+            "(Calendars.ReadWrite), Read organization information. Accepting grants these "
+            "permissions for your entire organization.</p>"
+            f'{hidden}<button name="action" value="accept">Accept</button> '
+            '<button name="action" value="cancel">Cancel</button></form></body></html>'
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    async def _admin_consent_decide(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        refused = self._consent_request_error(form)
+        if refused is not None:
+            return refused
+        answer: dict[str, str]
+        account = form.get("account")
+        directory = next((d for d in self.directories.values() if d.admin == account), None)
+        if form.get("action") != "accept" or directory is None:
+            answer = {
+                "error": "access_denied",
+                "error_subcode": "cancel",
+                "error_description": "AADSTS65004: User declined to consent to access the app.",
+            }
+        else:
+            directory.consented = True
+            answer = {"admin_consent": "True", "tenant": directory.tenant_id, "scope": GRAPH_SCOPE}
+        answer["state"] = form.get("state", "")
+        raise web.HTTPFound(f"{form['redirect_uri']}?{urlencode(answer)}")
+
+    def _organization(self, directory: str) -> _Response:
+        """``GET /organization``: the token's own directory, with its verified domains."""
+        d = self.directories[directory]
+        domains = [
+            {
+                "capabilities": "Email, OfficeCommunicationsOnline",
+                "isDefault": n == 0,
+                "isInitial": False,
+                "name": name,
+                "type": "Managed",
+            }
+            for n, name in enumerate(d.domains)
+        ]
+        return _Response(
+            200,
+            {
+                "@odata.context": f"{self.graph_url}/$metadata#organization",
+                "value": [{"id": d.tenant_id, "displayName": d.name, "verifiedDomains": domains}],
+            },
+        )
+
     async def _openid(self, request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
-        if tenant != self.tenant_id:
+        if tenant not in self.directories and tenant != "organizations":
             return self._aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
         root = f"{self.base_url}/{tenant}"
         return web.json_response(
@@ -739,7 +869,7 @@ class FakeGraph:
         self.token_requests += 1
         form = await request.post()
         tenant = request.match_info["tenant"]
-        if tenant != self.tenant_id:
+        if tenant not in self.directories:
             return self._aad_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
         if form.get("grant_type") != "client_credentials":
             return self._aad_error(
@@ -770,8 +900,17 @@ class FakeGraph:
                 f"The provided value for scope {' '.join(scopes)} is not valid. Client "
                 "credential flows must have a scope value with /.default suffixed.",
             )
+        if not self.directories[tenant].consented:
+            return self._aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory "
+                f"'{self.directories[tenant].name}'. This can happen if the application has not "
+                "been installed by the administrator of the tenant.",
+            )
         token = "fake." + secrets.token_urlsafe(24)
-        self._tokens[token] = time.monotonic() + self.token_lifetime_s
+        self._tokens[token] = (time.monotonic() + self.token_lifetime_s, tenant)
         return web.json_response(
             {
                 "token_type": "Bearer",
@@ -799,11 +938,21 @@ class FakeGraph:
                             400, "BadRequest", "Unable to read JSON request payload."
                         ).response()
                     )
-        req = _Request(request.method, path, dict(request.query), headers, body, time.monotonic())
-        unauthorized = self._check_token(headers)
-        if unauthorized is not None:
-            return self._to_http(unauthorized)
-        if path == "/$batch" and request.method == "POST":
+        directory = self._check_token(headers)
+        if isinstance(directory, _Response):
+            return self._to_http(directory)
+        req = _Request(
+            request.method,
+            path,
+            dict(request.query),
+            headers,
+            body,
+            time.monotonic(),
+            directory=directory,
+        )
+        if path == "/organization" and request.method == "GET":
+            result = self._organization(directory)
+        elif path == "/$batch" and request.method == "POST":
             result = await self._batch(req)
         elif path == "/subscriptions" or path.startswith("/subscriptions/"):
             result = await self._subscriptions_api(req)
@@ -820,16 +969,18 @@ class FakeGraph:
             return web.Response(status=result.status, headers=result.headers)
         return web.json_response(result.body, status=result.status, headers=result.headers)
 
-    def _check_token(self, headers: Mapping[str, str]) -> _Response | None:
+    def _check_token(self, headers: Mapping[str, str]) -> _Response | str:
+        """The token's Entra tenant, or the 401 to answer."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
+        expiry, directory = self._tokens.get(token, (0.0, ""))
         if scheme.lower() != "bearer" or not token:
             error = GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
-        elif self._tokens.get(token, 0.0) < time.monotonic():
+        elif expiry < time.monotonic():
             error = GraphError(
                 401, "InvalidAuthenticationToken", "Access token validation failure."
             )
         else:
-            return None
+            return directory
         error.headers["WWW-Authenticate"] = 'Bearer realm="", error="invalid_token"'
         return error.response()
 
@@ -848,7 +999,7 @@ class FakeGraph:
                 return GraphError(
                     404, "ErrorInvalidUser", f"The requested user '{user}' is invalid."
                 ).response()
-            if box.denied:
+            if box.denied or box.directory != req.directory:
                 return GraphError(
                     403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
                 ).response()
@@ -1402,6 +1553,7 @@ class FakeGraph:
             item.get("body"),
             outer.arrived,
             outer.penalized,
+            outer.directory,
         )
 
     # -- change notifications and delta (test accessors first) ---------------------------------
@@ -1668,6 +1820,8 @@ class FakeGraph:
         box = self._mailboxes.get(unquote(match.group(1)).lower())
         if box is None:
             raise GraphError(404, "ErrorInvalidUser", "The requested user is invalid.")
+        if box.directory != req.directory:
+            raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials.")
         urls = []
         for name in ("notificationUrl", "lifecycleNotificationUrl"):
             url = body.get(name)

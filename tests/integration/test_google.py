@@ -30,6 +30,7 @@ from syncsvc.providers.google import (
 )
 from syncsvc.service.connections import UserProviders
 from syncsvc.store.crypto import SecretBox
+from syncsvc.store.db import Database
 from syncsvc.store.models import User
 from tests.fakes.google import (
     JWT_BEARER_GRANT,
@@ -194,11 +195,13 @@ async def test_the_registry_impersonates_the_calendar_never_the_free_email_field
         calendar_provider="google",
         calendar_config={"calendar_id": calendar},
     )
-    registry = UserProviders(settings, SecretBox(settings.secret_key))
+    db = Database(settings.database_url)  # a Google user needs no lookup in it
+    registry = UserProviders(settings, SecretBox(settings.secret_key), db)
     try:
         await (await registry(user)).create(meeting("r1"))
     finally:
         await registry.aclose()
+        await db.aclose()
     assert fake.token_grants[-1].subject == calendar
     assert len(fake.events(calendar)) == 1 and fake.events(victim) == []
 

@@ -1,0 +1,118 @@
+"""``/v1/tenant/connections``: the tenant's Microsoft 365 connection (admin consent), and the
+page Microsoft sends the administrator back to."""
+
+from __future__ import annotations
+
+from html import escape
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from syncsvc.api._framework import Ctx, Routes
+from syncsvc.api.plan_schemas import instant
+from syncsvc.service import tenant_connections as service
+from syncsvc.service.connections import UserProviders
+
+routes = Routes(tag="connections")
+
+PROVIDERS: web.AppKey[UserProviders] = web.AppKey("providers", UserProviders)
+PARAM_MAX_CHARS = 2000
+#: The consent page is ours alone: no script, no other origin, no framing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class ConnectionOut(BaseModel):
+    provider: str
+    state: service.ConnectionState = Field(
+        description="pending | connected | refused | reconnect_needed"
+    )
+    directory: str | None = Field(description="Graph: the consented Entra tenant id.")
+    domains: list[str] = Field(description="Graph: the directory's verified domains.")
+    error: str | None
+    updated_at: str
+
+
+class ConnectionsOut(BaseModel):
+    items: list[ConnectionOut]
+
+
+class ConsentLinkOut(BaseModel):
+    consent_url: str = Field(description="Send the tenant's administrator here.")
+    state: str = Field(description="Single-use, bound to this tenant, valid 15 minutes.")
+
+
+class AdminConsentQuery(BaseModel):
+    """What Microsoft appends to the redirect URI (success or refusal)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    tenant: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    admin_consent: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    error: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    error_description: str = Field(default="", max_length=PARAM_MAX_CHARS)
+
+
+def _out(view: service.ConnectionView) -> ConnectionOut:
+    return ConnectionOut(
+        provider=view.provider,
+        state=view.state,
+        directory=view.directory,
+        domains=view.domains,
+        error=view.error,
+        updated_at=instant(view.updated_at) or "",
+    )
+
+
+@routes.endpoint(
+    "GET", "/v1/tenant/connections", response=ConnectionsOut, summary="The tenant's connections"
+)
+async def list_connections(ctx: Ctx) -> ConnectionsOut:
+    """Each organisation-wide connection with its state and verified domains."""
+    async with ctx.session() as session:
+        views = await service.list_connections(session, ctx.tenant_id)
+    return ConnectionsOut(items=[_out(v) for v in views])
+
+
+@routes.endpoint(
+    "POST",
+    "/v1/tenant/connections/graph",
+    response=ConsentLinkOut,
+    summary="Start connecting Microsoft 365 (admin consent)",
+)
+async def start_graph(ctx: Ctx) -> ConsentLinkOut:
+    """A Microsoft admin-consent link for the tenant's administrator; once they accept, the
+    tenant's mailboxes are reached with app tokens of their own Entra tenant only."""
+    async with ctx.session() as session, session.begin():
+        url, state = await service.start_graph_consent(session, ctx.settings, ctx.tenant_id)
+    return ConsentLinkOut(consent_url=url, state=state)
+
+
+@routes.endpoint(
+    "GET",
+    service.ADMIN_CONSENT_PATH,
+    query=AdminConsentQuery,
+    media_type="text/html",
+    summary="Where Microsoft sends the administrator after admin consent",
+)
+async def graph_admin_consent(ctx: Ctx, query: AdminConsentQuery) -> web.Response:
+    """Records the consented directory (or the refusal) for the tenant the ``state`` was made
+    for; a forged, used or expired ``state`` is a 400 and changes nothing."""
+    outcome = await service.finish_graph_consent(
+        ctx.db, query.model_dump(), ctx.request.app[PROVIDERS].verified_domains
+    )
+    title = "Microsoft 365 connected" if outcome.state == "connected" else "Not connected"
+    body = (
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>{escape(title)}</title>"
+        f'<main style="font-family:sans-serif;max-width:40em;margin:3em auto">'
+        f"<h1>{escape(title)}</h1><p>syncsvc tenant <b>{escape(outcome.tenant_name)}</b>: "
+        f'<span id="outcome" data-state="{escape(outcome.state)}">{escape(outcome.message)}'
+        "</span></p><p>You can close this window.</p></main></html>"
+    )
+    return web.Response(text=body, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)

@@ -1,0 +1,233 @@
+"""A tenant's organisation-wide provider connection: Microsoft 365 through admin consent.
+
+The install keeps one multi-tenant Entra app (``SYNCSVC_GRAPH_CLIENT_ID``/``_SECRET``); each
+tenant's administrator consents to it in their own Entra tenant (the *directory*). ``start``
+makes a single-use ``state`` bound to the tenant and answers Microsoft's admin-consent URL;
+Microsoft sends the administrator back to ``GET /oauth/graph/admin-consent``, where ``finish``
+records the directory and its verified domains (``GET /organization``). From then on app
+tokens for the tenant's mailboxes are taken in that directory only, and only mailboxes in
+those domains can be registered (``service/mailboxes.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from urllib.parse import urlencode
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.config import Settings
+from syncsvc.errors import BadRequest, ErrorDetail, ProviderError, ValidationError
+from syncsvc.store.db import Database
+from syncsvc.store.models import OAuthState, Tenant, TenantConnection, TenantDomain
+from syncsvc.store.types import utcnow
+
+#: How long a consent link stays usable.
+STATE_TTL = timedelta(minutes=15)
+ADMIN_CONSENT = "graph_admin_consent"
+ADMIN_CONSENT_PATH = "/oauth/graph/admin-consent"
+GRAPH_DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
+_DIRECTORY_ID = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+
+#: Reads a directory's verified domains with an app token of that directory.
+DomainReader = Callable[[str], Awaitable[list[str]]]
+
+
+class ConnectionState(StrEnum):
+    PENDING = "pending"  # a consent link is out, nothing granted yet
+    CONNECTED = "connected"
+    REFUSED = "refused"  # the administrator cancelled, or the grant could not be used
+    RECONNECT_NEEDED = "reconnect_needed"  # granted once, no longer accepted
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionView:
+    provider: str
+    state: ConnectionState
+    directory: str | None
+    domains: list[str]
+    error: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentOutcome:
+    """What the administrator's browser is shown at the end of the flow."""
+
+    tenant_name: str
+    state: ConnectionState
+    message: str
+
+
+def _hash(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _view(row: TenantConnection) -> ConnectionView:
+    return ConnectionView(
+        provider=row.provider,
+        state=ConnectionState(row.state),
+        directory=row.directory,
+        domains=list(row.domains),
+        error=row.error,
+        updated_at=row.updated_at,
+    )
+
+
+async def list_connections(session: AsyncSession, tenant_id: str) -> list[ConnectionView]:
+    rows = await session.scalars(
+        select(TenantConnection)
+        .where(TenantConnection.tenant_id == tenant_id)
+        .order_by(TenantConnection.provider)
+    )
+    return [_view(row) for row in rows]
+
+
+async def start_graph_consent(
+    session: AsyncSession, settings: Settings, tenant_id: str
+) -> tuple[str, str]:
+    """A fresh admin-consent link and its ``state``; a connected tenant stays connected until
+    the new consent arrives."""
+    if not (settings.graph_client_id and settings.graph_client_secret):
+        raise ValidationError("Microsoft Graph is not configured on this install")
+    state = secrets.token_urlsafe(32)
+    session.add(
+        OAuthState(
+            state_hash=_hash(state),
+            tenant_id=tenant_id,
+            purpose=ADMIN_CONSENT,
+            expires_at=utcnow() + STATE_TTL,
+        )
+    )
+    row = await session.get(TenantConnection, (tenant_id, "graph"))
+    if row is None:
+        session.add(
+            TenantConnection(tenant_id=tenant_id, provider="graph", state=ConnectionState.PENDING)
+        )
+    elif row.state != ConnectionState.CONNECTED:
+        row.state, row.error = ConnectionState.PENDING, None
+    query = urlencode(
+        {
+            "client_id": settings.graph_client_id,
+            "scope": GRAPH_DEFAULT_SCOPE,
+            "redirect_uri": settings.public_base_url.rstrip("/") + ADMIN_CONSENT_PATH,
+            "state": state,
+        }
+    )
+    authority = settings.graph_authority_url.rstrip("/")
+    return f"{authority}/organizations/v2.0/adminconsent?{query}", state
+
+
+async def take_state(session: AsyncSession, state: str, purpose: str) -> str:
+    """The tenant a ``state`` was made for; it is used up here, whatever follows."""
+    now = utcnow()
+    found = await session.scalar(
+        update(OAuthState)
+        .where(
+            OAuthState.state_hash == _hash(state),
+            OAuthState.purpose == purpose,
+            OAuthState.used_at.is_(None),
+            OAuthState.expires_at > now,
+        )
+        .values(used_at=now)
+        .returning(OAuthState.tenant_id)
+        .execution_options(synchronize_session=False)
+    )
+    if found is None:
+        raise BadRequest(
+            "the consent link is unknown, already used or expired: start again",
+            [ErrorDetail(("query", "state"), "not a live state of ours")],
+        )
+    return str(found)
+
+
+async def finish_graph_consent(
+    db: Database, params: Mapping[str, str], read_domains: DomainReader
+) -> ConsentOutcome:
+    """Records what Microsoft answered: the directory and its domains, or the refusal."""
+    async with db.session() as s, s.begin():
+        tenant_id = await take_state(s, params.get("state", ""), ADMIN_CONSENT)
+        tenant = await s.get(Tenant, tenant_id)
+        name = tenant.name if tenant else tenant_id
+    if params.get("error"):
+        reason = (params.get("error_description") or params["error"]).split("\n")[0][:300]
+        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
+        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+    directory = params.get("tenant", "")
+    if params.get("admin_consent", "").lower() != "true" or not _DIRECTORY_ID.match(directory):
+        raise BadRequest(
+            "Microsoft's answer names no consented directory",
+            [ErrorDetail(("query", "tenant"), "an Entra tenant id with admin_consent=True")],
+        )
+    directory = directory.lower()
+    async with db.session() as s:
+        other = await s.scalar(
+            select(TenantConnection.tenant_id).where(
+                TenantConnection.directory == directory, TenantConnection.tenant_id != tenant_id
+            )
+        )
+    if other is not None:
+        reason = "this Microsoft 365 organisation is connected to another tenant"
+        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
+        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+    try:
+        domains = await read_domains(directory)
+    except ProviderError as exc:
+        reason = f"the consent could not be used: {exc}"[:300]
+        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
+        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+    await _record(db, tenant_id, ConnectionState.CONNECTED, directory=directory, domains=domains)
+    return ConsentOutcome(
+        name, ConnectionState.CONNECTED, f"Connected: {', '.join(domains) or 'no domains'}"
+    )
+
+
+async def _record(
+    db: Database,
+    tenant_id: str,
+    state: ConnectionState,
+    *,
+    directory: str | None = None,
+    domains: list[str] | None = None,
+    error: str | None = None,
+) -> None:
+    """Stores the outcome; a connected directory's domains become the tenant's Graph domains
+    (a refusal keeps an earlier connection's directory and domains)."""
+    async with db.session() as s, s.begin():
+        row = await s.get(TenantConnection, (tenant_id, "graph"))
+        if row is None:
+            row = TenantConnection(tenant_id=tenant_id, provider="graph", domains=[])
+            s.add(row)
+        if state == ConnectionState.REFUSED and row.state == ConnectionState.CONNECTED:
+            row.error = f"a later consent was refused ({error}); the earlier one still holds"
+            return
+        row.state, row.error = state, error
+        if state == ConnectionState.CONNECTED and domains is not None:
+            row.directory, row.domains = directory, domains
+            await s.execute(
+                delete(TenantDomain).where(
+                    TenantDomain.tenant_id == tenant_id, TenantDomain.provider == "graph"
+                )
+            )
+            s.add_all(
+                TenantDomain(tenant_id=tenant_id, provider="graph", domain=d) for d in domains
+            )
+
+
+async def graph_directory(session: AsyncSession, tenant_id: str) -> str | None:
+    """The Entra tenant whose app tokens reach this tenant's mailboxes (``None``: none yet)."""
+    directory = await session.scalar(
+        select(TenantConnection.directory).where(
+            TenantConnection.tenant_id == tenant_id,
+            TenantConnection.provider == "graph",
+            TenantConnection.directory.is_not(None),
+        )
+    )
+    return str(directory) if directory else None
