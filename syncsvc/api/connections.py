@@ -52,7 +52,7 @@ class AdminConsentQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    state: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    state: str = Field(min_length=1, max_length=PARAM_MAX_CHARS)
     tenant: str = Field(default="", max_length=PARAM_MAX_CHARS)
     admin_consent: str = Field(default="", max_length=PARAM_MAX_CHARS)
     error: str = Field(default="", max_length=PARAM_MAX_CHARS)
@@ -99,11 +99,12 @@ async def start_graph(ctx: Ctx) -> ConsentLinkOut:
     service.ADMIN_CONSENT_PATH,
     query=AdminConsentQuery,
     media_type="text/html",
+    error_statuses=(403,),
     summary="Where Microsoft sends the administrator after admin consent",
 )
 async def graph_admin_consent(ctx: Ctx, query: AdminConsentQuery) -> web.Response:
     """Records the consented directory (or the refusal) for the tenant the ``state`` was made
-    for; a forged, used or expired ``state`` is a 400 and changes nothing."""
+    for; a forged, used or expired ``state`` is a 403 and changes nothing."""
     outcome = await service.finish_graph_consent(
         ctx.db, query.model_dump(), ctx.request.app[PROVIDERS].verified_domains
     )

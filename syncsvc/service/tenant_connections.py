@@ -24,7 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.config import Settings
-from syncsvc.errors import BadRequest, ErrorDetail, ProviderError, ValidationError
+from syncsvc.errors import BadRequest, ErrorDetail, Forbidden, ProviderError, ValidationError
 from syncsvc.store.db import Database
 from syncsvc.store.models import OAuthState, Tenant, TenantConnection, TenantDomain
 from syncsvc.store.types import utcnow
@@ -141,7 +141,7 @@ async def take_state(session: AsyncSession, state: str, purpose: str) -> str:
         .execution_options(synchronize_session=False)
     )
     if found is None:
-        raise BadRequest(
+        raise Forbidden(
             "the consent link is unknown, already used or expired: start again",
             [ErrorDetail(("query", "state"), "not a live state of ours")],
         )

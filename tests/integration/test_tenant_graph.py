@@ -210,7 +210,7 @@ async def test_cancel_a_replayed_state_and_a_taken_directory_leave_clear_states(
         assert 'data-state="refused"' in await first.text()
     for forged in (state, "made-up-state"):
         async with stack.http.get(back + forged) as again:
-            assert again.status == 400
+            assert again.status == 403
             assert "unknown, already used or expired" in (await again.json())["error"]["message"]
 
     # One organisation serves one tenant: beta cannot take alpha's directory.
