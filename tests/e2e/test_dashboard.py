@@ -30,18 +30,10 @@ from syncsvc.limits import RateLimit
 from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
+from tests.servers.chromium import ARGS
+from tests.servers.chromium import EXECUTABLE as CHROMIUM
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 OPERATOR_KEY = "op-" + "e" * 40
 VIEWPORT = {"width": 1366, "height": 768}
 #: 8 creates a second per mailbox: the 48-event batch takes about six seconds.

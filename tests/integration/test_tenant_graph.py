@@ -1,10 +1,10 @@
 """Two syncsvc tenants on two Microsoft 365 organisations at once (issue 10).
 
 Each tenant's administrator consents to the one multi-tenant app in their own Entra tenant
-(the fake's admin-consent page, driven over HTTP here and by Chromium in
-``tests/e2e/test_consent_pages.py``); each batch then lands in its own tenant's mailboxes with
-app tokens of its own directory (the fake answers 403 to a token of another directory), and
-no tenant can register a mailbox outside its verified domains.
+(the fake's admin-consent page, driven over HTTP and clicked through in Chromium); each batch
+then lands in its own tenant's mailboxes with app tokens of its own directory (the fake
+answers 403 to a token of another directory), and no tenant can register a mailbox outside
+its verified domains.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
+from playwright.async_api import async_playwright, expect
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
@@ -29,6 +30,8 @@ from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from tests.fakes.graph import FakeGraph, running_fake_graph
+from tests.servers.chromium import ARGS as CHROMIUM_ARGS
+from tests.servers.chromium import EXECUTABLE as CHROMIUM
 from tests.servers.postgres import free_port
 
 ALPHA = "aaaaaaaa-0000-4000-8000-00000000000a"
@@ -220,3 +223,39 @@ async def test_cancel_a_replayed_state_and_a_taken_directory_leave_clear_states(
     assert 'data-state="refused"' in page and "another tenant" in page, page
     status, listed = await stack.call("beta", "GET", "/v1/tenant/connections")
     assert [(c["state"], c["directory"]) for c in listed["items"]] == [("refused", None)]
+
+
+@pytest.mark.timeout(120)
+async def test_administrators_click_through_the_consent_page_in_chromium(stack: Stack) -> None:
+    """Accept connects beta; Cancel leaves alpha refused, with Microsoft's reason shown."""
+    links = {}
+    for tenant in ("alpha", "beta"):
+        status, link = await stack.call(tenant, "POST", "/v1/tenant/connections/graph")
+        assert status == 200, link
+        links[tenant] = link["consent_url"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            # The fake's certificate is self-signed; the real page is on login.microsoftonline.com.
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            await page.goto(links["beta"])
+            await expect(page.get_by_role("heading", name="Permissions requested")).to_be_visible()
+            await page.get_by_label("admin@beta.example").check()
+            await page.get_by_role("button", name="Accept").click()
+            outcome = page.locator("#outcome")
+            await expect(outcome).to_have_attribute("data-state", "connected")
+            await expect(outcome).to_contain_text("beta-sales.example, beta.example")
+
+            await page.goto(links["alpha"])
+            await page.get_by_label("admin@alpha.example").check()
+            await page.get_by_role("button", name="Cancel").click()
+            await expect(outcome).to_have_attribute("data-state", "refused")
+            await expect(outcome).to_contain_text("declined to consent")
+        finally:
+            await browser.close()
+    states = {}
+    for tenant in ("alpha", "beta"):
+        _, listed = await stack.call(tenant, "GET", "/v1/tenant/connections")
+        states[tenant] = [(c["state"], c["directory"]) for c in listed["items"]]
+    assert states == {"alpha": [("refused", None)], "beta": [("connected", BETA)]}
