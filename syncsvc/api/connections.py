@@ -1,9 +1,10 @@
-"""``/v1/tenant/connections``: the tenant's Microsoft 365 connection (admin consent), and the
-page Microsoft sends the administrator back to."""
+"""``/v1/tenant/connections``: the tenant's Microsoft 365 connection (admin consent, and the
+page Microsoft sends the administrator back to) and its Google Workspace domains and key."""
 
 from __future__ import annotations
 
 from html import escape
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,8 @@ routes = Routes(tag="connections")
 
 PROVIDERS: web.AppKey[UserProviders] = web.AppKey("providers", UserProviders)
 PARAM_MAX_CHARS = 2000
+DOMAINS_MAX = 50
+DOMAIN_MAX_CHARS = 253
 #: The consent page is ours alone: no script, no other origin, no framing.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -33,13 +36,34 @@ class ConnectionOut(BaseModel):
         description="pending | connected | refused | reconnect_needed"
     )
     directory: str | None = Field(description="Graph: the consented Entra tenant id.")
-    domains: list[str] = Field(description="Graph: the directory's verified domains.")
+    domains: list[str] = Field(
+        description="Graph: the directory's verified domains; Google: the Workspace domains."
+    )
+    service_account: str | None = Field(
+        description="Google: the tenant's own service account, if it gave a key (else the "
+        "install's)."
+    )
     error: str | None
     updated_at: str
 
 
 class ConnectionsOut(BaseModel):
     items: list[ConnectionOut]
+
+
+class GoogleConnectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    domains: list[Annotated[str, Field(max_length=DOMAIN_MAX_CHARS)]] = Field(
+        min_length=1,
+        max_length=DOMAINS_MAX,
+        description="The tenant's Workspace domains; its users' calendars must be in them.",
+    )
+    service_account: dict[str, Any] | None = Field(
+        default=None,
+        description="The tenant's own service-account JSON key, with domain-wide delegation "
+        "for the calendar scope; stored encrypted, never shown again. Left out: the install's.",
+    )
 
 
 class ConsentLinkOut(BaseModel):
@@ -65,6 +89,7 @@ def _out(view: service.ConnectionView) -> ConnectionOut:
         state=view.state,
         directory=view.directory,
         domains=view.domains,
+        service_account=view.service_account,
         error=view.error,
         updated_at=instant(view.updated_at) or "",
     )
@@ -76,8 +101,25 @@ def _out(view: service.ConnectionView) -> ConnectionOut:
 async def list_connections(ctx: Ctx) -> ConnectionsOut:
     """Each organisation-wide connection with its state and verified domains."""
     async with ctx.session() as session:
-        views = await service.list_connections(session, ctx.tenant_id)
+        views = await service.list_connections(session, ctx.box, ctx.tenant_id)
     return ConnectionsOut(items=[_out(v) for v in views])
+
+
+@routes.endpoint(
+    "PUT",
+    "/v1/tenant/connections/google",
+    body=GoogleConnectionIn,
+    response=ConnectionOut,
+    summary="Connect Google Workspace (domains, optionally the tenant's own service account)",
+)
+async def put_google(ctx: Ctx, body: GoogleConnectionIn) -> ConnectionOut:
+    """Replaces the tenant's Google connection. A domain connected to another tenant is a
+    409; a key that is not a service-account key a 422."""
+    async with ctx.session() as session, session.begin():
+        view = await service.put_google(
+            session, ctx.box, ctx.tenant_id, body.domains, body.service_account
+        )
+    return _out(view)
 
 
 @routes.endpoint(

@@ -143,6 +143,17 @@ def service_account_credentials(
     return creds
 
 
+def check_service_account_info(info: Mapping[str, Any]) -> str:
+    """The key's ``client_email`` if it is a usable service-account key, else ``Permanent``."""
+    if info.get("type") != "service_account" or not isinstance(info.get("client_email"), str):
+        raise Permanent('not a service-account key (needs "type": "service_account")')
+    try:
+        service_account_credentials(info, "check@example.invalid", "https://invalid.invalid/")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Permanent(f"the service-account key cannot be used: {exc}") from exc
+    return str(info["client_email"])
+
+
 def user_oauth_credentials(
     refresh_token: str, client_id: str, client_secret: str, token_url: str
 ) -> user_credentials.Credentials:

@@ -36,7 +36,8 @@ class Connection:
     timezone: str
     #: Non-secret settings (CalDAV ``username``).
     settings: Mapping[str, Any] = field(default_factory=dict)
-    #: Decrypted secrets (CalDAV ``password``, Google ``oauth``).
+    #: Decrypted secrets (CalDAV ``password``, Google ``oauth`` or the tenant's
+    #: ``service_account`` key).
     credentials: Mapping[str, Any] = field(default_factory=dict)
     #: Graph: the Entra tenant the tenant's admin consented in (``None``: the install's
     #: ``SYNCSVC_GRAPH_TENANT_ID``, if set).
@@ -85,9 +86,14 @@ class ProviderRegistry:
                     client_secret=str(oauth["client_secret"]),
                 )
             # Delegation impersonates the calendar's own address, which mailbox ownership
-            # checked, never the free ``email`` field a tenant may set to anyone.
+            # checked, never the free ``email`` field a tenant may set to anyone; with the
+            # tenant's own service account if it gave one, else the install's.
+            key = c.credentials.get("service_account")
             return GoogleProvider.with_service_account(
-                self.settings, c.account, calendar_id=c.account
+                self.settings,
+                c.account,
+                calendar_id=c.account,
+                info=key if isinstance(key, dict) else None,
             )
         raise Permanent(f"no calendar connection ({c.provider})")
 

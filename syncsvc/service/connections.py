@@ -13,30 +13,34 @@ from syncsvc.config import Settings
 from syncsvc.errors import Permanent
 from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.registry import Connection, ProviderRegistry
-from syncsvc.service.tenant_connections import graph_directory
+from syncsvc.service.tenant_connections import TenantLinks, tenant_links
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import User
 
 #: The connection field naming the account, per provider.
 ACCOUNT_FIELDS = {"graph": "mailbox", "google": "calendar_id", "caldav": "url"}
-#: How long a tenant's directory is remembered: a new consent is picked up within this.
-DIRECTORY_TTL_S = 30.0
+#: How long a tenant's connections are remembered: a new consent or key is used within this.
+LINKS_TTL_S = 30.0
 
 
-def connection_of(user: User, box: SecretBox, directory: str | None = None) -> Connection:
+def connection_of(user: User, box: SecretBox, links: TenantLinks | None = None) -> Connection:
     config = user.calendar_config
     name = ACCOUNT_FIELDS.get(user.calendar_provider)
     if name is None or not config.get(name):
         raise Permanent(f"user {user.id} has no calendar connection ({user.calendar_provider})")
+    links = links or TenantLinks()
+    credentials = box.decrypt(user.calendar_secret) if user.calendar_secret else {}
+    if user.calendar_provider == "google" and "oauth" not in credentials and links.google_key:
+        credentials["service_account"] = links.google_key
     return Connection(
         tenant_id=user.tenant_id,
         provider=user.calendar_provider,
         account=str(config[name]),
         timezone=user.timezone,
         settings={k: v for k, v in config.items() if k != name},
-        credentials=box.decrypt(user.calendar_secret) if user.calendar_secret else {},
-        directory=directory,
+        credentials=credentials,
+        directory=links.directory if user.calendar_provider == "graph" else None,
     )
 
 
@@ -47,23 +51,23 @@ class UserProviders:
         self.registry = ProviderRegistry(settings)
         self.box = box
         self.db = db
-        self._directories: dict[str, tuple[float, str | None]] = {}
+        self._links: dict[str, tuple[float, TenantLinks]] = {}
 
     async def __call__(self, user: User) -> CalendarProvider:
-        directory = None
-        if user.calendar_provider == "graph":
-            directory = await self.directory(user.tenant_id)
-        return self.registry(connection_of(user, self.box, directory))
+        links = None
+        if user.calendar_provider in ("graph", "google"):
+            links = await self.links(user.tenant_id)
+        return self.registry(connection_of(user, self.box, links))
 
-    async def directory(self, tenant_id: str) -> str | None:
-        """The tenant's consented Entra tenant, cached for ``DIRECTORY_TTL_S``."""
-        cached = self._directories.get(tenant_id)
+    async def links(self, tenant_id: str) -> TenantLinks:
+        """The tenant's Entra tenant and Google key, cached for ``LINKS_TTL_S``."""
+        cached = self._links.get(tenant_id)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
         async with self.db.session() as s:
-            directory = await graph_directory(s, tenant_id)
-        self._directories[tenant_id] = (time.monotonic() + DIRECTORY_TTL_S, directory)
-        return directory
+            links = await tenant_links(s, self.box, tenant_id)
+        self._links[tenant_id] = (time.monotonic() + LINKS_TTL_S, links)
+        return links
 
     async def verified_domains(self, directory: str) -> list[str]:
         """The directory's verified domains, read with an app token of that directory (by a

@@ -95,8 +95,16 @@ async def add_domain(session: AsyncSession, tenant_id: str, provider: str, domai
     """``syncsvc tenants domains add``: the tenant's connection covers this domain."""
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound(f"unknown tenant {tenant_id}")
-    domain = domain.strip().lower().lstrip("@")
-    if not domain or "@" in domain or "." not in domain:
-        raise ValidationError(f"{domain!r} is not a domain name")
+    domain = normalized_domain(domain)
     if await session.get(TenantDomain, (tenant_id, provider, domain)) is None:
         session.add(TenantDomain(tenant_id=tenant_id, provider=provider, domain=domain))
+
+
+def normalized_domain(domain: str, loc: tuple[str | int, ...] = ()) -> str:
+    """``Alko.Example`` / ``@alko.example`` → ``alko.example``; anything else is a 422."""
+    name = domain.strip().lower().lstrip("@")
+    if not name or "@" in name or "." not in name or len(name) > 253 or " " in name:
+        raise ValidationError(
+            f"{domain!r} is not a domain name", [ErrorDetail(loc, "a domain name")] if loc else []
+        )
+    return name

@@ -7,6 +7,10 @@ Microsoft sends the administrator back to ``GET /oauth/graph/admin-consent``, wh
 records the directory and its verified domains (``GET /organization``). From then on app
 tokens for the tenant's mailboxes are taken in that directory only, and only mailboxes in
 those domains can be registered (``service/mailboxes.py``).
+
+Google Workspace has no consent redirect for domain-wide delegation: the tenant names its
+domains (``put_google``), optionally with its own service-account key (stored encrypted); its
+calendars must be in those domains and are reached with that key, else the install's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.config import Settings
-from syncsvc.errors import BadRequest, ErrorDetail, Forbidden, ProviderError, ValidationError
+from syncsvc.errors import (
+    BadRequest,
+    Conflict,
+    ErrorDetail,
+    Forbidden,
+    Permanent,
+    ProviderError,
+    ValidationError,
+)
+from syncsvc.providers.google import check_service_account_info
+from syncsvc.service.mailboxes import normalized_domain
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import OAuthState, Tenant, TenantConnection, TenantDomain
 from syncsvc.store.types import utcnow
@@ -53,8 +68,18 @@ class ConnectionView:
     state: ConnectionState
     directory: str | None
     domains: list[str]
+    #: Google: the tenant's own service account (its ``client_email``), if it gave a key.
+    service_account: str | None
     error: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLinks:
+    """What the provider registry needs of a tenant's connections (secrets decrypted)."""
+
+    directory: str | None = None
+    google_key: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,24 +95,79 @@ def _hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def _view(row: TenantConnection) -> ConnectionView:
+def _view(row: TenantConnection, box: SecretBox) -> ConnectionView:
+    account = box.decrypt(row.secret).get("client_email") if row.secret else None
     return ConnectionView(
         provider=row.provider,
         state=ConnectionState(row.state),
         directory=row.directory,
         domains=list(row.domains),
+        service_account=str(account) if account else None,
         error=row.error,
         updated_at=row.updated_at,
     )
 
 
-async def list_connections(session: AsyncSession, tenant_id: str) -> list[ConnectionView]:
+async def list_connections(
+    session: AsyncSession, box: SecretBox, tenant_id: str
+) -> list[ConnectionView]:
     rows = await session.scalars(
         select(TenantConnection)
         .where(TenantConnection.tenant_id == tenant_id)
         .order_by(TenantConnection.provider)
     )
-    return [_view(row) for row in rows]
+    return [_view(row, box) for row in rows]
+
+
+async def put_google(
+    session: AsyncSession,
+    box: SecretBox,
+    tenant_id: str,
+    domains: list[str],
+    service_account: dict[str, object] | None,
+) -> ConnectionView:
+    """Sets the tenant's Workspace domains (a domain serves one tenant: 409) and its own
+    service-account key, or none (the install's account)."""
+    names = sorted({normalized_domain(d, ("body", "domains", n)) for n, d in enumerate(domains)})
+    if service_account is not None:
+        try:
+            check_service_account_info(service_account)
+        except Permanent as exc:
+            raise ValidationError(
+                str(exc), [ErrorDetail(("body", "service_account"), "a service-account key")]
+            ) from exc
+    taken = await session.scalar(
+        select(TenantDomain.domain).where(
+            TenantDomain.provider == "google",
+            TenantDomain.domain.in_(names),
+            TenantDomain.tenant_id != tenant_id,
+        )
+    )
+    if taken is not None:
+        raise Conflict(
+            f"the Google Workspace domain {taken} is connected to another tenant",
+            [ErrorDetail(("body", "domains"), taken)],
+        )
+    row = await session.get(TenantConnection, (tenant_id, "google"))
+    if row is None:
+        row = TenantConnection(tenant_id=tenant_id, provider="google")
+        session.add(row)
+    row.state, row.domains, row.error = ConnectionState.CONNECTED, names, None
+    row.secret = box.encrypt(service_account) if service_account is not None else None
+    await _replace_domains(session, tenant_id, "google", names)
+    await session.flush()
+    return _view(row, box)
+
+
+async def _replace_domains(
+    session: AsyncSession, tenant_id: str, provider: str, domains: list[str]
+) -> None:
+    await session.execute(
+        delete(TenantDomain).where(
+            TenantDomain.tenant_id == tenant_id, TenantDomain.provider == provider
+        )
+    )
+    session.add_all(TenantDomain(tenant_id=tenant_id, provider=provider, domain=d) for d in domains)
 
 
 async def start_graph_consent(
@@ -211,23 +291,20 @@ async def _record(
         row.state, row.error = state, error
         if state == ConnectionState.CONNECTED and domains is not None:
             row.directory, row.domains = directory, domains
-            await s.execute(
-                delete(TenantDomain).where(
-                    TenantDomain.tenant_id == tenant_id, TenantDomain.provider == "graph"
-                )
-            )
-            s.add_all(
-                TenantDomain(tenant_id=tenant_id, provider="graph", domain=d) for d in domains
-            )
+            await _replace_domains(s, tenant_id, "graph", domains)
 
 
-async def graph_directory(session: AsyncSession, tenant_id: str) -> str | None:
-    """The Entra tenant whose app tokens reach this tenant's mailboxes (``None``: none yet)."""
-    directory = await session.scalar(
-        select(TenantConnection.directory).where(
-            TenantConnection.tenant_id == tenant_id,
-            TenantConnection.provider == "graph",
-            TenantConnection.directory.is_not(None),
+async def tenant_links(session: AsyncSession, box: SecretBox, tenant_id: str) -> TenantLinks:
+    """The Entra tenant whose app tokens reach this tenant's mailboxes and the tenant's own
+    Google key (``None``: the install's defaults)."""
+    rows = {
+        row.provider: row
+        for row in await session.scalars(
+            select(TenantConnection).where(TenantConnection.tenant_id == tenant_id)
         )
+    }
+    graph, google = rows.get("graph"), rows.get("google")
+    return TenantLinks(
+        directory=graph.directory if graph is not None else None,
+        google_key=box.decrypt(google.secret) if google is not None and google.secret else None,
     )
-    return str(directory) if directory else None

@@ -389,7 +389,8 @@ class TenantDomain(Base):
 
 class TenantConnection(Base):
     """A tenant's organisation-wide connection to a provider: for Graph, the Entra tenant
-    (``directory``) whose admin consented to our multi-tenant app, and its verified domains.
+    (``directory``) whose admin consented to our multi-tenant app, and its verified domains;
+    for Google, its Workspace domains and optionally its own service account.
 
     ``state``: see ``ConnectionState`` (``service/tenant_connections.py``).
     """
@@ -402,6 +403,8 @@ class TenantConnection(Base):
     #: The Entra tenant id; one directory serves at most one syncsvc tenant.
     directory: Mapped[str | None] = mapped_column(String(64), unique=True)
     domains: Mapped[list[Any]] = mapped_column(default=list)
+    #: Google: the tenant's own service-account key (JSON), encrypted; ``None``: the install's.
+    secret: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

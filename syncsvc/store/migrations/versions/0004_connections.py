@@ -1,4 +1,4 @@
-"""tenant connections (Graph admin consent) and OAuth states
+"""tenant connections (Graph admin consent, Google domains and keys) and OAuth states
 
 Revision ID: 0004
 """
@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("directory", sa.String(length=64), nullable=True),
         sa.Column("domains", sa.JSON(), nullable=False),
+        sa.Column("secret", sa.LargeBinary(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
