@@ -122,6 +122,13 @@ class AuthFailed(ProviderError):
     code = "auth_failed"
 
 
+class ConsentRevoked(AuthFailed):
+    """The organisation (or the user) no longer grants us access, e.g. the admin consent was
+    removed: operations wait, not die, until access is granted again."""
+
+    code = "consent_revoked"
+
+
 class Transient(ProviderError):
     """A timeout, a connection error or a 5xx: worth retrying with backoff."""
 

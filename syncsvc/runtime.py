@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
-from syncsvc.service import callbacks, google_push, graph_push
+from syncsvc.service import callbacks, google_push, graph_push, tenant_connections
 from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.service.connections import UserProviders
 from syncsvc.store.crypto import SecretBox
@@ -54,6 +55,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         registry,
         embedded=settings.redis_url is None,
         tasks=TASK_HANDLERS,
+        on_revoked=partial(tenant_connections.reconnect_needed, db),
     )
     try:
         async with asyncio.TaskGroup() as group:

@@ -38,6 +38,7 @@ from yarl import URL
 
 from syncsvc.errors import (
     AuthFailed,
+    ConsentRevoked,
     Permanent,
     ProviderError,
     ProviderNotFound,
@@ -214,6 +215,10 @@ class GraphClient:
         description = str(result.get("error_description") or "").split("\n")[0][:300]
         if error in ("temporarily_unavailable", "server_error"):
             raise Transient(f"token request failed: {error}: {description}")
+        if error == "unauthorized_client":  # AADSTS700016: the app is not in the directory
+            # MSAL remembers a refused request for a minute; a new consent must not wait on it.
+            self._app = None
+            raise ConsentRevoked(f"token request refused: {error}: {description}")
         raise AuthFailed(f"token request refused: {error}: {description}")
 
     def _client_session(self) -> aiohttp.ClientSession:

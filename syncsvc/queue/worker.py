@@ -63,6 +63,9 @@ MAX_ATTEMPTS = 8
 BACKOFF_MAX_S = 600.0
 #: Google's throttling answers carry no Retry-After: back off from this, doubling per streak.
 THROTTLE_BASE_S = 1.0
+#: How often operations of a mailbox whose access was withdrawn look again (a new consent
+#: wakes them at once).
+REVOKED_PAUSE_S = 60.0
 LANE_INTERACTIVE = "interactive"
 #: The limiter key of a provider's per-app limit (``app:graph``); no mailbox starts so.
 APP_MAILBOX_PREFIX = "app:"
@@ -88,6 +91,7 @@ class TaskContext:
 
 
 TaskHandler = Callable[[TaskContext, Operation], Awaitable[None]]
+RevokedHook = Callable[[str, str, str], Awaitable[None]]
 
 
 #: Errors that say "not now" rather than "this operation failed": waited out, no attempt used.
@@ -139,6 +143,7 @@ class Worker:
         *,
         embedded: bool,
         tasks: Mapping[str, TaskHandler] | None = None,
+        on_revoked: RevokedHook | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -147,6 +152,8 @@ class Worker:
         self.embedded = embedded
         #: Handlers of ledger-less operations by ``Operation.kind`` (see ``syncsvc/runtime.py``).
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
+        #: Told (tenant, provider, error) when a provider says our access was withdrawn.
+        self.on_revoked = on_revoked
         self._active: dict[str, asyncio.Task[None]] = {}
         #: Per mailbox: pauses in a row without a success, and when the current one ends.
         self._throttle_streak: dict[str, tuple[int, float]] = {}
@@ -609,8 +616,16 @@ class Worker:
             await self._throttled(
                 mailbox, [j.claimed.op_id for j, _ in waiting], max(known) if known else None
             )
+        revoked = [(j, e) for j, e in failures if isinstance(e, errors.ConsentRevoked)]
+        if revoked:
+            await self._revoked(
+                mailbox,
+                revoked[0][0].ledger.tenant_id,
+                [j.claimed.op_id for j, _ in revoked],
+                revoked[0][1],
+            )
         for job, exc in failures:
-            if isinstance(exc, _WAIT_OUT):
+            if isinstance(exc, (*_WAIT_OUT, errors.ConsentRevoked)):
                 continue
             if isinstance(exc, errors.Transient):
                 retry_after = exc.retry_after_s
@@ -665,6 +680,9 @@ class Worker:
             stats.failed += await self._failed_attempt(
                 claimed.op_id, None, str(exc), exc.retry_after_s
             )
+            return
+        except errors.ConsentRevoked as exc:
+            await self._revoked(mailbox, op.tenant_id, [claimed.op_id], exc)
             return
         except errors.SyncSvcError as exc:
             await self._give_up_task(claimed.op_id, f"{exc.code}: {exc}")
@@ -775,11 +793,20 @@ class Worker:
         async with self.db.session() as s, s.begin():
             await s.execute(update(Operation).where(Operation.id == op_id).values(state="done"))
 
-    async def _requeue(self, op_ids: Sequence[int], delay_s: float, *, count_attempt: bool) -> None:
+    async def _requeue(
+        self,
+        op_ids: Sequence[int],
+        delay_s: float,
+        *,
+        count_attempt: bool,
+        error: str | None = None,
+    ) -> None:
         values: dict[str, object] = {
             "state": "pending",
             "not_before": utcnow() + timedelta(seconds=delay_s),
         }
+        if error is not None:
+            values["last_error"] = error[:2000]
         if count_attempt:
             values["attempts"] = Operation.attempts + 1
         async with self.db.session() as s, s.begin():
@@ -804,6 +831,23 @@ class Worker:
         self._throttle_streak[mailbox] = (streak, max(until, now + wait))
         await self._pause(mailbox, wait)
         await self._requeue(op_ids, wait, count_attempt=False)
+
+    async def _revoked(
+        self, mailbox: str, tenant_id: str, op_ids: Sequence[int], exc: errors.ProviderError
+    ) -> None:
+        """Access was withdrawn: the operations wait (no attempt used) and are tried again
+        every ``REVOKED_PAUSE_S`` or as soon as access is granted again."""
+        error = f"{exc.code}: {exc}"
+        log.warning("sync.access.revoked mailbox=%s error=%s", mailbox, exc)
+        # Not a limiter pause: a new consent must be able to wake them (``not_before``) at once.
+        await self._requeue(op_ids, REVOKED_PAUSE_S, count_attempt=False, error=error)
+        if self.on_revoked is not None:
+            try:
+                await self.on_revoked(tenant_id, mailbox.split(":", 1)[0], error)
+            except Exception as hook_exc:
+                if not is_unavailable(hook_exc):
+                    raise
+                log.warning("sync.access.revoked.unrecorded mailbox=%s", mailbox)
 
     async def _failed_attempt(
         self, op_id: int, ledger_id: int | None, error: str, retry_after_s: float | None

@@ -16,6 +16,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from syncsvc.errors import ConsentRevoked
 from syncsvc.metrics import Metrics
 from syncsvc.queue.outbox import chunks
 from syncsvc.queue.worker import retry_dead
@@ -514,6 +515,17 @@ async def mailbox_health(
         entry = health.setdefault(mailbox, MailboxHealth(mailbox))
         entry.dead, entry.last_error = count, errors.get(newest_id)
         entry.status = "reconnect_needed" if auth_failed else "failing"
+    waiting = await session.execute(
+        select(Operation.mailbox, func.max(Operation.last_error))
+        .where(
+            Operation.state == "pending",
+            Operation.last_error.like(f"{ConsentRevoked.code}:%"),
+        )
+        .group_by(Operation.mailbox)
+    )
+    for mailbox, error in waiting:  # waiting for a new consent: nothing given up, but stuck
+        entry = health.setdefault(mailbox, MailboxHealth(mailbox))
+        entry.status, entry.last_error = "reconnect_needed", error
     users = await session.execute(
         select(Operation.mailbox, ExternalEvent.user_id)
         .join(ExternalEvent, ExternalEvent.id == Operation.ledger_id)

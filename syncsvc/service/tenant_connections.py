@@ -38,10 +38,11 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers.google import check_service_account_info
+from syncsvc.service.changes import CALLBACK_KIND, callback_mailbox
 from syncsvc.service.mailboxes import normalized_domain
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
-from syncsvc.store.models import OAuthState, Tenant, TenantConnection, TenantDomain
+from syncsvc.store.models import OAuthState, Operation, Tenant, TenantConnection, TenantDomain
 from syncsvc.store.types import utcnow
 
 #: How long a consent link stays usable.
@@ -292,6 +293,50 @@ async def _record(
         if state == ConnectionState.CONNECTED and domains is not None:
             row.directory, row.domains = directory, domains
             await _replace_domains(s, tenant_id, "graph", domains)
+            await _wake(s, tenant_id, "graph")
+
+
+async def reconnect_needed(db: Database, tenant_id: str, provider: str, error: str) -> None:
+    """A worker found the tenant's access withdrawn: the connection says so and the CRM gets
+    one signed ``connection.reconnect_needed`` callback (not one per operation)."""
+    async with db.session() as s, s.begin():
+        row = await s.get(TenantConnection, (tenant_id, provider), with_for_update=True)
+        if row is None:
+            row = TenantConnection(tenant_id=tenant_id, provider=provider, domains=[])
+            s.add(row)
+        elif row.state == ConnectionState.RECONNECT_NEEDED:
+            return
+        row.state, row.error = ConnectionState.RECONNECT_NEEDED, error[:300]
+        s.add(
+            Operation(
+                tenant_id=tenant_id,
+                kind=CALLBACK_KIND,
+                mailbox=callback_mailbox(tenant_id),
+                lane="interactive",
+                state="pending",
+                attempts=0,
+                not_before=utcnow(),
+                payload={
+                    "type": "connection.reconnect_needed",
+                    "provider": provider,
+                    "error": error[:300],
+                },
+            )
+        )
+
+
+async def _wake(session: AsyncSession, tenant_id: str, provider: str) -> None:
+    """Access is back: the tenant's waiting operations there go now, not at their next look."""
+    await session.execute(
+        update(Operation)
+        .where(
+            Operation.tenant_id == tenant_id,
+            Operation.state == "pending",
+            Operation.mailbox.like(f"{provider}:%"),
+        )
+        .values(not_before=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def tenant_links(session: AsyncSession, box: SecretBox, tenant_id: str) -> TenantLinks:

@@ -685,6 +685,12 @@ class FakeGraph:
     def revoke_tokens(self) -> None:
         self._tokens.clear()
 
+    def revoke_consent(self, tenant_id: str) -> None:
+        """The directory's admin removed the app: its tokens stop working and new ones are
+        refused (AADSTS700016) until an admin consents again."""
+        self.directories[tenant_id].consented = False
+        self._tokens = {t: v for t, v in self._tokens.items() if v[1] != tenant_id}
+
     def add_foreign_event(
         self,
         address: str,

@@ -21,8 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from playwright.async_api import async_playwright, expect
+from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
@@ -37,6 +39,7 @@ from tests.servers.postgres import free_port
 ALPHA = "aaaaaaaa-0000-4000-8000-00000000000a"
 BETA = "bbbbbbbb-0000-4000-8000-00000000000b"
 WAIT_S = 60.0
+OPERATOR_KEY = "op-" + "t" * 40
 
 
 @dataclass
@@ -99,6 +102,7 @@ async def stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> AsyncIterator
             graph_authority_url=fake.authority_url,
             graph_client_id=fake.client_id,
             graph_client_secret=fake.client_secret,
+            operator_key=OPERATOR_KEY,
         )
         db = Database(settings.database_url)
         await db.migrate()
@@ -259,3 +263,66 @@ async def test_administrators_click_through_the_consent_page_in_chromium(stack: 
         _, listed = await stack.call(tenant, "GET", "/v1/tenant/connections")
         states[tenant] = [(c["state"], c["directory"]) for c in listed["items"]]
     assert states == {"alpha": [("refused", None)], "beta": [("connected", BETA)]}
+
+
+@pytest.mark.timeout(120)
+async def test_a_withdrawn_consent_waits_and_a_new_one_finishes_the_batch_once(
+    stack: Stack,
+) -> None:
+    """The administrator removes the app mid-flight: nothing is given up, the connection, the
+    dashboard and one signed CRM callback say so, and consenting again finishes the work."""
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def crm(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    crm_app = web.Application()
+    crm_app.router.add_post("/hook", crm)
+    async with TestServer(crm_app, host="127.0.0.1") as crm_server:
+        _, secret = await stack.call("alpha", "POST", "/v1/tenant/signing-secret/rotate")
+        hook = {"callback_url": str(crm_server.make_url("/hook"))}
+        assert (await stack.call("alpha", "PATCH", "/v1/tenant", hook))[0] == 200
+        status, page = await stack.consent("alpha", "admin@alpha.example")
+        assert 'data-state="connected"' in page, page
+        status, body = await stack.call(
+            "alpha", "PUT", "/v1/users/anna", _user("anna@alpha.example")
+        )
+        assert status == 200, body
+        _, first = await stack.call("alpha", "POST", "/v1/batches", _batch("anna", "first"))
+        assert (await _synced(stack, "alpha", first["id"]))["state"] == "synced"
+
+        stack.fake.revoke_consent(ALPHA)
+        _, second = await stack.call("alpha", "POST", "/v1/batches", _batch("anna", "second"))
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            _, listed = await stack.call("alpha", "GET", "/v1/tenant/connections")
+            if listed["items"][0]["state"] == "reconnect_needed" and received:
+                break
+            assert time.monotonic() < deadline, listed
+            await asyncio.sleep(0.1)
+        assert "AADSTS700016" in listed["items"][0]["error"]
+        _, waiting = await stack.call("alpha", "GET", f"/v1/batches/{second['id']}")
+        assert waiting["sync"]["failed"] == 0 and waiting["sync"]["pending"] == 3, waiting
+        async with stack.http.get(
+            stack.base + "/dashboard/data.json", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}
+        ) as answer:
+            health = {h["mailbox"]: h["status"] for h in (await answer.json())["health"]}
+        assert health["graph:anna@alpha.example"] == "reconnect_needed"
+
+        status, page = await stack.consent("alpha", "admin@alpha.example")
+        assert 'data-state="connected"' in page, page
+        synced = await _synced(stack, "alpha", second["id"])
+        assert synced["state"] == "synced" and synced["sync"]["synced"] == 3, synced
+        subjects = sorted(e.subject for e in stack.fake.mailbox_events("anna@alpha.example"))
+        assert subjects == ["first"] * 3 + ["second"] * 3
+        callbacks = [
+            Webhook(secret["signing_secret"]).verify(body, headers) for headers, body in received
+        ]
+        assert [c["type"] for c in callbacks] == ["connection.reconnect_needed"]
+        assert callbacks[0]["tenant_id"] == await _tenant_id(stack, "alpha")
+
+
+async def _tenant_id(stack: Stack, tenant: str) -> str:
+    _, body = await stack.call(tenant, "GET", "/v1/tenant")
+    return str(body["id"])
