@@ -50,6 +50,10 @@ class Settings:
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
+    #: The install's OAuth web client, for users who connect their own Google calendar.
+    google_auth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
+    google_client_id: str | None = None
+    google_client_secret: str | None = None
     #: Per-mailbox limits by provider (providers.md's published figures by default).
     limits: Mapping[str, RateLimit] = field(
         default_factory=lambda: {
@@ -92,6 +96,9 @@ class Settings:
             "google_api_url",
             "google_token_url",
             "google_service_account_file",
+            "google_auth_url",
+            "google_client_id",
+            "google_client_secret",
         ):
             value = get(name.upper())
             if value is not None:

@@ -4,15 +4,17 @@ page Microsoft sends the administrator back to) and its Google Workspace domains
 from __future__ import annotations
 
 from html import escape
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.api.plan_schemas import instant
 from syncsvc.service import tenant_connections as service
+from syncsvc.service import user_connect
 from syncsvc.service.connections import UserProviders
+from syncsvc.service.users import check_http_url
 
 routes = Routes(tag="connections")
 
@@ -159,3 +161,83 @@ async def graph_admin_consent(ctx: Ctx, query: AdminConsentQuery) -> web.Respons
         "</span></p><p>You can close this window.</p></main></html>"
     )
     return web.Response(text=body, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+class UserConnectPath(BaseModel):
+    user_id: str = Field(min_length=1, max_length=200)
+
+
+class UserConnectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["google"] = Field(description="The calendar the user signs in to.")
+    return_url: str = Field(
+        max_length=PARAM_MAX_CHARS,
+        description="Where the browser goes afterwards, on one of the tenant's "
+        "`return_origins`; its query gets `connect=connected|refused|failed`.",
+    )
+
+    @field_validator("return_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        return check_http_url(value)
+
+
+class UserConnectOut(BaseModel):
+    url: str = Field(description="Send the user's browser here (valid 15 minutes, once).")
+
+
+class CallbackPath(BaseModel):
+    provider: Literal["google"]
+
+
+class CallbackQuery(BaseModel):
+    """What the provider appends to the redirect URI (success or refusal)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: str = Field(min_length=1, max_length=PARAM_MAX_CHARS)
+    code: str = Field(default="", max_length=PARAM_MAX_CHARS)
+    error: str = Field(default="", max_length=PARAM_MAX_CHARS)
+
+
+@routes.endpoint(
+    "POST",
+    "/v1/users/{user_id}/connect",
+    path=UserConnectPath,
+    body=UserConnectIn,
+    response=UserConnectOut,
+    summary="A user connects their own calendar (OAuth, authorization code + PKCE)",
+)
+async def connect_user(ctx: Ctx, path: UserConnectPath, body: UserConnectIn) -> UserConnectOut:
+    """The provider's consent URL for the user; after consent the user's calendar is the
+    account they signed in with, reached with their own grant."""
+    async with ctx.session() as session, session.begin():
+        url = await user_connect.start(
+            session,
+            ctx.settings,
+            ctx.box,
+            ctx.tenant_id,
+            path.user_id,
+            body.provider,
+            body.return_url,
+        )
+    return UserConnectOut(url=url)
+
+
+@routes.endpoint(
+    "GET",
+    "/oauth/{provider}/callback",
+    path=CallbackPath,
+    query=CallbackQuery,
+    status=302,
+    error_statuses=(403,),
+    summary="Where the provider sends the user after consent",
+)
+async def user_callback(ctx: Ctx, path: CallbackPath, query: CallbackQuery) -> web.Response:
+    """Stores the grant and redirects to the return URL; a forged, used or expired ``state``
+    is a 403 and changes nothing."""
+    target = await user_connect.finish(
+        ctx.db, ctx.settings, ctx.box, path.provider, query.model_dump()
+    )
+    return web.Response(status=302, headers={"Location": target, **PAGE_HEADERS})

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
 
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.service import signing
 from syncsvc.service import tenant as service
+from syncsvc.service.user_connect import origin_of
 from syncsvc.service.users import check_http_url
 
 routes = Routes(tag="tenant")
 
 URL_MAX_CHARS = 2000
 CLOSING_DAYS_MAX = 1000
+RETURN_ORIGINS_MAX = 20
 
 
 class TenantOut(BaseModel):
@@ -26,6 +29,9 @@ class TenantOut(BaseModel):
         "`webhook-signature`)."
     )
     closing_days: list[date] = Field(description="Days the whole organisation is closed.")
+    return_origins: list[str] = Field(
+        description="Origins a user's calendar connect may return the browser to."
+    )
 
 
 class TenantPatch(BaseModel):
@@ -39,6 +45,17 @@ class TenantPatch(BaseModel):
         max_length=CLOSING_DAYS_MAX,
         description="Replaces the list. Left out: unchanged.",
     )
+    return_origins: list[Annotated[str, Field(max_length=URL_MAX_CHARS)]] | None = Field(
+        default=None,
+        max_length=RETURN_ORIGINS_MAX,
+        description="Replaces the list of origins (`https://crm.example`) that "
+        "`POST /v1/users/{id}/connect` may return to. Left out: unchanged.",
+    )
+
+    @field_validator("return_origins")
+    @classmethod
+    def _origins(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [origin_of(check_http_url(v), exact=True) for v in value]
 
     @field_validator("callback_url")
     @classmethod
@@ -52,6 +69,7 @@ def _out(view: service.TenantView) -> TenantOut:
         name=view.name,
         callback_url=view.callback_url,
         closing_days=list(view.closing_days),
+        return_origins=list(view.return_origins),
     )
 
 
@@ -71,6 +89,7 @@ async def patch_tenant(ctx: Ctx, body: TenantPatch) -> TenantOut:
         sets_callback_url="callback_url" in body.model_fields_set,
         callback_url=body.callback_url,
         closing_days=body.closing_days,
+        return_origins=body.return_origins,
     )
     async with ctx.session() as session, session.begin():
         return _out(await service.patch(session, ctx.tenant_id, changes))

@@ -34,9 +34,15 @@ def domain_of(address: str) -> str:
 
 
 async def claim(
-    session: AsyncSession, tenant_id: str, provider: str, config: Mapping[str, Any]
+    session: AsyncSession,
+    tenant_id: str,
+    provider: str,
+    config: Mapping[str, Any],
+    *,
+    signed_in: bool = False,
 ) -> None:
-    """Claims the connection's mailbox for the tenant, or refuses it (422 / 409)."""
+    """Claims the connection's mailbox for the tenant, or refuses it (422 / 409). An account
+    the user ``signed_in`` with through their own consent needs no domain of the tenant."""
     address = address_of(provider, config)
     if address is None:
         return
@@ -48,7 +54,7 @@ async def claim(
             )
         )
     )
-    if domains and domain_of(address) not in domains:
+    if domains and not signed_in and domain_of(address) not in domains:
         raise ValidationError(
             f"mailbox {address} is not covered by this tenant's {provider} connection",
             [ErrorDetail(loc, f"its domain is not one of {', '.join(sorted(domains))}")],

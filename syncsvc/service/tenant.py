@@ -22,6 +22,7 @@ class TenantView:
     name: str
     callback_url: str | None
     closing_days: tuple[date, ...]
+    return_origins: tuple[str, ...]
 
 
 def _view(tenant: Tenant) -> TenantView:
@@ -30,6 +31,7 @@ def _view(tenant: Tenant) -> TenantView:
         name=tenant.name,
         callback_url=tenant.callback_url,
         closing_days=tuple(sorted(date.fromisoformat(str(d)) for d in tenant.closing_days)),
+        return_origins=tuple(tenant.return_origins or ()),
     )
 
 
@@ -52,6 +54,7 @@ class TenantChanges:
     sets_callback_url: bool = False
     callback_url: str | None = None
     closing_days: Sequence[date] | None = None
+    return_origins: Sequence[str] | None = None
 
 
 async def patch(session: AsyncSession, tenant_id: str, changes: TenantChanges) -> TenantView:
@@ -62,4 +65,6 @@ async def patch(session: AsyncSession, tenant_id: str, changes: TenantChanges) -
         tenant.callback_url = changes.callback_url
     if changes.closing_days is not None:
         tenant.closing_days = sorted({d.isoformat() for d in changes.closing_days})
+    if changes.return_origins is not None:
+        tenant.return_origins = sorted(set(changes.return_origins))
     return _view(tenant)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from urllib.parse import urlencode
 
 from sqlalchemy import delete, select, update
@@ -92,7 +93,8 @@ class ConsentOutcome:
     message: str
 
 
-def _hash(state: str) -> str:
+def state_hash(state: str) -> str:
+    """States are stored hashed: a database read gives no live consent link away."""
     return hashlib.sha256(state.encode()).hexdigest()
 
 
@@ -181,7 +183,7 @@ async def start_graph_consent(
     state = secrets.token_urlsafe(32)
     session.add(
         OAuthState(
-            state_hash=_hash(state),
+            state_hash=state_hash(state),
             tenant_id=tenant_id,
             purpose=ADMIN_CONSENT,
             expires_at=utcnow() + STATE_TTL,
@@ -206,27 +208,29 @@ async def start_graph_consent(
     return f"{authority}/organizations/v2.0/adminconsent?{query}", state
 
 
-async def take_state(session: AsyncSession, state: str, purpose: str) -> str:
-    """The tenant a ``state`` was made for; it is used up here, whatever follows."""
+async def take_state(session: AsyncSession, state: str, purpose: str) -> tuple[str, dict[str, Any]]:
+    """The tenant a ``state`` was made for and what its flow kept; it is used up here,
+    whatever follows."""
     now = utcnow()
-    found = await session.scalar(
+    found = await session.execute(
         update(OAuthState)
         .where(
-            OAuthState.state_hash == _hash(state),
+            OAuthState.state_hash == state_hash(state),
             OAuthState.purpose == purpose,
             OAuthState.used_at.is_(None),
             OAuthState.expires_at > now,
         )
         .values(used_at=now)
-        .returning(OAuthState.tenant_id)
+        .returning(OAuthState.tenant_id, OAuthState.payload)
         .execution_options(synchronize_session=False)
     )
-    if found is None:
+    row = found.first()
+    if row is None:
         raise Forbidden(
             "the consent link is unknown, already used or expired: start again",
             [ErrorDetail(("query", "state"), "not a live state of ours")],
         )
-    return str(found)
+    return str(row[0]), dict(row[1] or {})
 
 
 async def finish_graph_consent(
@@ -234,7 +238,7 @@ async def finish_graph_consent(
 ) -> ConsentOutcome:
     """Records what Microsoft answered: the directory and its domains, or the refusal."""
     async with db.session() as s, s.begin():
-        tenant_id = await take_state(s, params.get("state", ""), ADMIN_CONSENT)
+        tenant_id, _ = await take_state(s, params.get("state", ""), ADMIN_CONSENT)
         tenant = await s.get(Tenant, tenant_id)
         name = tenant.name if tenant else tenant_id
     if params.get("error"):

@@ -137,7 +137,24 @@ async def put_user(
     user.country = spec.country
     user.subdivision = spec.subdivision
     user.days_off = sorted({d.isoformat() for d in spec.days_off})
-    await mailboxes.claim(session, tenant_id, provider, public)
+    await set_calendar(session, box, user, provider, public, secret, created=created)
+    return user, created
+
+
+async def set_calendar(
+    session: AsyncSession,
+    box: SecretBox,
+    user: User,
+    provider: str,
+    public: dict[str, Any],
+    secret: dict[str, Any],
+    *,
+    created: bool = False,
+    signed_in: bool = False,
+) -> None:
+    """Points the user at a calendar, claiming its mailbox (``signed_in``: the account the
+    user signed in with, which may be outside the tenant's domains) and letting the old go."""
+    await mailboxes.claim(session, user.tenant_id, provider, public, signed_in=signed_in)
     before = (user.calendar_provider, dict(user.calendar_config or {}))
     if provider != user.calendar_provider or public != user.calendar_config:
         # Days off read from another calendar do not belong to the new one.
@@ -152,8 +169,7 @@ async def put_user(
             "the user was created concurrently; retry", [ErrorDetail(("path", "user_id"), "busy")]
         ) from exc
     if not created and before != (provider, public):
-        await mailboxes.release(session, tenant_id, *before)
-    return user, created
+        await mailboxes.release(session, user.tenant_id, *before)
 
 
 async def get_user(session: AsyncSession, tenant_id: str, user_id: str) -> User:

@@ -66,6 +66,8 @@ class Tenant(Base):
     #: The secret before the last rotation, still signing beside the new one until the time below.
     previous_signing_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
     previous_signing_secret_until: Mapped[datetime | None] = mapped_column()
+    #: Origins (``https://crm.example``) a user's connect flow may send the browser back to.
+    return_origins: Mapped[list[Any]] = mapped_column(default=list)
 
 
 class User(Base):

@@ -27,6 +27,7 @@ import email.parser
 import email.policy
 import email.utils
 import hashlib
+import html
 import json
 import random
 import re
@@ -436,7 +437,12 @@ class FakeGoogle:
         self.base_url = ""
         self._reset_state()
         self._oauth_clients: dict[str, str] = {}
+        self._redirect_uris: dict[str, set[str]] = {}
         self._service_accounts: dict[str, _ServiceAccount] = {}
+        #: The accounts the consent page offers ("Choose an account").
+        self.accounts: list[str] = []
+        #: Authorization codes in flight: code -> (client, redirect URI, PKCE challenge, user).
+        self._codes: dict[str, tuple[str, str, str, str]] = {}
 
     def _reset_state(self) -> None:
         self._calendars: dict[str, _Calendar] = {}
@@ -456,6 +462,8 @@ class FakeGoogle:
     async def start(self) -> str:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/token", self._handle_token)
+        app.router.add_get("/o/oauth2/v2/auth", self._consent_page)
+        app.router.add_post("/o/oauth2/v2/auth", self._consent_decide)
         app.router.add_post("/batch/calendar/v3", self._handle_batch)
         app.router.add_route("*", "/calendar/v3/{tail:.*}", self._handle_api)
         self._runner = web.AppRunner(app, access_log=None)
@@ -498,8 +506,16 @@ class FakeGoogle:
         """Forgets events, tokens, stats and injected failures; keeps registered clients."""
         self._reset_state()
 
-    def register_oauth_client(self, client_id: str, client_secret: str) -> None:
+    def register_oauth_client(
+        self, client_id: str, client_secret: str, redirect_uris: tuple[str, ...] = ()
+    ) -> None:
         self._oauth_clients[client_id] = client_secret
+        self._redirect_uris[client_id] = set(redirect_uris)
+
+    def revoke_user_grants(self, user: str) -> None:
+        """The user removed the app at myaccount.google.com: refresh tokens stop working."""
+        self._refresh_tokens = {t: v for t, v in self._refresh_tokens.items() if v[1] != user}
+        self._access_tokens = {t: v for t, v in self._access_tokens.items() if v[0] != user}
 
     def issue_refresh_token(self, client_id: str, user: str) -> str:
         """A refresh token the user granted ``client_id`` (the OAuth consent, done)."""
@@ -600,9 +616,103 @@ class FakeGoogle:
 
     # -- token endpoint -------------------------------------------------------------------
 
+    @property
+    def auth_url(self) -> str:
+        return f"{self.base_url}/o/oauth2/v2/auth"
+
+    def _authorize_error(self, params: Mapping[str, str]) -> web.Response | None:
+        client = params.get("client_id", "")
+        if client not in self._oauth_clients:
+            return web.Response(status=401, text="Error 401: invalid_client")
+        if params.get("redirect_uri") not in self._redirect_uris.get(client, set()):
+            return web.Response(status=400, text="Error 400: redirect_uri_mismatch")
+        if params.get("response_type") != "code" or params.get("code_challenge_method") != "S256":
+            return web.Response(status=400, text="Error 400: invalid_request")
+        return None
+
+    async def _consent_page(self, request: web.Request) -> web.Response:
+        """Google's account chooser and consent screen (Allow / Cancel)."""
+        params = dict(request.query)
+        refused = self._authorize_error(params)
+        if refused is not None:
+            return refused
+        hidden = "".join(
+            f'<input type="hidden" name="{k}" value="{html.escape(v)}">' for k, v in params.items()
+        )
+        accounts = "".join(
+            f'<label><input type="radio" name="account" value="{html.escape(a)}"'
+            f"{' checked' if n == 0 else ''}> {html.escape(a)}</label><br>"
+            for n, a in enumerate(self.accounts)
+        )
+        page = (
+            "<!doctype html><html><head><title>Sign in - Google Accounts</title></head><body>"
+            '<h1>Choose an account</h1><form method="post">'
+            f"<fieldset><legend>to continue to syncsvc</legend>{accounts}</fieldset>"
+            "<p>syncsvc wants to access your Google Account: See, edit, share, and "
+            "permanently delete all the calendars you can access using Google Calendar.</p>"
+            f'{hidden}<button name="action" value="allow">Allow</button> '
+            '<button name="action" value="cancel">Cancel</button></form></body></html>'
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    async def _consent_decide(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        refused = self._authorize_error(form)
+        if refused is not None:
+            return refused
+        answer: dict[str, str]
+        if form.get("action") != "allow" or form.get("account") not in self.accounts:
+            answer = {"error": "access_denied"}
+        else:
+            code = "4/0" + secrets.token_urlsafe(32)
+            self._codes[code] = (
+                form["client_id"],
+                form["redirect_uri"],
+                form["code_challenge"],
+                form["account"],
+            )
+            answer = {"code": code, "scope": form.get("scope", "")}
+        answer["state"] = form.get("state", "")
+        raise web.HTTPFound(f"{form['redirect_uri']}?{urllib.parse.urlencode(answer)}")
+
+    def _code_grant(self, form: Mapping[str, str], client_id: str) -> web.Response:
+        found = self._codes.pop(form.get("code", ""), None)
+        if found is None or found[0] != client_id or found[1] != form.get("redirect_uri"):
+            return _oauth_error(400, "invalid_grant", "Malformed auth code.")
+        verifier = form.get("code_verifier", "").encode()
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+        if challenge.decode() != found[2]:
+            return _oauth_error(400, "invalid_grant", "Invalid code verifier.")
+        user = found[3]
+        answer = json.loads(self._grant("authorization_code", client_id, user).text or "{}")
+        claims = {
+            "iss": "https://accounts.google.com",
+            "aud": client_id,
+            "sub": hashlib.sha256(user.encode()).hexdigest()[:21],
+            "email": user,
+            "email_verified": True,
+            "iat": int(time.time()),
+            "exp": int(time.time()) + 3600,
+        }
+        parts = [{"alg": "RS256", "typ": "JWT"}, claims]
+        segments = [base64.urlsafe_b64encode(json.dumps(p).encode()).rstrip(b"=") for p in parts]
+        answer["id_token"] = b".".join([*segments, b"c2ln"]).decode()
+        answer["refresh_token"] = self.issue_refresh_token(client_id, user)
+        answer["scope"] = " ".join(sorted(set(answer["scope"].split()) | {"openid", "email"}))
+        return web.json_response(answer)
+
     async def _handle_token(self, request: web.Request) -> web.Response:
         form = await request.post()
         grant_type = str(form.get("grant_type", ""))
+        if grant_type == "authorization_code":
+            client_id, secret = str(form.get("client_id", "")), form.get("client_secret")
+            basic = request.headers.get("Authorization", "")
+            if basic.startswith("Basic "):  # client_secret_basic, as requests-oauthlib sends
+                pair = base64.b64decode(basic[6:]).decode()
+                client_id, _, secret = (urllib.parse.unquote(p) for p in pair.partition(":"))
+            if self._oauth_clients.get(client_id) != secret:
+                return _oauth_error(401, "invalid_client", "The OAuth client was not found.")
+            return self._code_grant({k: str(v) for k, v in form.items()}, client_id)
         if grant_type == "refresh_token":
             client_id = str(form.get("client_id", ""))
             if self._oauth_clients.get(client_id) != form.get("client_secret"):

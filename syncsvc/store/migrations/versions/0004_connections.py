@@ -17,6 +17,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("tenants") as batch:
+        batch.add_column(
+            sa.Column("return_origins", sa.JSON(), nullable=False, server_default="[]")
+        )
     op.create_table(
         "tenant_connections",
         sa.Column("tenant_id", sa.String(length=64), nullable=False),
@@ -46,5 +50,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tenants") as batch:
+        batch.drop_column("return_origins")
     op.drop_table("oauth_states")
     op.drop_table("tenant_connections")
