@@ -178,6 +178,7 @@ async def start_graph_consent(
 ) -> tuple[str, str]:
     """A fresh admin-consent link and its ``state``; a connected tenant stays connected until
     the new consent arrives."""
+    row = await session.get(TenantConnection, (tenant_id, "graph"))
     if not (settings.graph_client_id and settings.graph_client_secret):
         raise ValidationError("Microsoft Graph is not configured on this install")
     state = secrets.token_urlsafe(32)
@@ -189,7 +190,6 @@ async def start_graph_consent(
             expires_at=utcnow() + STATE_TTL,
         )
     )
-    row = await session.get(TenantConnection, (tenant_id, "graph"))
     if row is None:
         session.add(
             TenantConnection(tenant_id=tenant_id, provider="graph", state=ConnectionState.PENDING)

@@ -67,10 +67,10 @@ async def start(
     return_url: str,
 ) -> str:
     """The provider's consent URL for this user."""
-    if provider == "google" and not (settings.google_client_id and settings.google_client_secret):
-        raise ValidationError("Google sign-in is not configured on this install")
     if await session.get(User, (tenant_id, user_id)) is None:
         raise NotFound(f"unknown user {user_id}")
+    if provider == "google" and not (settings.google_client_id and settings.google_client_secret):
+        raise ValidationError("Google sign-in is not configured on this install")
     tenant = await session.get(Tenant, tenant_id)
     allowed = list(tenant.return_origins) if tenant else []
     if origin_of(return_url) not in allowed:

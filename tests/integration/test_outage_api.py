@@ -74,7 +74,9 @@ def routes_of(client: TestClient[Any, Any]) -> list[tuple[str, str]]:
 
 def request_for(method: str, template: str, key: str) -> dict[str, Any]:
     """A request to ``template`` (path parameters filled in) that reaches the database."""
-    path = re.sub(r"\{[^}]+\}", "x1", template)
+    path = re.sub(r"\{[^}]+\}", "x1", template.replace("{provider}", "google"))
+    if path.startswith("/oauth/"):
+        path += "?state=x1"
     operator = path.startswith(("/v1/ops", "/dashboard"))
     headers = {"Authorization": f"Bearer {OPERATOR_KEY if operator else key}"}
     body: Any = {}
@@ -82,6 +84,8 @@ def request_for(method: str, template: str, key: str) -> dict[str, Any]:
         body = {"all": True}
     elif template == "/dashboard/login":
         body = {"key": OPERATOR_KEY}
+    elif template.endswith("/connect"):
+        body = {"provider": "google", "return_url": "https://crm.example/back"}
     elif template.startswith("/webhooks/graph"):
         body = GRAPH_NOTIFICATION
     elif template.startswith("/webhooks/google"):
