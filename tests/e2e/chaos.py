@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sqlalchemy import func, select
 
+from syncsvc.store.db import Database
+from syncsvc.store.models import Operation
+from syncsvc.store.types import utcnow
 from tests.e2e.fleet import (
     Fleet,
     batch_body,
@@ -226,11 +230,42 @@ async def _run(
             for batch in batches:
                 _, body = await fleet.call("GET", f"/v1/batches/{batch}")
                 report.unsettled.append(f"{batch} {body['state']} {body['sync']}")
+            report.unsettled.extend(
+                await _queue_summary(fleet.launcher.env["SYNCSVC_DATABASE_URL"])
+            )
             break
         await asyncio.sleep(0.5)
     report.settle_s = time.monotonic() - t0
     report.exited = fleet.exited()
     await _verify(fleet, http, calendars, batches, deleted, report)
+
+
+async def _queue_summary(database_url: str) -> list[str]:
+    """The operations not done, by state, kind and mailbox: why the sync did not settle."""
+    db = Database(database_url)
+    try:
+        async with db.session() as s:
+            rows = await s.execute(
+                select(
+                    Operation.state,
+                    Operation.kind,
+                    Operation.mailbox,
+                    func.count(),
+                    func.min(Operation.not_before),
+                    func.max(Operation.attempts),
+                    func.max(Operation.last_error),
+                )
+                .where(Operation.state != "done")
+                .group_by(Operation.state, Operation.kind, Operation.mailbox)
+            )
+            now = utcnow()
+            return [
+                f"ops {state} {kind} {mailbox[-12:]} n={n}"
+                f" due_in={(due - now).total_seconds():.0f}s attempts<={attempts} error={error}"
+                for state, kind, mailbox, n, due, attempts, error in rows
+            ]
+    finally:
+        await db.aclose()
 
 
 async def _edit_batch(fleet: Fleet, batch: str, subject: str) -> None:

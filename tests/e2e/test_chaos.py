@@ -18,6 +18,7 @@ async def test_a_bad_night_loses_nothing_and_doubles_nothing(tmp_path: Path) -> 
     report = await run_chaos(SEED, tmp_path, Scale())
     print(report.faults, f"settled in {report.settle_s:.1f} s")  # shown with -s or on failure
     if not report.clean:
+        print(*report.unsettled, sep="\n")
         for log in sorted((tmp_path / "logs").iterdir()):
             print(f"--- {log.name} (last lines)", *log.read_text().splitlines()[-30:], sep="\n")
     assert [kind for kind, _, _ in report.faults] and len(report.faults) == 7
