@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from typing import Any
 
 from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -36,12 +38,34 @@ TASK_HANDLERS: Mapping[str, TaskHandler] = {
 }
 
 
+def _dump_tasks_on_sigusr1() -> None:
+    """``kill -USR1 <worker>`` logs where every task of the process waits: for an operator
+    (or a test) looking at a worker that seems stuck."""
+
+    def dump() -> None:
+        for task in asyncio.all_tasks():
+            chain: list[str] = []
+            coro: Any = task.get_coro()
+            while coro is not None and len(chain) < 30:  # follow what each coroutine awaits
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is None:
+                    chain.append(type(coro).__name__)
+                    break
+                chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            log.warning("event=task.dump task=%s at=%s", task.get_name(), " > ".join(chain))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
     """The sync workers, the scheduler of saved batches and the Google channel and Graph
     subscription checks, until ``stop`` is set.
 
     The limiter is Redis when configured (shared by every process), else this process's own.
     """
+    _dump_tasks_on_sigusr1()
     limiter: RateLimiter
     if settings.redis_url:
         limiter = RedisRateLimiter.from_url(settings.redis_url)

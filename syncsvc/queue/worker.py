@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
 from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -162,6 +163,8 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         #: Operations this worker holds → the lease end it last wrote for them.
         self._held: dict[int, datetime] = {}
+        #: … and the cycle holding each: only a live cycle's claims are renewed.
+        self._holder: dict[int, asyncio.Task[Any] | None] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.embedded:
@@ -183,6 +186,11 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Claims of cycles cancelled here were not handed back: let their leases lapse.
+            # Kept, the next run's heartbeat would renew them for ever with no cycle to work
+            # them (a database outage restarts this loop).
+            self._held.clear()
+            self._holder.clear()
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         for mailbox, active in list(self._active.items()):
@@ -191,7 +199,7 @@ class Worker:
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Its record could not be written (the database went away): said once.
             if is_unavailable(exc):
-                self.db.outage.down(exc)
+                self.db.unavailable(exc)  # watched until it answers, so its end is logged too
             else:
                 log.error("sync.cycle.unrecorded error=%r", exc)
 
@@ -220,6 +228,10 @@ class Worker:
                         raise
 
     async def _renew(self) -> None:
+        for op_id, holder in list(self._holder.items()):
+            if holder is None or holder.done():  # its cycle is gone: the lease may lapse
+                self._held.pop(op_id, None)
+                self._holder.pop(op_id, None)
         by_lease: dict[datetime, list[int]] = {}
         for op_id, lease_end in list(self._held.items()):
             by_lease.setdefault(lease_end, []).append(op_id)
@@ -245,6 +257,8 @@ class Worker:
         """Claims of a stopping cycle that are still running go back to pending at once (no
         attempt spent); a crash between a provider's answer and here is the create-adoption
         case every operation already survives."""
+        for op_id in op_ids:
+            self._holder.pop(op_id, None)
         leases = [(op_id, self._held.pop(op_id)) for op_id in op_ids if op_id in self._held]
         if not leases:
             return
@@ -328,8 +342,10 @@ class Worker:
                     )
                     .values(state="done", last_error="merged")
                 )
+        holder = asyncio.current_task()
         for c in claimed:
             self._held[c.op_id] = lease_end
+            self._holder[c.op_id] = holder
         return claimed
 
     # --- one cycle of one mailbox ---------------------------------------------------------
@@ -368,18 +384,22 @@ class Worker:
         except Exception as exc:
             # A bug must not end the worker silently: log it; the leases expire and retry.
             if is_unavailable(exc):
-                self.db.outage.down(exc)  # one line per outage, not a traceback per cycle
+                self.db.unavailable(exc)  # one line per outage (and its end), no traceback
             else:
                 log.exception("sync.cycle.crashed mailbox=%s", mailbox)
         finally:
             for task in running:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
             try:
-                await self._hand_back(mine)
-            except Exception as exc:  # the leases run out instead; the dispatcher reports it
-                if not is_unavailable(exc):
-                    raise
+                await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                # Even when this cycle is cancelled: ``_hand_back`` lets go of ``mine`` in
+                # ``_held`` before its first await, so the heartbeat stops renewing them.
+                try:
+                    await self._hand_back(mine)
+                except Exception as exc:  # the leases run out instead; the dispatcher says so
+                    if not is_unavailable(exc):
+                        raise
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(
