@@ -180,7 +180,7 @@ async def test_the_registry_impersonates_the_calendar_never_the_free_email_field
     key_file = tmp_path / "sa.json"
     key_file.write_text(json.dumps(sa_info), encoding="utf-8")
     settings = Settings(
-        database_url="sqlite+aiosqlite://",
+        database_url=f"sqlite:///{tmp_path / 'sync.db'}",
         secret_key="k" * 40,
         google_api_url=fake.api_url,
         google_token_url=fake.token_url,
@@ -195,7 +195,8 @@ async def test_the_registry_impersonates_the_calendar_never_the_free_email_field
         calendar_provider="google",
         calendar_config={"calendar_id": calendar},
     )
-    db = Database(settings.database_url)  # a Google user needs no lookup in it
+    db = Database(settings.database_url)  # the tenant's connections are read from it
+    await db.migrate()
     registry = UserProviders(settings, SecretBox(settings.secret_key), db)
     try:
         await (await registry(user)).create(meeting("r1"))
