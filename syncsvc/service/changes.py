@@ -69,6 +69,27 @@ def callback_mailbox(tenant_id: str) -> str:
     return f"crm:{tenant_id}"
 
 
+def callback_operation(
+    tenant_id: str, payload: dict[str, Any], batch_id: str | None = None
+) -> Operation:
+    """A signed callback to the tenant's CRM, queued in the caller's transaction."""
+    now = utcnow()
+    return Operation(
+        tenant_id=tenant_id,
+        kind=CALLBACK_KIND,
+        ledger_id=None,
+        batch_id=batch_id,
+        mailbox=callback_mailbox(tenant_id),
+        lane="interactive",
+        state="pending",
+        attempts=0,
+        not_before=now,
+        payload=payload,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]) -> int:
     """Applies the users' own changes of our events; returns how many activities changed.
 
@@ -168,29 +189,16 @@ def _json(value: Any, zone: ZoneInfo) -> Any:
 def _callback(
     activity: Activity, deleted: bool, diff: dict[str, tuple[Any, Any]], zone: ZoneInfo
 ) -> Operation:
-    now = utcnow()
-    return Operation(
-        tenant_id=activity.tenant_id,
-        kind=CALLBACK_KIND,
-        ledger_id=None,
-        batch_id=activity.batch_id,
-        mailbox=callback_mailbox(activity.tenant_id),
-        lane="interactive",
-        state="pending",
-        attempts=0,
-        not_before=now,
-        payload={
-            "type": DELETED if deleted else CHANGED,
-            "activity_id": activity.id,
-            "batch_id": activity.batch_id,
-            "changes": {
-                name: {"from": _json(old, zone), "to": _json(new, zone)}
-                for name, (old, new) in diff.items()
-            },
+    payload = {
+        "type": DELETED if deleted else CHANGED,
+        "activity_id": activity.id,
+        "batch_id": activity.batch_id,
+        "changes": {
+            name: {"from": _json(old, zone), "to": _json(new, zone)}
+            for name, (old, new) in diff.items()
         },
-        created_at=now,
-        updated_at=now,
-    )
+    }
+    return callback_operation(activity.tenant_id, payload, activity.batch_id)
 
 
 async def refresh_days_off(db: Database, user: User, provider: CalendarProvider) -> None:

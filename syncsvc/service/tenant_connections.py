@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from syncsvc.config import Settings
 from syncsvc.errors import (
@@ -39,7 +40,7 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers.google import check_service_account_info
-from syncsvc.service.changes import CALLBACK_KIND, callback_mailbox
+from syncsvc.service.changes import callback_operation
 from syncsvc.service.mailboxes import normalized_domain
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -241,10 +242,13 @@ async def finish_graph_consent(
         tenant_id, _ = await take_state(s, params.get("state", ""), ADMIN_CONSENT)
         tenant = await s.get(Tenant, tenant_id)
         name = tenant.name if tenant else tenant_id
+
+    async def refuse(reason: str) -> ConsentOutcome:
+        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason[:300])
+        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason[:300]}")
+
     if params.get("error"):
-        reason = (params.get("error_description") or params["error"]).split("\n")[0][:300]
-        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
-        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+        return await refuse((params.get("error_description") or params["error"]).split("\n")[0])
     directory = params.get("tenant", "")
     if params.get("admin_consent", "").lower() != "true" or not _DIRECTORY_ID.match(directory):
         raise BadRequest(
@@ -259,15 +263,11 @@ async def finish_graph_consent(
             )
         )
     if other is not None:
-        reason = "this Microsoft 365 organisation is connected to another tenant"
-        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
-        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+        return await refuse("this Microsoft 365 organisation is connected to another tenant")
     try:
         domains = await read_domains(directory)
     except ProviderError as exc:
-        reason = f"the consent could not be used: {exc}"[:300]
-        await _record(db, tenant_id, ConnectionState.REFUSED, error=reason)
-        return ConsentOutcome(name, ConnectionState.REFUSED, f"Not connected: {reason}")
+        return await refuse(f"the consent could not be used: {exc}")
     await _record(db, tenant_id, ConnectionState.CONNECTED, directory=directory, domains=domains)
     return ConsentOutcome(
         name, ConnectionState.CONNECTED, f"Connected: {', '.join(domains) or 'no domains'}"
@@ -297,7 +297,7 @@ async def _record(
         if state == ConnectionState.CONNECTED and domains is not None:
             row.directory, row.domains = directory, domains
             await _replace_domains(s, tenant_id, "graph", domains)
-            await _wake(s, tenant_id, "graph")
+            await wake(s, tenant_id, Operation.mailbox.like("graph:%"))
 
 
 async def reconnect_needed(db: Database, tenant_id: str, provider: str, error: str) -> None:
@@ -311,33 +311,20 @@ async def reconnect_needed(db: Database, tenant_id: str, provider: str, error: s
         elif row.state == ConnectionState.RECONNECT_NEEDED:
             return
         row.state, row.error = ConnectionState.RECONNECT_NEEDED, error[:300]
-        s.add(
-            Operation(
-                tenant_id=tenant_id,
-                kind=CALLBACK_KIND,
-                mailbox=callback_mailbox(tenant_id),
-                lane="interactive",
-                state="pending",
-                attempts=0,
-                not_before=utcnow(),
-                payload={
-                    "type": "connection.reconnect_needed",
-                    "provider": provider,
-                    "error": error[:300],
-                },
-            )
-        )
+        payload = {
+            "type": "connection.reconnect_needed",
+            "provider": provider,
+            "error": error[:300],
+        }
+        s.add(callback_operation(tenant_id, payload))
 
 
-async def _wake(session: AsyncSession, tenant_id: str, provider: str) -> None:
-    """Access is back: the tenant's waiting operations there go now, not at their next look."""
+async def wake(session: AsyncSession, tenant_id: str, mailboxes: ColumnElement[bool]) -> None:
+    """Access is back: the tenant's waiting operations in ``mailboxes`` go now, not at their
+    next look."""
     await session.execute(
         update(Operation)
-        .where(
-            Operation.tenant_id == tenant_id,
-            Operation.state == "pending",
-            Operation.mailbox.like(f"{provider}:%"),
-        )
+        .where(Operation.tenant_id == tenant_id, Operation.state == "pending", mailboxes)
         .values(not_before=utcnow())
         .execution_options(synchronize_session=False)
     )

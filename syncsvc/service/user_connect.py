@@ -15,7 +15,6 @@ import asyncio
 import secrets
 from urllib.parse import urlencode, urlsplit
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.config import Settings
@@ -29,7 +28,7 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers import google_oauth
-from syncsvc.service.tenant_connections import STATE_TTL, state_hash, take_state
+from syncsvc.service.tenant_connections import STATE_TTL, state_hash, take_state, wake
 from syncsvc.service.users import set_calendar
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -37,7 +36,6 @@ from syncsvc.store.models import OAuthState, Operation, Tenant, User
 from syncsvc.store.types import utcnow
 
 USER_CONNECT = "user_connect"
-PROVIDERS = ("google",)
 
 
 def callback_url(settings: Settings, provider: str) -> str:
@@ -143,22 +141,8 @@ async def finish(
                 return _back(back, connect="failed", user_id=user_id, error="no such user")
             config = {"calendar_id": grant.email}
             await set_calendar(s, box, user, provider, config, secret, signed_in=True)
-            await _wake(s, tenant_id, f"{provider}:{grant.email}")
+            await wake(s, tenant_id, Operation.mailbox == f"{provider}:{grant.email}")
     except Conflict:
         error = f"{grant.email} is connected to another tenant"
         return _back(back, connect="failed", user_id=user_id, error=error)
     return _back(back, connect="connected", user_id=user_id, account=grant.email)
-
-
-async def _wake(session: AsyncSession, tenant_id: str, mailbox: str) -> None:
-    """Operations of the calendar waiting for access go now."""
-    await session.execute(
-        update(Operation)
-        .where(
-            Operation.tenant_id == tenant_id,
-            Operation.state == "pending",
-            Operation.mailbox == mailbox,
-        )
-        .values(not_before=utcnow())
-        .execution_options(synchronize_session=False)
-    )
