@@ -161,10 +161,9 @@ class Worker:
         #: Creates per batched call last seen for a mailbox: sizes its next claims.
         self._batch_size: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
-        #: Operations this worker holds → the lease end it last wrote for them.
-        self._held: dict[int, datetime] = {}
-        #: … and the cycle holding each: only a live cycle's claims are renewed.
-        self._holder: dict[int, asyncio.Task[Any] | None] = {}
+        #: Operations this worker holds → the lease end it last wrote for them and the cycle
+        #: holding them: only a live cycle's claims are renewed.
+        self._held: dict[int, tuple[datetime, asyncio.Task[Any] | None]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.embedded:
@@ -186,11 +185,6 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # Claims of cycles cancelled here were not handed back: let their leases lapse.
-            # Kept, the next run's heartbeat would renew them for ever with no cycle to work
-            # them (a database outage restarts this loop).
-            self._held.clear()
-            self._holder.clear()
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         for mailbox, active in list(self._active.items()):
@@ -228,13 +222,12 @@ class Worker:
                         raise
 
     async def _renew(self) -> None:
-        for op_id, holder in list(self._holder.items()):
-            if holder is None or holder.done():  # its cycle is gone: the lease may lapse
-                self._held.pop(op_id, None)
-                self._holder.pop(op_id, None)
         by_lease: dict[datetime, list[int]] = {}
-        for op_id, lease_end in list(self._held.items()):
-            by_lease.setdefault(lease_end, []).append(op_id)
+        for op_id, (lease_end, holder) in list(self._held.items()):
+            if holder is None or holder.done():  # its cycle is gone: the lease may lapse
+                del self._held[op_id]
+            else:
+                by_lease.setdefault(lease_end, []).append(op_id)
         new_end = utcnow() + timedelta(seconds=CLAIM_TTL_S)
         async with self.db.session() as s, s.begin():
             for lease_end, op_ids in by_lease.items():
@@ -251,15 +244,13 @@ class Worker:
         for lease_ids in by_lease.values():
             for op_id in lease_ids:
                 if op_id in self._held:
-                    self._held[op_id] = new_end
+                    self._held[op_id] = (new_end, self._held[op_id][1])
 
     async def _hand_back(self, op_ids: Sequence[int]) -> None:
         """Claims of a stopping cycle that are still running go back to pending at once (no
         attempt spent); a crash between a provider's answer and here is the create-adoption
         case every operation already survives."""
-        for op_id in op_ids:
-            self._holder.pop(op_id, None)
-        leases = [(op_id, self._held.pop(op_id)) for op_id in op_ids if op_id in self._held]
+        leases = [(op_id, self._held.pop(op_id)[0]) for op_id in op_ids if op_id in self._held]
         if not leases:
             return
         now = utcnow()
@@ -344,8 +335,7 @@ class Worker:
                 )
         holder = asyncio.current_task()
         for c in claimed:
-            self._held[c.op_id] = lease_end
-            self._holder[c.op_id] = holder
+            self._held[c.op_id] = (lease_end, holder)
         return claimed
 
     # --- one cycle of one mailbox ---------------------------------------------------------
@@ -685,16 +675,10 @@ class Worker:
             return
         try:
             await handler(TaskContext(self.settings, self.db, self.providers), op)
-        except (OSError, TimeoutError) as exc:
+        except (*_WAIT_OUT, OSError, TimeoutError) as exc:  # not now: waited out, no attempt
             stats.throttled += 1
-            await self._throttled(mailbox, [claimed.op_id], None)
-            log.warning(
-                "sync.task.unreachable mailbox=%s op=%d error=%r", mailbox, claimed.op_id, exc
-            )
-            return
-        except _WAIT_OUT as exc:
-            stats.throttled += 1
-            await self._throttled(mailbox, [claimed.op_id], exc.retry_after_s)
+            retry_after = exc.retry_after_s if isinstance(exc, _WAIT_OUT) else None
+            await self._throttled(mailbox, [claimed.op_id], retry_after)
             return
         except errors.Transient as exc:
             stats.failed += await self._failed_attempt(
