@@ -315,13 +315,25 @@ class Worker:
                     seen.add(ledger_id)
                 claimed.append(_Claimed(op_id, ledger_id, kind))
             if claimed:
-                claimed_ids = [c.op_id for c in claimed]
                 lease_end = now + timedelta(seconds=CLAIM_TTL_S)
-                await s.execute(
-                    update(Operation)
-                    .where(Operation.id.in_(claimed_ids))
-                    .values(state="running", not_before=lease_end)
+                # Compare-and-set on what was read: without row locks (SQLite) another worker
+                # may have read the same rows; only one of the two updates still matches.
+                won = set(
+                    await s.scalars(
+                        update(Operation)
+                        .where(
+                            Operation.id.in_([c.op_id for c in claimed]),
+                            Operation.state.in_(("pending", "running")),
+                            Operation.not_before <= now,
+                        )
+                        .values(state="running", not_before=lease_end)
+                        .returning(Operation.id)
+                        .execution_options(synchronize_session=False)
+                    )
                 )
+                claimed = [c for c in claimed if c.op_id in won]
+                claimed_ids = [c.op_id for c in claimed]
+                seen = {c.ledger_id for c in claimed if c.ledger_id is not None}
                 # Other waiting operations of these rows are covered: the claimed ones act on
                 # data read after this commit. Merging them saves a redundant call each.
                 await s.execute(
