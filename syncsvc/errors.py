@@ -129,6 +129,13 @@ class ConsentRevoked(AuthFailed):
     code = "consent_revoked"
 
 
+class GrantRevoked(ConsentRevoked):
+    """A user's own grant (their refresh token) was revoked or has expired: only their
+    operations wait, until they connect again."""
+
+    code = "grant_revoked"
+
+
 class Transient(ProviderError):
     """A timeout, a connection error or a 5xx: worth retrying with backoff."""
 

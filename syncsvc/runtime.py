@@ -17,7 +17,7 @@ from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
-from syncsvc.service import callbacks, google_push, graph_push, tenant_connections
+from syncsvc.service import callbacks, connections, google_push, graph_push
 from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.service.connections import UserProviders
 from syncsvc.store.crypto import SecretBox
@@ -79,7 +79,7 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         registry,
         embedded=settings.redis_url is None,
         tasks=TASK_HANDLERS,
-        on_revoked=partial(tenant_connections.reconnect_needed, db),
+        on_revoked=partial(connections.access_revoked, db),
     )
     try:
         async with asyncio.TaskGroup() as group:

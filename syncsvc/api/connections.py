@@ -170,7 +170,10 @@ class UserConnectPath(BaseModel):
 class UserConnectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    provider: Literal["google"] = Field(description="The calendar the user signs in to.")
+    provider: Literal["graph", "google"] = Field(
+        description="The calendar the user signs in to: `graph` (a Microsoft 365 work or "
+        "school account) or `google`."
+    )
     return_url: str = Field(
         max_length=PARAM_MAX_CHARS,
         description="Where the browser goes afterwards, on one of the tenant's "
@@ -188,7 +191,7 @@ class UserConnectOut(BaseModel):
 
 
 class CallbackPath(BaseModel):
-    provider: Literal["google"]
+    provider: Literal["graph", "google"]
 
 
 class CallbackQuery(BaseModel):

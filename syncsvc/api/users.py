@@ -151,6 +151,16 @@ CalendarOut = Annotated[
 ]
 
 
+class UserConnectionOut(BaseModel):
+    """The grant of a user who connected their own calendar (``POST /v1/users/{id}/connect``)."""
+
+    state: Literal["connected", "reconnect_needed"] = Field(
+        description="`reconnect_needed`: the provider no longer takes the user's grant; their "
+        "operations wait until they connect again."
+    )
+    error: str | None = Field(description="What the provider said, when reconnect_needed.")
+
+
 class UserOut(BaseModel):
     """A user as stored, without secrets."""
 
@@ -163,6 +173,9 @@ class UserOut(BaseModel):
     subdivision: str | None
     days_off: list[date]
     calendar: CalendarOut
+    connection: UserConnectionOut | None = Field(
+        description="Set when the user signed in to their calendar themselves."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -228,6 +241,16 @@ def user_out(user: User) -> UserOut:
         subdivision=user.subdivision,
         days_off=[date.fromisoformat(str(d)) for d in user.days_off],
         calendar=_calendar_out(user),
+        connection=(
+            UserConnectionOut(
+                state="reconnect_needed"
+                if user.connection_state == "reconnect_needed"
+                else "connected",
+                error=user.connection_error,
+            )
+            if user.connection_state
+            else None
+        ),
         created_at=user.created_at,
         updated_at=user.updated_at,
     )

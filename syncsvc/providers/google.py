@@ -46,6 +46,7 @@ from googleapiclient.http import BatchHttpRequest
 from syncsvc.config import Settings
 from syncsvc.errors import (
     AuthFailed,
+    GrantRevoked,
     Permanent,
     ProviderConflict,
     ProviderError,
@@ -510,6 +511,13 @@ class GoogleProvider:
             except ga_exceptions.RefreshError as exc:
                 if getattr(exc, "retryable", False):
                     raise Transient(f"Google token refresh failed: {exc}") from exc
+                answer = exc.args[1] if len(exc.args) > 1 else None
+                if (
+                    isinstance(self._credentials, user_credentials.Credentials)
+                    and isinstance(answer, dict)
+                    and answer.get("error") == "invalid_grant"
+                ):  # the user removed our access, or the grant expired: they must sign in
+                    raise GrantRevoked(f"the user's Google grant was refused: {exc}") from exc
                 raise AuthFailed(f"Google token refresh failed: {exc}") from exc
             except ga_exceptions.TransportError as exc:
                 raise Transient(f"Google token endpoint unreachable: {exc}") from exc

@@ -136,6 +136,22 @@ class _TimeoutSession(requests.Session):
         return super().request(*args, **kwargs)
 
 
+def msal_app(
+    client_id: str, client_secret: str, authority: str, ca_bundle: str | None, timeout_s: float
+) -> msal.ConfidentialClientApplication:
+    """MSAL's client for one authority (blocking: it reads the authority's metadata)."""
+    http = _TimeoutSession(timeout_s)
+    http.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise override verify
+    http.verify = ca_bundle if ca_bundle is not None else True
+    return msal.ConfidentialClientApplication(
+        client_id,
+        client_credential=client_secret,
+        authority=authority,
+        instance_discovery=False,
+        http_client=http,
+    )
+
+
 @dataclass(slots=True)
 class GraphClient:
     """One Entra ID app registration talking to one Graph endpoint, shared by all mailboxes.
@@ -174,15 +190,12 @@ class GraphClient:
         return sorted(domains)
 
     def _build_app(self) -> msal.ConfidentialClientApplication:
-        http = _TimeoutSession(self.timeout_s)
-        http.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise override verify
-        http.verify = self.ca_bundle if self.ca_bundle is not None else True
-        return msal.ConfidentialClientApplication(
+        return msal_app(
             self.client_id,
-            client_credential=self.client_secret,
-            authority=f"{self.authority_url.rstrip('/')}/{self.tenant_id}",
-            instance_discovery=False,
-            http_client=http,
+            self.client_secret,
+            f"{self.authority_url.rstrip('/')}/{self.tenant_id}",
+            self.ca_bundle,
+            self.timeout_s,
         )
 
     def _acquire(self) -> dict[str, Any]:
@@ -251,7 +264,10 @@ class GraphClient:
         async with self._token_lock:
             if self._app is not None and token == self._last_token:
                 self._last_token = None
-                await asyncio.to_thread(self._app.remove_tokens_for_client)
+                await asyncio.to_thread(self._drop_cached_token, self._app)
+
+    def _drop_cached_token(self, app: msal.ConfidentialClientApplication) -> None:
+        app.remove_tokens_for_client()
 
     async def _send_once(self, method: str, url: str, body: Any, token: str) -> GraphAnswer:
         headers = {
@@ -292,10 +308,13 @@ class GraphProvider:
 
     batch_max = GRAPH_BATCH_MAX
 
-    def __init__(self, client: GraphClient, mailbox: str, timezone: str = "UTC") -> None:
+    def __init__(
+        self, client: GraphClient, mailbox: str, timezone: str = "UTC", *, owns_client: bool = False
+    ) -> None:
         self.client = client
         self.mailbox = mailbox
         self.timezone = timezone
+        self._owns_client = owns_client
         self._user_path = f"/users/{quote(mailbox, safe='@.')}"
 
     # -- writes --------------------------------------------------------------------------------
@@ -495,7 +514,10 @@ class GraphProvider:
         return sorted(intervals, key=lambda i: (i.start, i.end))
 
     async def aclose(self) -> None:
-        """Nothing of its own to close: the ``GraphClient`` is shared and closed by its owner."""
+        """Closes the client only if it is this mailbox's own (a user's grant): a shared
+        ``GraphClient`` is closed by its owner."""
+        if self._owns_client:
+            await self.client.aclose()
 
     def _event_url(self, event_id: str) -> str:
         return self.client.url(f"{self._user_path}/events/{quote(event_id, safe='')}")

@@ -22,7 +22,8 @@ from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.caldav import CalDAVProvider
 from syncsvc.providers.egress import GuardedConnector
 from syncsvc.providers.google import GoogleProvider
-from syncsvc.providers.graph import GraphClient
+from syncsvc.providers.graph import GraphClient, GraphProvider
+from syncsvc.providers.graph_oauth import DelegatedGraphClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +37,8 @@ class Connection:
     timezone: str
     #: Non-secret settings (CalDAV ``username``).
     settings: Mapping[str, Any] = field(default_factory=dict)
-    #: Decrypted secrets (CalDAV ``password``, Google ``oauth`` or the tenant's
-    #: ``service_account`` key).
+    #: Decrypted secrets (CalDAV ``password``, a user's own grant as ``oauth``, or the
+    #: tenant's Google ``service_account`` key).
     credentials: Mapping[str, Any] = field(default_factory=dict)
     #: Graph: the Entra tenant the tenant's admin consented in (``None``: the install's
     #: ``SYNCSVC_GRAPH_TENANT_ID``, if set).
@@ -74,6 +75,14 @@ class ProviderRegistry:
                 self._session,
             )
         if c.provider == "graph":
+            oauth = c.credentials.get("oauth")
+            if isinstance(oauth, dict):  # the user's own grant: a client of its own
+                return GraphProvider(
+                    self._delegated_graph(str(oauth["directory"]), str(oauth["refresh_token"])),
+                    c.account,
+                    c.timezone,
+                    owns_client=True,
+                )
             return self.graph(c.directory).mailbox(c.account, c.timezone)
         if c.provider == "google":
             oauth = c.credentials.get("oauth")
@@ -111,6 +120,19 @@ class ProviderRegistry:
         if client is None:
             client = self._graph[directory] = self.new_graph(directory)
         return client
+
+    def _delegated_graph(self, directory: str, refresh_token: str) -> DelegatedGraphClient:
+        s = self.settings
+        if not (s.graph_client_id and s.graph_client_secret):
+            raise AuthFailed("Microsoft Graph is not configured (SYNCSVC_GRAPH_CLIENT_ID, …)")
+        return DelegatedGraphClient(
+            tenant_id=directory,
+            client_id=s.graph_client_id,
+            client_secret=s.graph_client_secret,
+            api_url=s.graph_api_url,
+            authority_url=s.graph_authority_url,
+            refresh_token=refresh_token,
+        )
 
     def new_graph(self, directory: str) -> GraphClient:
         """A client of its own (the caller closes it): MSAL remembers a refused token request

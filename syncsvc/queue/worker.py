@@ -92,7 +92,8 @@ class TaskContext:
 
 
 TaskHandler = Callable[[TaskContext, Operation], Awaitable[None]]
-RevokedHook = Callable[[str, str, str], Awaitable[None]]
+#: Told (tenant, mailbox, error) when a provider no longer grants access to a mailbox.
+RevokedHook = Callable[[str, str, errors.ConsentRevoked], Awaitable[None]]
 
 
 #: Errors that say "not now" rather than "this operation failed": waited out, no attempt used.
@@ -849,7 +850,7 @@ class Worker:
         await self._requeue(op_ids, wait, count_attempt=False)
 
     async def _revoked(
-        self, mailbox: str, tenant_id: str, op_ids: Sequence[int], exc: errors.ProviderError
+        self, mailbox: str, tenant_id: str, op_ids: Sequence[int], exc: errors.ConsentRevoked
     ) -> None:
         """Access was withdrawn: the operations wait (no attempt used) and are tried again
         every ``REVOKED_PAUSE_S`` or as soon as access is granted again."""
@@ -859,7 +860,7 @@ class Worker:
         await self._requeue(op_ids, REVOKED_PAUSE_S, count_attempt=False, error=error)
         if self.on_revoked is not None:
             try:
-                await self.on_revoked(tenant_id, mailbox.split(":", 1)[0], error)
+                await self.on_revoked(tenant_id, mailbox, exc)
             except Exception as hook_exc:
                 if not is_unavailable(hook_exc):
                     raise

@@ -10,23 +10,23 @@ from __future__ import annotations
 import time
 
 from syncsvc.config import Settings
-from syncsvc.errors import Permanent
+from syncsvc.errors import ConsentRevoked, GrantRevoked, Permanent
 from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.registry import Connection, ProviderRegistry
-from syncsvc.service.tenant_connections import TenantLinks, tenant_links
+from syncsvc.queue.outbox import CALENDAR_KEY_BY_PROVIDER
+from syncsvc.service import user_connect
+from syncsvc.service.tenant_connections import TenantLinks, reconnect_needed, tenant_links
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import User
 
-#: The connection field naming the account, per provider.
-ACCOUNT_FIELDS = {"graph": "mailbox", "google": "calendar_id", "caldav": "url"}
 #: How long a tenant's connections are remembered: a new consent or key is used within this.
 LINKS_TTL_S = 30.0
 
 
 def connection_of(user: User, box: SecretBox, links: TenantLinks | None = None) -> Connection:
     config = user.calendar_config
-    name = ACCOUNT_FIELDS.get(user.calendar_provider)
+    name = CALENDAR_KEY_BY_PROVIDER.get(user.calendar_provider)
     if name is None or not config.get(name):
         raise Permanent(f"user {user.id} has no calendar connection ({user.calendar_provider})")
     links = links or TenantLinks()
@@ -42,6 +42,17 @@ def connection_of(user: User, box: SecretBox, links: TenantLinks | None = None) 
         credentials=credentials,
         directory=links.directory if user.calendar_provider == "graph" else None,
     )
+
+
+async def access_revoked(db: Database, tenant_id: str, mailbox: str, exc: ConsentRevoked) -> None:
+    """A worker found access to ``mailbox`` withdrawn: the user's own grant (only their
+    connection needs them to sign in again) or the tenant's organisation-wide consent."""
+    provider, _, account = mailbox.partition(":")
+    error = f"{exc.code}: {exc}"
+    if isinstance(exc, GrantRevoked):
+        await user_connect.grant_revoked(db, tenant_id, provider, account, error)
+    else:
+        await reconnect_needed(db, tenant_id, provider, error)
 
 
 class UserProviders:

@@ -16,7 +16,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.errors import ConsentRevoked
+from syncsvc.errors import ConsentRevoked, GrantRevoked
 from syncsvc.metrics import Metrics
 from syncsvc.queue.outbox import chunks
 from syncsvc.queue.worker import retry_dead
@@ -519,7 +519,10 @@ async def mailbox_health(
         select(Operation.mailbox, func.max(Operation.last_error))
         .where(
             Operation.state == "pending",
-            Operation.last_error.like(f"{ConsentRevoked.code}:%"),
+            or_(
+                Operation.last_error.like(f"{ConsentRevoked.code}:%"),
+                Operation.last_error.like(f"{GrantRevoked.code}:%"),
+            ),
         )
         .group_by(Operation.mailbox)
     )

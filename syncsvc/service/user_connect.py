@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.config import Settings
@@ -27,8 +29,16 @@ from syncsvc.errors import (
     ProviderError,
     ValidationError,
 )
-from syncsvc.providers import google_oauth
-from syncsvc.service.tenant_connections import STATE_TTL, state_hash, take_state, wake
+from syncsvc.providers import google_oauth, graph_oauth
+from syncsvc.queue.outbox import CALENDAR_KEY_BY_PROVIDER
+from syncsvc.service.changes import callback_operation
+from syncsvc.service.tenant_connections import (
+    STATE_TTL,
+    ConnectionState,
+    state_hash,
+    take_state,
+    wake,
+)
 from syncsvc.service.users import set_calendar
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -69,6 +79,8 @@ async def start(
         raise NotFound(f"unknown user {user_id}")
     if provider == "google" and not (settings.google_client_id and settings.google_client_secret):
         raise ValidationError("Google sign-in is not configured on this install")
+    if provider == "graph" and not (settings.graph_client_id and settings.graph_client_secret):
+        raise ValidationError("Microsoft sign-in is not configured on this install")
     tenant = await session.get(Tenant, tenant_id)
     allowed = list(tenant.return_origins) if tenant else []
     if origin_of(return_url) not in allowed:
@@ -77,9 +89,15 @@ async def start(
             [ErrorDetail(("body", "return_url"), f"allowed: {', '.join(allowed) or 'none set'}")],
         )
     state = secrets.token_urlsafe(32)
-    url, verifier = google_oauth.authorization_url(
-        settings, callback_url(settings, provider), state
-    )
+    redirect_uri = callback_url(settings, provider)
+    flow: dict[str, Any]
+    if provider == "graph":
+        url, flow = await asyncio.to_thread(
+            graph_oauth.authorization_url, settings, redirect_uri, state
+        )
+    else:
+        url, verifier = google_oauth.authorization_url(settings, redirect_uri, state)
+        flow = {"verifier": verifier}
     session.add(
         OAuthState(
             state_hash=state_hash(state),
@@ -90,7 +108,7 @@ async def start(
                 "user_id": user_id,
                 "provider": provider,
                 "return_url": return_url,
-                "verifier": box.encrypt({"v": verifier}).decode(),
+                "flow": box.encrypt(flow).decode(),  # PKCE verifier (and nonce): secret
             },
         )
     )
@@ -116,33 +134,76 @@ async def finish(
         return _back(back, connect="refused", user_id=user_id, error=params["error"][:200])
     if not params.get("code"):
         raise BadRequest("the provider's answer has no code", [ErrorDetail(("query", "code"), "")])
-    verifier = str(box.decrypt(str(payload["verifier"]).encode())["v"])
+    flow = box.decrypt(str(payload["flow"]).encode())
     try:
-        grant = await asyncio.to_thread(
-            google_oauth.exchange_code,
-            settings,
-            callback_url(settings, provider),
-            params["code"],
-            verifier,
-        )
+        account, config, secret = await _exchange(settings, provider, flow, params)
     except ProviderError as exc:
         return _back(back, connect="failed", user_id=user_id, error=str(exc)[:200])
-    secret = {
-        "oauth": {
-            "refresh_token": grant.refresh_token,
-            "client_id": settings.google_client_id,
-            "client_secret": settings.google_client_secret,
-        }
-    }
     try:
         async with db.session() as s, s.begin():
             user = await s.get(User, (tenant_id, user_id))
             if user is None:
                 return _back(back, connect="failed", user_id=user_id, error="no such user")
-            config = {"calendar_id": grant.email}
             await set_calendar(s, box, user, provider, config, secret, signed_in=True)
-            await wake(s, tenant_id, Operation.mailbox == f"{provider}:{grant.email}")
+            await wake(s, tenant_id, Operation.mailbox == f"{provider}:{account}")
     except Conflict:
-        error = f"{grant.email} is connected to another tenant"
+        error = f"{account} is connected to another tenant"
         return _back(back, connect="failed", user_id=user_id, error=error)
-    return _back(back, connect="connected", user_id=user_id, account=grant.email)
+    return _back(back, connect="connected", user_id=user_id, account=account)
+
+
+async def _exchange(
+    settings: Settings, provider: str, flow: dict[str, Any], params: dict[str, str]
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The signed-in account, the calendar settings and the secret (the grant) to store."""
+    if provider == "graph":
+        answer = {"code": params["code"], "state": params["state"]}
+        ms = await asyncio.to_thread(graph_oauth.exchange_code, settings, flow, answer)
+        grant = {"refresh_token": ms.refresh_token, "directory": ms.directory}
+        return ms.account, {"mailbox": ms.account}, {"oauth": grant}
+    g = await asyncio.to_thread(
+        google_oauth.exchange_code,
+        settings,
+        callback_url(settings, provider),
+        params["code"],
+        str(flow["verifier"]),
+    )
+    oauth: dict[str, str | None] = {
+        "refresh_token": g.refresh_token,
+        "client_id": settings.google_client_id,
+        "client_secret": settings.google_client_secret,
+    }
+    return g.email, {"calendar_id": g.email}, {"oauth": oauth}
+
+
+async def grant_revoked(
+    db: Database, tenant_id: str, provider: str, account: str, error: str
+) -> None:
+    """The provider refused a user's own grant: their connection says ``reconnect_needed``
+    and the CRM gets one signed ``connection.reconnect_needed`` callback naming the user (not
+    one per operation); their operations wait until they connect again."""
+    field = CALENDAR_KEY_BY_PROVIDER.get(provider)
+    if field is None:
+        return
+    async with db.session() as s, s.begin():
+        users = await s.scalars(
+            select(User)
+            .where(
+                User.tenant_id == tenant_id,
+                User.calendar_provider == provider,
+                User.calendar_config[field].as_string() == account,
+                User.connection_state == ConnectionState.CONNECTED,
+            )
+            .with_for_update()
+        )
+        for user in users:
+            user.connection_state = ConnectionState.RECONNECT_NEEDED
+            user.connection_error = error[:300]
+            payload = {
+                "type": "connection.reconnect_needed",
+                "provider": provider,
+                "user_id": user.id,
+                "account": account,
+                "error": error[:300],
+            }
+            s.add(callback_operation(tenant_id, payload))

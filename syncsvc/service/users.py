@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.providers import egress
 from syncsvc.service import mailboxes
+from syncsvc.service.tenant_connections import ConnectionState
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.models import User
 
@@ -162,6 +163,8 @@ async def set_calendar(
     user.calendar_provider = provider
     user.calendar_config = public
     user.calendar_secret = box.encrypt(secret) if secret else None
+    user.connection_state = ConnectionState.CONNECTED if signed_in else None
+    user.connection_error = None
     try:
         await session.flush()
     except IntegrityError as exc:

@@ -93,6 +93,10 @@ class User(Base):
     calendar_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     #: Secret connection settings (password, oauth tokens), encrypted (see store/crypto.py).
     calendar_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: A calendar the user signed in to themselves (their own grant): ``connected`` |
+    #: ``reconnect_needed``; ``None`` for connections the tenant set up.
+    connection_state: Mapped[str | None] = mapped_column(String(32))
+    connection_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

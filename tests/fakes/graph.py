@@ -27,6 +27,7 @@ import asyncio
 import base64
 import copy
 import datetime as dt
+import hashlib
 import json
 import math
 import random
@@ -62,6 +63,18 @@ VALIDATION_TIMEOUT_S = 10.0
 NOTIFICATION_TIMEOUT_S = 3.0
 SUBSCRIPTION_MAX_MIN = 10_080
 CLIENT_STATE_MAX_CHARS = 128
+#: The tenant segments a user may sign in through (any directory's work or school account).
+USER_AUTHORITIES = ("organizations", "common")
+#: What a user may grant the app (delegated permissions, plus the OpenID ones).
+USER_SCOPES = frozenset(
+    {
+        "https://graph.microsoft.com/Calendars.ReadWrite",
+        "https://graph.microsoft.com/MailboxSettings.Read",
+        "openid",
+        "profile",
+        "offline_access",
+    }
+)
 _SUBSCRIPTION_RESOURCE = re.compile(r"^/?users/([^/]+)/events$", re.IGNORECASE)
 
 SHOW_AS = ("free", "tentative", "busy", "oof", "workingElsewhere", "unknown")
@@ -257,8 +270,9 @@ class _Request:
     #: When the HTTP request carrying it arrived, and the mailboxes its answers will throttle.
     arrived: float = 0.0
     penalized: list[_Mailbox] = field(default_factory=list)
-    #: The Entra tenant of the bearer token.
+    #: The Entra tenant of the bearer token, and its user if it is a delegated token.
     directory: str = ""
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,8 +547,15 @@ class FakeGraph:
         }
         #: Redirect URIs registered on the app; admin consent refuses any other (AADSTS50011).
         self.redirect_uris: set[str] = set()
-        #: Token -> (expiry, the Entra tenant it was issued in).
-        self._tokens: dict[str, tuple[float, str]] = {}
+        #: Token -> (expiry, the Entra tenant it was issued in, the user of a delegated token).
+        self._tokens: dict[str, tuple[float, str, str | None]] = {}
+        #: The accounts the user sign-in page offers (each one a mailbox).
+        self.accounts: list[str] = []
+        #: Authorization codes in flight: code -> (redirect URI, PKCE challenge, nonce, user).
+        self._codes: dict[str, tuple[str, str, str, str]] = {}
+        #: Refresh token -> the user who granted it; a rotated-out token stays valid (as in
+        #: Entra) until the user's grants are revoked.
+        self._refresh_tokens: dict[str, str] = {}
         #: Every token request (successful or not), and every HTTP request to Graph.
         self.token_requests = 0
         self.round_trips: list[tuple[str, str]] = []
@@ -617,6 +638,8 @@ class FakeGraph:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+        app.router.add_get("/{tenant}/oauth2/v2.0/authorize", self._sign_in_page)
+        app.router.add_post("/{tenant}/oauth2/v2.0/authorize", self._sign_in_decide)
         app.router.add_get("/organizations/v2.0/adminconsent", self._admin_consent_page)
         app.router.add_post("/organizations/v2.0/adminconsent", self._admin_consent_decide)
         app.router.add_route("*", GRAPH_PATH_PREFIX + "/{tail:.*}", self._graph_http)
@@ -690,6 +713,14 @@ class FakeGraph:
         refused (AADSTS700016) until an admin consents again."""
         self.directories[tenant_id].consented = False
         self._tokens = {t: v for t, v in self._tokens.items() if v[1] != tenant_id}
+
+    def revoke_user_grants(self, address: str) -> None:
+        """The user removed the app at myapps.microsoft.com (or an admin revoked their
+        sessions): their refresh tokens answer ``invalid_grant`` (AADSTS50173), their access
+        tokens stop working."""
+        user = address.lower()
+        self._refresh_tokens = {t: u for t, u in self._refresh_tokens.items() if u != user}
+        self._tokens = {t: v for t, v in self._tokens.items() if v[2] != user}
 
     def add_foreign_event(
         self,
@@ -850,12 +881,14 @@ class FakeGraph:
 
     async def _openid(self, request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
-        if tenant not in self.directories and tenant != "organizations":
+        if tenant not in self.directories and tenant not in USER_AUTHORITIES:
             return self._aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
         root = f"{self.base_url}/{tenant}"
+        # A multi-tenant authority names no one issuer: each ID token's is its user's tenant.
+        issuer = tenant if tenant in self.directories else "{tenantid}"
         return web.json_response(
             {
-                "issuer": f"{root}/v2.0",
+                "issuer": f"{self.base_url}/{issuer}/v2.0",
                 "authorization_endpoint": f"{root}/oauth2/v2.0/authorize",
                 "token_endpoint": f"{root}/oauth2/v2.0/token",
                 "jwks_uri": f"{root}/discovery/v2.0/keys",
@@ -873,15 +906,17 @@ class FakeGraph:
 
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
-        form = await request.post()
+        form = {k: str(v) for k, v in (await request.post()).items()}
         tenant = request.match_info["tenant"]
-        if tenant not in self.directories:
+        grant_type = form.get("grant_type")
+        user_grant = grant_type in ("authorization_code", "refresh_token")
+        if tenant not in self.directories and not (user_grant and tenant in USER_AUTHORITIES):
             return self._aad_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
-        if form.get("grant_type") != "client_credentials":
+        if grant_type != "client_credentials" and not user_grant:
             return self._aad_error(
                 400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type."
             )
-        client_id = str(form.get("client_id") or "")
+        client_id = form.get("client_id", "")
         if client_id != self.client_id:
             return self._aad_error(
                 400,
@@ -897,7 +932,9 @@ class FakeGraph:
                 "Invalid client secret provided. Ensure the secret being sent in the request "
                 "is the client secret value, not the client secret ID.",
             )
-        scopes = str(form.get("scope") or "").split()
+        if user_grant:
+            return self._user_grant(form, tenant)
+        scopes = form.get("scope", "").split()
         if scopes != [GRAPH_SCOPE]:
             return self._aad_error(
                 400,
@@ -916,13 +953,176 @@ class FakeGraph:
                 "been installed by the administrator of the tenant.",
             )
         token = "fake." + secrets.token_urlsafe(24)
-        self._tokens[token] = (time.monotonic() + self.token_lifetime_s, tenant)
+        self._tokens[token] = (time.monotonic() + self.token_lifetime_s, tenant, None)
         return web.json_response(
             {
                 "token_type": "Bearer",
                 "expires_in": self.token_lifetime_s,
                 "ext_expires_in": self.token_lifetime_s,
                 "access_token": token,
+            }
+        )
+
+    # -- a user signs in (authorization code + PKCE, then refresh tokens) ----------------------
+
+    def _sign_in_error(self, params: Mapping[str, str]) -> web.Response | None:
+        if params.get("client_id") != self.client_id:
+            return self._aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{params.get('client_id')}' was not found.",
+            )
+        if params.get("redirect_uri") not in self.redirect_uris:
+            return self._aad_error(
+                400,
+                "invalid_request",
+                50011,
+                f"The redirect URI '{params.get('redirect_uri')}' specified in the request "
+                "does not match the redirect URIs configured for the application.",
+            )
+        if params.get("response_type") != "code":
+            return self._aad_error(
+                400,
+                "unsupported_response_type",
+                900144,
+                "The request body must contain the following parameter: 'response_type'.",
+            )
+        if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+            return self._aad_error(
+                400, "invalid_request", 50148, "The code_challenge parameter is required."
+            )
+        unknown = set(params.get("scope", "").split()) - USER_SCOPES
+        if unknown:
+            return self._aad_error(
+                400, "invalid_scope", 70011, f"The provided scopes {sorted(unknown)} are invalid."
+            )
+        return None
+
+    async def _sign_in_page(self, request: web.Request) -> web.Response:
+        """The account picker and permissions page a user sees (Accept / Cancel)."""
+        params = dict(request.query)
+        refused = self._sign_in_error(params)
+        if refused is not None:
+            return refused
+        hidden = "".join(
+            f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">'
+            for k, v in params.items()
+        )
+        accounts = "".join(
+            f'<label><input type="radio" name="account" value="{escape(a)}"'
+            f"{' checked' if n == 0 else ''}> {escape(a)}</label><br>"
+            for n, a in enumerate(self.accounts)
+        )
+        page = (
+            "<!doctype html><html><head><title>Sign in to your account</title></head><body>"
+            '<h1>Pick an account</h1><form method="post">'
+            f"<fieldset><legend>Accounts</legend>{accounts}</fieldset>"
+            "<h2>Permissions requested</h2><p><b>syncsvc</b> would like to: Have full access "
+            "to your calendars (Calendars.ReadWrite), Read your mailbox settings "
+            "(MailboxSettings.Read), Maintain access to data you have given it access to "
+            "(offline_access).</p>"
+            f'{hidden}<button name="action" value="accept">Accept</button> '
+            '<button name="action" value="cancel">Cancel</button></form></body></html>'
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    async def _sign_in_decide(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        refused = self._sign_in_error(form)
+        if refused is not None:
+            return refused
+        answer: dict[str, str]
+        account = form.get("account", "")
+        if form.get("action") != "accept" or account not in self.accounts:
+            answer = {
+                "error": "access_denied",
+                "error_subcode": "cancel",
+                "error_description": "AADSTS65004: User declined to consent to access the app.",
+            }
+        else:
+            code = "0.A" + secrets.token_urlsafe(48)
+            self._codes[code] = (
+                form["redirect_uri"],
+                form["code_challenge"],
+                form.get("nonce", ""),
+                account.lower(),
+            )
+            answer = {"code": code, "session_state": str(uuid.uuid4())}
+        answer["state"] = form.get("state", "")
+        raise web.HTTPFound(f"{form['redirect_uri']}?{urlencode(answer)}")
+
+    def _user_grant(self, form: Mapping[str, str], tenant: str) -> web.Response:
+        """Tokens for a signed-in user: from a code (PKCE checked) or a refresh token."""
+        nonce = ""
+        if form.get("grant_type") == "authorization_code":
+            found = self._codes.pop(form.get("code", ""), None)
+            if found is None or found[0] != form.get("redirect_uri"):
+                return self._aad_error(
+                    400, "invalid_grant", 70000, "Provided grant is invalid or malformed."
+                )
+            verifier = form.get("code_verifier", "").encode()
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+            if challenge.decode() != found[1]:
+                return self._aad_error(
+                    400,
+                    "invalid_grant",
+                    501481,
+                    "The Code_Verifier does not match the code_challenge supplied in the "
+                    "authorization request.",
+                )
+            nonce, user = found[2], found[3]
+        else:
+            owner = self._refresh_tokens.get(form.get("refresh_token", ""))
+            if owner is None:
+                return self._aad_error(
+                    400,
+                    "invalid_grant",
+                    50173,
+                    "The provided grant has expired due to it being revoked, a fresh auth "
+                    "token is needed. The user might have changed or reset their password.",
+                )
+            user = owner
+        box = self._mailboxes[user]
+        if tenant not in (*USER_AUTHORITIES, box.directory):
+            return self._aad_error(
+                400, "invalid_grant", 50020, f"User account '{user}' does not exist in tenant."
+            )
+        scopes = set(form.get("scope", "").split())
+        if not scopes <= USER_SCOPES:
+            return self._aad_error(
+                400, "invalid_scope", 70011, f"The provided scopes {sorted(scopes)} are invalid."
+            )
+        token = "fake.user." + secrets.token_urlsafe(24)
+        self._tokens[token] = (time.monotonic() + self.token_lifetime_s, box.directory, user)
+        refresh = "0.AR" + secrets.token_urlsafe(48)
+        self._refresh_tokens[refresh] = user
+        oid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{box.directory}/{user}"))
+        now = int(time.time())
+        claims = {
+            "aud": self.client_id,
+            "iss": f"{self.base_url}/{box.directory}/v2.0",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "name": user.partition("@")[0].title(),
+            "oid": oid,
+            "preferred_username": box.address,
+            "sub": hashlib.sha256(f"{oid}{self.client_id}".encode()).hexdigest()[:43],
+            "tid": box.directory,
+            "ver": "2.0",
+            **({"nonce": nonce} if nonce else {}),
+        }
+        return web.json_response(
+            {
+                "token_type": "Bearer",
+                "scope": " ".join(sorted(scopes - {"openid", "profile", "offline_access"})),
+                "expires_in": self.token_lifetime_s,
+                "ext_expires_in": self.token_lifetime_s,
+                "access_token": token,
+                "refresh_token": refresh,
+                "id_token": _jwt(claims),
+                "client_info": _b64(json.dumps({"uid": oid, "utid": box.directory})),
             }
         )
 
@@ -944,9 +1144,10 @@ class FakeGraph:
                             400, "BadRequest", "Unable to read JSON request payload."
                         ).response()
                     )
-        directory = self._check_token(headers)
-        if isinstance(directory, _Response):
-            return self._to_http(directory)
+        bearer = self._check_token(headers)
+        if isinstance(bearer, _Response):
+            return self._to_http(bearer)
+        directory, user = bearer
         req = _Request(
             request.method,
             path,
@@ -955,6 +1156,7 @@ class FakeGraph:
             body,
             time.monotonic(),
             directory=directory,
+            user=user,
         )
         if path == "/organization" and request.method == "GET":
             result = self._organization(directory)
@@ -975,10 +1177,10 @@ class FakeGraph:
             return web.Response(status=result.status, headers=result.headers)
         return web.json_response(result.body, status=result.status, headers=result.headers)
 
-    def _check_token(self, headers: Mapping[str, str]) -> _Response | str:
-        """The token's Entra tenant, or the 401 to answer."""
+    def _check_token(self, headers: Mapping[str, str]) -> _Response | tuple[str, str | None]:
+        """The token's Entra tenant and delegated user, or the 401 to answer."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        expiry, directory = self._tokens.get(token, (0.0, ""))
+        expiry, directory, user = self._tokens.get(token, (0.0, "", None))
         if scheme.lower() != "bearer" or not token:
             error = GraphError(401, "InvalidAuthenticationToken", "Access token is empty.")
         elif expiry < time.monotonic():
@@ -986,7 +1188,7 @@ class FakeGraph:
                 401, "InvalidAuthenticationToken", "Access token validation failure."
             )
         else:
-            return directory
+            return directory, user
         error.headers["WWW-Authenticate"] = 'Bearer realm="", error="invalid_token"'
         return error.response()
 
@@ -1005,7 +1207,7 @@ class FakeGraph:
                 return GraphError(
                     404, "ErrorInvalidUser", f"The requested user '{user}' is invalid."
                 ).response()
-            if box.denied or box.directory != req.directory:
+            if box.denied or not _may_reach(req, box):
                 return GraphError(
                     403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
                 ).response()
@@ -1560,6 +1762,7 @@ class FakeGraph:
             outer.arrived,
             outer.penalized,
             outer.directory,
+            outer.user,
         )
 
     # -- change notifications and delta (test accessors first) ---------------------------------
@@ -1826,7 +2029,7 @@ class FakeGraph:
         box = self._mailboxes.get(unquote(match.group(1)).lower())
         if box is None:
             raise GraphError(404, "ErrorInvalidUser", "The requested user is invalid.")
-        if box.directory != req.directory:
+        if not _may_reach(req, box):
             raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials.")
         urls = []
         for name in ("notificationUrl", "lifecycleNotificationUrl"):
@@ -1919,6 +2122,22 @@ class FakeGraph:
                 "@removed": {"reason": "deleted"},
             }
         return self._render(box, event, req)
+
+
+def _may_reach(req: _Request, box: _Mailbox) -> bool:
+    """An app token reaches its own directory's mailboxes; a delegated token only its user's."""
+    return box.directory == req.directory and req.user in (None, box.address.lower())
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def _jwt(claims: Mapping[str, Any]) -> str:
+    """An ID token as Entra shapes it; nobody checks the signature of one that came straight
+    from the token endpoint over TLS."""
+    header = {"typ": "JWT", "alg": "RS256", "kid": "fake-signing-key"}
+    return f"{_b64(json.dumps(header))}.{_b64(json.dumps(claims))}.c2ln"
 
 
 def _sync_state_not_found(fake: FakeGraph, box: _Mailbox) -> GraphError:
