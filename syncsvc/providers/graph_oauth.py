@@ -11,6 +11,7 @@ endpoint over TLS, so its signature is not checked (OpenID Connect Core 3.1.3.7)
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ USER_SCOPES = [
 ]
 SIGN_IN_AUTHORITY = "organizations"
 #: Token errors that mean the user's grant is gone (revoked, expired, consent withdrawn).
+#: Stores a user's rotated refresh token: told (the one it replaces, the new one).
+RotatedHook = Callable[[str, str], Awaitable[None]]
 _GRANT_GONE = frozenset({"invalid_grant", "interaction_required", "unauthorized_client"})
 
 
@@ -92,7 +95,35 @@ class DelegatedGraphClient(GraphClient):
     """
 
     refresh_token: str = field(default="", repr=False)
+    #: Told each rotated refresh token: Entra hands out a new one with every refresh, and the
+    #: one stored at sign-in expires on its own (90 days) however often it is used.
+    on_rotated: RotatedHook | None = field(default=None, repr=False)
     _force_refresh: bool = field(default=False, init=False, repr=False)
+    #: Every refresh token this client started from or was handed (a new grant is not one).
+    _known: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._known.add(self.refresh_token)
+
+    def regrant(self, refresh_token: str) -> None:
+        """The user connected again: start over from their new grant (a token this client
+        rotated to itself changes nothing)."""
+        if refresh_token not in self._known:
+            self._known.add(refresh_token)
+            self.refresh_token, self._app = refresh_token, None
+
+    async def token(self) -> str:
+        token = await GraphClient.token(self)
+        app = self._app
+        cached = app.token_cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN) if app else ()
+        first: dict[str, Any] = next(iter(cached), {})
+        newest = str(first.get("secret") or "")
+        if newest and newest not in self._known:
+            self._known.add(newest)
+            old, self.refresh_token = self.refresh_token, newest
+            if self.on_rotated is not None:
+                await self.on_rotated(old, newest)
+        return token
 
     def _acquire(self) -> dict[str, Any]:
         if self._app is None:

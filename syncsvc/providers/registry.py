@@ -9,7 +9,7 @@ storage and never see a database row or the secret box.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +45,25 @@ class Connection:
     directory: str | None = None
 
 
+#: Stores the rotated refresh token of a connection that is a user's own Microsoft grant.
+RotatedHook = Callable[[Connection, str, str], Awaitable[None]]
+
+
 class ProviderRegistry:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_rotated: RotatedHook | None = None) -> None:
         self.settings = settings
+        self.on_rotated = on_rotated
         self._providers: dict[str, CalendarProvider] = {}
+        #: A user's own Microsoft grant, keyed without its refresh token, which rotates.
+        self._delegated: dict[tuple[str, str, str, str], GraphProvider] = {}
         self._session: aiohttp.ClientSession | None = None
         #: One app-token client per Entra tenant: a directory's token never reaches another's.
         self._graph: dict[str, GraphClient] = {}
 
     def __call__(self, connection: Connection) -> CalendarProvider:
+        oauth = connection.credentials.get("oauth")
+        if connection.provider == "graph" and isinstance(oauth, dict):
+            return self._delegated_mailbox(connection, oauth)
         # The connection as given: a corrected password or a new calendar builds a new adapter.
         cache_key = repr(connection)
         provider = self._providers.get(cache_key)
@@ -75,14 +85,6 @@ class ProviderRegistry:
                 self._session,
             )
         if c.provider == "graph":
-            oauth = c.credentials.get("oauth")
-            if isinstance(oauth, dict):  # the user's own grant: a client of its own
-                return GraphProvider(
-                    self._delegated_graph(str(oauth["directory"]), str(oauth["refresh_token"])),
-                    c.account,
-                    c.timezone,
-                    owns_client=True,
-                )
             return self.graph(c.directory).mailbox(c.account, c.timezone)
         if c.provider == "google":
             oauth = c.credentials.get("oauth")
@@ -121,18 +123,38 @@ class ProviderRegistry:
             client = self._graph[directory] = self.new_graph(directory)
         return client
 
-    def _delegated_graph(self, directory: str, refresh_token: str) -> DelegatedGraphClient:
+    def _delegated_mailbox(self, c: Connection, oauth: Mapping[str, Any]) -> GraphProvider:
+        """The user's own grant: a client of its own, kept across refresh-token rotations
+        and handed the new grant when the user connects again."""
+        directory, refresh_token = str(oauth["directory"]), str(oauth["refresh_token"])
+        key = (c.tenant_id, c.account, c.timezone, directory)
+        provider = self._delegated.get(key)
+        if provider is not None:
+            assert isinstance(provider.client, DelegatedGraphClient)
+            provider.client.regrant(refresh_token)
+            return provider
         s = self.settings
         if not (s.graph_client_id and s.graph_client_secret):
             raise AuthFailed("Microsoft Graph is not configured (SYNCSVC_GRAPH_CLIENT_ID, …)")
-        return DelegatedGraphClient(
+        hook, on_rotated = self.on_rotated, None
+        if hook is not None:
+
+            async def on_rotated(old: str, new: str) -> None:
+                await hook(c, old, new)
+
+        client = DelegatedGraphClient(
             tenant_id=directory,
             client_id=s.graph_client_id,
             client_secret=s.graph_client_secret,
             api_url=s.graph_api_url,
             authority_url=s.graph_authority_url,
             refresh_token=refresh_token,
+            on_rotated=on_rotated,
         )
+        provider = self._delegated[key] = GraphProvider(
+            client, c.account, c.timezone, owns_client=True
+        )
+        return provider
 
     def new_graph(self, directory: str) -> GraphClient:
         """A client of its own (the caller closes it): MSAL remembers a refused token request
@@ -147,9 +169,10 @@ class ProviderRegistry:
         )
 
     async def aclose(self) -> None:
-        for provider in self._providers.values():
+        for provider in [*self._providers.values(), *self._delegated.values()]:
             await provider.aclose()
         self._providers.clear()
+        self._delegated.clear()
         for client in self._graph.values():
             await client.aclose()
         self._graph.clear()

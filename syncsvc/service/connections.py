@@ -7,7 +7,11 @@ tenant's Microsoft 365 directory; the provider registry gets only the resulting 
 
 from __future__ import annotations
 
+import logging
 import time
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from syncsvc.config import Settings
 from syncsvc.errors import ConsentRevoked, GrantRevoked, Permanent
@@ -19,6 +23,8 @@ from syncsvc.service.tenant_connections import TenantLinks, reconnect_needed, te
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import User
+
+log = logging.getLogger("syncsvc.connections")
 
 #: How long a tenant's connections are remembered: a new consent or key is used within this.
 LINKS_TTL_S = 30.0
@@ -59,7 +65,7 @@ class UserProviders:
     """The provider factory of a process: a user's adapter, through one shared registry."""
 
     def __init__(self, settings: Settings, box: SecretBox, db: Database) -> None:
-        self.registry = ProviderRegistry(settings)
+        self.registry = ProviderRegistry(settings, on_rotated=self._store_rotated)
         self.box = box
         self.db = db
         self._links: dict[str, tuple[float, TenantLinks]] = {}
@@ -69,6 +75,30 @@ class UserProviders:
         if user.calendar_provider in ("graph", "google"):
             links = await self.links(user.tenant_id)
         return self.registry(connection_of(user, self.box, links))
+
+    async def _store_rotated(self, connection: Connection, old: str, new: str) -> None:
+        """Keeps a user's newest Microsoft refresh token (encrypted), so a restart does not
+        fall back to the one from sign-in, which expires; a grant replaced meanwhile (the user
+        connected again) is left alone."""
+        try:
+            async with self.db.session() as s, s.begin():
+                users = await s.scalars(
+                    select(User)
+                    .where(
+                        User.tenant_id == connection.tenant_id,
+                        User.calendar_provider == "graph",
+                        User.calendar_config["mailbox"].as_string() == connection.account,
+                    )
+                    .with_for_update()
+                )
+                for user in users:
+                    secret = self.box.decrypt(user.calendar_secret) if user.calendar_secret else {}
+                    oauth = secret.get("oauth")
+                    if isinstance(oauth, dict) and oauth.get("refresh_token") == old:
+                        oauth["refresh_token"] = new
+                        user.calendar_secret = self.box.encrypt(secret)
+        except SQLAlchemyError as exc:  # the token works; the next rotation stores its successor
+            log.warning("graph.refresh_token.unsaved account=%s error=%s", connection.account, exc)
 
     async def links(self, tenant_id: str) -> TenantLinks:
         """The tenant's Entra tenant and Google key, cached for ``LINKS_TTL_S``."""

@@ -515,15 +515,16 @@ async def mailbox_health(
         entry = health.setdefault(mailbox, MailboxHealth(mailbox))
         entry.dead, entry.last_error = count, errors.get(newest_id)
         entry.status = "reconnect_needed" if auth_failed else "failing"
+    revoked = and_(
+        Operation.state == "pending",
+        or_(
+            Operation.last_error.like(f"{ConsentRevoked.code}:%"),
+            Operation.last_error.like(f"{GrantRevoked.code}:%"),
+        ),
+    )
     waiting = await session.execute(
         select(Operation.mailbox, func.max(Operation.last_error))
-        .where(
-            Operation.state == "pending",
-            or_(
-                Operation.last_error.like(f"{ConsentRevoked.code}:%"),
-                Operation.last_error.like(f"{GrantRevoked.code}:%"),
-            ),
-        )
+        .where(revoked)
         .group_by(Operation.mailbox)
     )
     for mailbox, error in waiting:  # waiting for a new consent: nothing given up, but stuck
@@ -532,7 +533,7 @@ async def mailbox_health(
     users = await session.execute(
         select(Operation.mailbox, ExternalEvent.user_id)
         .join(ExternalEvent, ExternalEvent.id == Operation.ledger_id)
-        .where(Operation.state == "dead")
+        .where(or_(Operation.state == "dead", revoked))  # whom to ask to reconnect, too
         .group_by(Operation.mailbox, ExternalEvent.user_id)
         .limit(HEALTH_USERS_MAX)
     )

@@ -33,6 +33,7 @@ from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import User
 from tests.fakes.google import FakeGoogle, running_fake
@@ -46,6 +47,7 @@ CLIENT_ID, CLIENT_SECRET = "web-client.apps.googleusercontent.example", "web-sec
 KIMS_ORG = "cccccccc-0000-4000-8000-00000000000c"
 WAIT_S = 60.0
 OPERATOR_KEY = "op-" + "u" * 40
+SECRET_KEY = "k" * 40
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         graph.redirect_uris.add(base + "/oauth/graph/callback")
         settings = Settings(
             database_url=f"sqlite:///{tmp_path / 'sync.db'}",
-            secret_key="k" * 40,
+            secret_key=SECRET_KEY,
             public_base_url=base,
             operator_key=OPERATOR_KEY,
             google_api_url=google.api_url,
@@ -247,6 +249,14 @@ async def test_a_user_connects_their_own_calendar_and_their_batch_lands_there(
         assert ("refresh_token", CLIENT_ID, account) in grants
     else:  # no admin consent in Kim's organisation: app tokens would have been refused
         assert not stack.graph.directories[KIMS_ORG].consented
+        # Entra rotates refresh tokens; the newest is kept, so a restart does not fall back
+        # to the one from sign-in (which expires on its own).
+        issued = stack.graph.refresh_tokens_of(account)
+        async with stack.db.session() as s:
+            row = await s.get(User, (await _tenant_id(stack), "kim"))
+        assert row is not None and row.calendar_secret
+        stored = SecretBox(SECRET_KEY).decrypt(row.calendar_secret)["oauth"]["refresh_token"]
+        assert len(issued) >= 2 and stored == issued[-1]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS.values(), ids=PROVIDERS.keys())
@@ -395,8 +405,9 @@ async def test_a_revoked_grant_waits_and_connecting_again_finishes_the_batch_onc
         async with stack.http.get(
             stack.base + "/dashboard/data.json", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}
         ) as answer:
-            health = {h["mailbox"]: h["status"] for h in (await answer.json())["health"]}
-        assert health[f"{provider.name}:{kim}"] == "reconnect_needed", health
+            health = {h["mailbox"]: h for h in (await answer.json())["health"]}
+        entry = health[f"{provider.name}:{kim}"]
+        assert (entry["status"], entry["users"]) == ("reconnect_needed", ["kim"]), health
 
         assert (await stack.connect(provider, "kim", kim))["connect"] == "connected"
         synced = await _synced(stack, second["id"])
