@@ -13,6 +13,7 @@ column only empties a text tag.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -54,6 +55,19 @@ Span = Annotated[str, StringConstraints(pattern=DURATION_PATTERN)]
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def single_line(value: str) -> str:
+    """Addresses end up in iCalendar properties and HTTP headers, where a CR or LF would
+    start a line of its own."""
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (CR, LF, tab, …)")
+    return value
+
+
+#: An e-mail address (or empty): one line, no control characters.
+Email = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(single_line)]
 
 
 def _ordered_window(window: tuple[str, str]) -> tuple[str, str]:
@@ -89,7 +103,7 @@ class ContactIn(BaseModel):
     id: Id
     first_name: Name = ""
     last_name: Name = ""
-    email: Name = ""
+    email: Email = ""
     phone: Name = ""
     mobile: Name = ""
     block_mass_email: bool = False
@@ -101,7 +115,7 @@ class TargetIn(BaseModel):
 
     id: Id
     name: Name
-    email: Name = ""
+    email: Email = ""
     phone: Name = ""
     postcode: Name = ""
     owner_id: str | None = None

@@ -7,11 +7,12 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.api._framework import Ctx, Routes
 from syncsvc.api.pagination import ExportQuery, Page, csv_response, decode_cursor, page
+from syncsvc.api.plan_schemas import single_line
 from syncsvc.service import users as service
 from syncsvc.service.users import check_http_url
 from syncsvc.store.models import User
@@ -39,7 +40,9 @@ class GraphCalendar(BaseModel):
     """Microsoft 365: app-only access to this mailbox's default calendar."""
 
     provider: Literal["graph"]
-    mailbox: str = Field(min_length=1, max_length=EMAIL_MAX_CHARS)
+    mailbox: Annotated[str, AfterValidator(single_line)] = Field(
+        min_length=1, max_length=EMAIL_MAX_CHARS
+    )
 
 
 class GoogleOAuth(BaseModel):
@@ -52,14 +55,16 @@ class GoogleOAuth(BaseModel):
 
 class GoogleCalendar(BaseModel):
     provider: Literal["google"]
-    calendar_id: str = Field(min_length=1, max_length=ADDRESS_MAX_CHARS)
+    calendar_id: Annotated[str, AfterValidator(single_line)] = Field(
+        min_length=1, max_length=ADDRESS_MAX_CHARS
+    )
     oauth: GoogleOAuth | None = None
 
 
 class CaldavCalendar(BaseModel):
     provider: Literal["caldav"]
     url: str = Field(min_length=1, max_length=ADDRESS_MAX_CHARS, description="The collection URL.")
-    username: str = Field(max_length=EMAIL_MAX_CHARS)
+    username: Annotated[str, AfterValidator(single_line)] = Field(max_length=EMAIL_MAX_CHARS)
     password: str = Field(max_length=SECRET_MAX_CHARS, description="Stored encrypted.")
 
     @field_validator("url")
@@ -81,7 +86,9 @@ Calendar = Annotated[
 
 class UserIn(BaseModel):
     name: str = Field(default="", max_length=TEXT_MAX_CHARS)
-    email: str = Field(default="", max_length=EMAIL_MAX_CHARS)
+    email: Annotated[str, AfterValidator(single_line)] = Field(
+        default="", max_length=EMAIL_MAX_CHARS
+    )
     mobile: str = Field(default="", max_length=MOBILE_MAX_CHARS)
     timezone: str = Field(
         description="IANA zone, e.g. Europe/Copenhagen.",

@@ -486,13 +486,18 @@ class Worker:
             ledger, activity, user, batch_deleting = found
             try:
                 provider = await self.providers(user)
+                spec = spec_for(activity, user)
             except errors.ProviderError as exc:
                 log.warning("sync.op.failed mailbox=%s op=%d error=%s", mailbox, c.op_id, exc)
                 await self._give_up(c.op_id, ledger.id, f"{exc.code}: {exc}")
                 stats.failed += 1
                 continue
+            except Exception as exc:  # one bad row fails alone
+                error = _unexpected(exc, mailbox, c.op_id)
+                stats.failed += await self._failed_attempt(c.op_id, ledger.id, str(error), None)
+                continue
             decision = decide(ledger, activity, batch_deleting)
-            jobs.append(_Job(c, ledger, decision, spec_for(activity, user), provider))
+            jobs.append(_Job(c, ledger, decision, spec, provider))
         return jobs
 
     async def _acquire(
@@ -578,6 +583,10 @@ class Worker:
         except (errors.ProviderError, OSError, TimeoutError) as exc:
             await self._record_errors(mailbox, [(job, _as_provider_error(exc))], stats)
             return
+        except Exception as exc:  # a bug in an adapter fails this operation alone
+            error = _unexpected(exc, mailbox, job.claimed.op_id)
+            await self._record_errors(mailbox, [(job, error)], stats)
+            return
         finally:
             await self._release(got)
         self._throttle_streak.pop(mailbox, None)
@@ -605,6 +614,9 @@ class Worker:
             )
         except (errors.ProviderError, OSError, TimeoutError) as exc:
             error = _as_provider_error(exc)
+            results = [BatchResult(j.spec.key, error=error) for j in jobs]
+        except Exception as exc:  # a bug in an adapter fails these operations alone
+            error = _unexpected(exc, mailbox, jobs[0].claimed.op_id)
             results = [BatchResult(j.spec.key, error=error) for j in jobs]
         finally:
             await self._release(got)
@@ -704,6 +716,10 @@ class Worker:
         except errors.SyncSvcError as exc:
             await self._give_up_task(claimed.op_id, f"{exc.code}: {exc}")
             stats.failed += 1
+            return
+        except Exception as exc:  # a bug in a handler fails this operation alone
+            error = _unexpected(exc, mailbox, claimed.op_id)
+            stats.failed += await self._failed_attempt(claimed.op_id, None, str(error), None)
             return
         finally:
             await self._release(got)
@@ -952,6 +968,19 @@ async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
                 .values(state="pending", attempts=0, not_before=now)
             )
         return len(rows)
+
+
+def _unexpected(exc: Exception, mailbox: str, op_id: int) -> errors.Transient:
+    """An exception nobody translated (a bug, or data an adapter cannot take): logged with
+    its traceback, and an attempt of this operation only, so it ends ``dead`` with the error
+    after its attempts while the mailbox's other work goes on. A database outage is not one:
+    the cycle handles that."""
+    if is_unavailable(exc):
+        raise exc
+    log.exception("sync.op.unexpected mailbox=%s op=%d", mailbox, op_id)
+    error = errors.Transient(f"unexpected {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _as_provider_error(exc: BaseException) -> errors.ProviderError:

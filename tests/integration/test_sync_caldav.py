@@ -23,7 +23,8 @@ from syncsvc.providers._ical import parse_events
 from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
-from syncsvc.store.models import Operation, SyncCycle
+from syncsvc.store.models import Activity, ExternalEvent, Operation, SyncCycle
+from syncsvc.store.types import utcnow
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, RadicaleServer, new_calendar
 
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -258,3 +259,86 @@ async def _queue_state(db: Database) -> Any:
     return [(o.kind, o.state, o.attempts, o.not_before, o.last_error) for o in ops], [
         (c.mailbox, c.done, c.failed, c.throttled) for c in cycles
     ]
+
+
+@pytest.mark.timeout(120)
+async def test_an_activity_an_adapter_cannot_take_fails_alone(
+    service: tuple[TestClient[Any, Any], Database, dict[str, str]],
+    radicale_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stored attendee address with a CR/LF (from before the API refused them) makes
+    icalendar raise: that operation records the error and ends dead after its attempts, while
+    the mailbox's other work goes on."""
+    client, db, headers = service
+    async with aiohttp.ClientSession() as http:
+        url = await new_calendar(http, radicale_url)
+        calendar = {
+            "provider": "caldav",
+            "url": url,
+            "username": RADICALE_USER,
+            "password": RADICALE_PASSWORD,
+        }
+        body = {"name": "U", "timezone": "Europe/Copenhagen", "calendar": calendar}
+        assert (await client.put("/v1/users/u0", headers=headers, json=body)).status == 200
+        contact = {"id": "c1", "first_name": "Bo", "email": "bo\r\nX-INJECTED:1@x.example"}
+        plan = {
+            "targetgroup_name": "Breweries",
+            "targets": [{"id": "t0", "name": "Brewery 0", "contacts": [contact]}],
+            "template": {"kind": "meeting", "subject": "Visit"},
+            "schedule": {"start_date": "2027-06-07", "duration": "01:00"},
+            "assignment": {"mode": "users", "users": ["u0"]},
+        }
+        refused = await client.post("/v1/batches", headers=headers, json=plan)
+        assert refused.status == 422, await refused.text()
+        assert "control characters" in await refused.text()
+
+        plan["targets"] = [{"id": f"t{i}", "name": f"Brewery {i}"} for i in range(3)]
+        answer = await client.post("/v1/batches", headers=headers, json=plan)
+        assert answer.status == 201, await answer.text()
+        batch = (await answer.json())["id"]
+        await _wait_state(client, headers, batch, "synced")
+        async with db.session() as s, s.begin():
+            bad = (
+                await s.scalars(
+                    select(Activity).where(Activity.batch_id == batch).order_by(Activity.start)
+                )
+            ).first()
+            assert bad is not None
+            bad.attendees = [{"contact_id": "c1", "name": "Bo", "email": contact["email"]}]
+        edit = {"template": {"subject": "Tour"}}
+        assert (
+            await client.patch(f"/v1/batches/{batch}", headers=headers, json=edit)
+        ).status == 200
+
+        async def bad_op() -> Operation | None:
+            async with db.session() as s:
+                return (
+                    await s.scalars(
+                        select(Operation)
+                        .join(ExternalEvent, ExternalEvent.id == Operation.ledger_id)
+                        .where(ExternalEvent.activity_id == bad.id, Operation.kind == "update")
+                    )
+                ).first()
+
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while True:
+            op = await bad_op()
+            tours = [e.summary for e in await _events(http, url)]
+            if op is not None and op.attempts >= 1 and tours.count("Tour") == 2:
+                break
+            assert time.monotonic() < deadline, (op, tours)
+            await asyncio.sleep(0.2)
+        assert op.state == "pending" and "unexpected ValueError" in (op.last_error or ""), op
+        assert "CR or LF" in (op.last_error or "")
+        assert "sync.op.unexpected" in caplog.text
+
+        # Its last attempt (moved up instead of waiting out the backoff) gives up.
+        async with db.session() as s, s.begin():
+            row = await s.get(Operation, op.id)
+            assert row is not None
+            row.attempts, row.not_before = 7, utcnow()
+        failed = await _wait_state(client, headers, batch, "failed")
+        assert failed["sync"]["failed"] == 1 and failed["sync"]["synced"] == 2, failed
+        done = await bad_op()
+        assert done is not None and done.state == "dead"
