@@ -36,7 +36,7 @@ import time
 import urllib.parse
 import zoneinfo
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -52,6 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import exceptions as google_auth_exceptions
 from google.auth import jwt as google_jwt
+
+from tests.fakes._server import FakeServer, Response, Routes
 
 #: google-auth always signs service-account assertions for this audience, whatever token_uri is.
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
@@ -270,15 +272,9 @@ def _time_range_empty() -> _ApiError:
     return _ApiError(400, "timeRangeEmpty", "The specified time range is empty.", domain="calendar")
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes = b""
-    content_type: str = JSON_TYPE
-
-    @classmethod
-    def json(cls, status: int, payload: Mapping[str, Any]) -> _Response:
-        return cls(status, json.dumps(payload).encode())
+def _json(status: int, payload: Mapping[str, Any]) -> Response:
+    """A JSON answer, its media type spelt as Google does."""
+    return Response(status, payload, content_type=JSON_TYPE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,21 +416,20 @@ def _check_event(event: Mapping[str, Any]) -> None:
 # The fake.
 
 
-Handler = Callable[["FakeGoogle", _Call, "re.Match[str]"], Awaitable[_Response]]
+Handler = Callable[["FakeGoogle", _Call, "re.Match[str]"], Awaitable[Response]]
 
 
-class FakeGoogle:
+class FakeGoogle(FakeServer):
     """Google Calendar API v3 + OAuth token endpoint on 127.0.0.1, with accessors for tests."""
 
+    client_max_size = 64 * 1024 * 1024
+
     def __init__(self, config: FakeGoogleConfig | None = None, *, seed: int = 0) -> None:
+        super().__init__()
         self.config = config or FakeGoogleConfig()
         self.failure: FailureMode | None = None
         self.token_grants: list[TokenGrant] = []
         self._random = random.Random(seed)
-        self._runner: web.AppRunner | None = None
-        self._http: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.base_url = ""
         self._reset_state()
         self._oauth_clients: dict[str, str] = {}
         self._redirect_uris: dict[str, set[str]] = {}
@@ -459,33 +454,12 @@ class FakeGoogle:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> str:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/token", self._handle_token)
         app.router.add_get("/o/oauth2/v2/auth", self._consent_page)
         app.router.add_post("/o/oauth2/v2/auth", self._consent_decide)
         app.router.add_post("/batch/calendar/v3", self._handle_batch)
         app.router.add_route("*", "/calendar/v3/{tail:.*}", self._handle_api)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        port = server.sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        return self.base_url
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     @property
     def api_url(self) -> str:
@@ -782,27 +756,23 @@ class FakeGoogle:
         if user is not None:
             self.stats(user).http_requests += 1
         response = await self._serve(user, request.method, request.raw_path, await request.read())
-        return web.Response(
-            status=response.status,
-            body=response.body if response.status != 204 else None,
-            headers={"Content-Type": response.content_type} if response.body else None,
-        )
+        return response.to_web()
 
     async def _handle_batch(self, request: web.Request) -> web.Response:
         raw = await request.read()
         content_type = request.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/mixed"):
-            return _json_response(_invalid("Batch requests must be multipart/mixed.").body(), 400)
+            return _json(400, _invalid("Batch requests must be multipart/mixed.").body()).to_web()
         message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
             b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
         )
         parts = message.get_payload()
         if not isinstance(parts, list) or not parts:
-            return _json_response(_invalid("The batch is empty.").body(), 400)
+            return _json(400, _invalid("The batch is empty.").body()).to_web()
         if len(parts) > BATCH_MAX_PARTS:
-            return _json_response(
-                _invalid(f"A batch may hold at most {BATCH_MAX_PARTS} calls.").body(), 400
-            )
+            return _json(
+                400, _invalid(f"A batch may hold at most {BATCH_MAX_PARTS} calls.").body()
+            ).to_web()
         outer_auth = request.headers.get("Authorization")
         counted: set[str] = set()
         boundary = "batch_" + secrets.token_urlsafe(18)
@@ -817,17 +787,14 @@ class FakeGoogle:
             content_id = str(part.get("Content-ID", "")).strip()
             chunks.append(_format_part(boundary, content_id, answer))
         chunks.append(f"--{boundary}--\r\n")
-        return web.Response(
-            status=200,
-            body="".join(chunks).encode(),
-            headers={"Content-Type": f"multipart/mixed; boundary={boundary}"},
-        )
+        multipart = f"multipart/mixed; boundary={boundary}"
+        return Response(200, "".join(chunks).encode(), content_type=multipart).to_web()
 
-    async def _serve(self, user: str | None, method: str, target: str, body: bytes) -> _Response:
+    async def _serve(self, user: str | None, method: str, target: str, body: bytes) -> Response:
         """Authenticates, meters and routes one API call; errors become Google's error JSON."""
         if user is None:
             error = _ApiError(401, "authError", "Invalid Credentials", location="Authorization")
-            return _Response.json(401, error.body())
+            return _json(401, error.body())
         parsed = urllib.parse.urlsplit(target)
         call = _Call(
             user=user,
@@ -839,13 +806,13 @@ class FakeGoogle:
         try:
             self._meter(user)
             await self._maybe_fail(user)
-            for route_method, pattern, handler in _ROUTES:
-                match = pattern.fullmatch(call.path)
-                if match is not None and route_method == call.method:
-                    return await handler(self, call, match)
-            raise _ApiError(404, "notFound", "Not Found")
+            found = _ROUTES.find(call.method, call.path)
+            if found is None:
+                raise _ApiError(404, "notFound", "Not Found")
+            handler, match = found
+            return await handler(self, call, match)
         except _ApiError as exc:
-            return _Response.json(exc.status, exc.body())
+            return _json(exc.status, exc.body())
 
     def _meter(self, user: str) -> None:
         now = time.monotonic()
@@ -925,15 +892,6 @@ class FakeGoogle:
             self._notify_pending.add(channel.id)
             self._spawn(self._deliver(channel, "exists"))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return  # no loop (a synchronous caller): nobody could receive it anyway
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _deliver(self, channel: Channel, state: str) -> None:
         await asyncio.sleep(0)  # the watch answer (or the change's own answer) goes first
         self._notify_pending.discard(channel.id)
@@ -951,13 +909,13 @@ class FakeGoogle:
         }
         if channel.token is not None:
             headers["X-Goog-Channel-Token"] = channel.token
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=NOTIFY_TIMEOUT_S)
-            )
+        assert self._http is not None, "start() the fake first"
+        timeout = aiohttp.ClientTimeout(total=NOTIFY_TIMEOUT_S)
         started = time.monotonic()
         try:
-            async with self._http.post(channel.address, data=b"", headers=headers) as answer:
+            async with self._http.post(
+                channel.address, data=b"", headers=headers, timeout=timeout
+            ) as answer:
                 await answer.read()
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError):
@@ -1100,12 +1058,12 @@ def _one(call: _Call, name: str) -> str | None:
 # -- handlers ------------------------------------------------------------------------------
 
 
-async def _insert(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _insert(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.insert")
     calendar = fake._calendar(call, match["cal"])
     body = _json_body(call)
     _validate(body, {"$ref": "Event"}, "resource")
-    return _Response.json(200, fake._store_new(calendar, body, creator=call.user))
+    return _json(200, fake._store_new(calendar, body, creator=call.user))
 
 
 def _existing(calendar: _Calendar, event_id: str) -> dict[str, Any]:
@@ -1115,10 +1073,10 @@ def _existing(calendar: _Calendar, event_id: str) -> dict[str, Any]:
     return event
 
 
-async def _get(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _get(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.get")
     event = _existing(fake._calendar(call, match["cal"]), match["event"])
-    return _Response.json(200, event)
+    return _json(200, event)
 
 
 def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
@@ -1132,22 +1090,22 @@ def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
             target[key] = copy.deepcopy(value)
 
 
-async def _patch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _patch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.patch")
     calendar = fake._calendar(call, match["cal"])
     event = _existing(calendar, match["event"])
     body = _json_body(call)
     _validate(body, {"$ref": "Event"}, "resource")
-    return _Response.json(200, _apply_change(fake, calendar, event, body, replace=False))
+    return _json(200, _apply_change(fake, calendar, event, body, replace=False))
 
 
-async def _update(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _update(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.update")
     calendar = fake._calendar(call, match["cal"])
     event = _existing(calendar, match["event"])
     body = _json_body(call)
     _validate(body, {"$ref": "Event"}, "resource")
-    return _Response.json(200, _apply_change(fake, calendar, event, body, replace=True))
+    return _json(200, _apply_change(fake, calendar, event, body, replace=True))
 
 
 def _apply_change(
@@ -1175,7 +1133,7 @@ def _apply_change(
     return event
 
 
-async def _delete(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _delete(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.delete")
     calendar = fake._calendar(call, match["cal"])
     event = _existing(calendar, match["event"])
@@ -1183,7 +1141,7 @@ async def _delete(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Respo
         raise _ApiError(410, "deleted", "Resource has been deleted")
     event["status"] = "cancelled"
     fake._touch(calendar, event)
-    return _Response(204)
+    return Response(204)
 
 
 def _sync_token(calendar: _Calendar) -> str:
@@ -1204,7 +1162,7 @@ def _read_sync_token(calendar: _Calendar, token: str) -> int:
     return seq
 
 
-async def _list(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _list(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.list")
     calendar = fake._calendar(call, match["cal"])
     sync_token = _one(call, "syncToken")
@@ -1245,7 +1203,7 @@ async def _list(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Respons
         result["nextPageToken"] = str(offset + page_size)
     else:
         result["nextSyncToken"] = _sync_token(calendar)
-    return _Response.json(200, result)
+    return _json(200, result)
 
 
 def _filter(calendar: _Calendar, call: _Call, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1288,7 +1246,7 @@ def _filter(calendar: _Calendar, call: _Call, items: list[dict[str, Any]]) -> li
     return out
 
 
-async def _freebusy(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _freebusy(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "freebusy.query")
     body = _json_body(call)
     _validate(body, {"$ref": "FreeBusyRequest"}, "resource")
@@ -1318,7 +1276,7 @@ async def _freebusy(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Res
             if start < end:
                 spans.append((start, end))
         calendars[requested] = {"busy": [_span_json(s, e) for s, e in _merge_spans(spans)]}
-    return _Response.json(
+    return _json(
         200,
         {
             "kind": "calendar#freeBusy",
@@ -1347,7 +1305,7 @@ def _span_json(start: datetime, end: datetime) -> dict[str, str]:
     return {"start": _utc_text(start), "end": _utc_text(end)}
 
 
-async def _watch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _watch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     _check_params(call, "events.watch")
     calendar = fake._calendar(call, match["cal"])
     body = _json_body(call)
@@ -1362,10 +1320,10 @@ async def _watch(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Respon
     }
     if channel.token is not None:
         answer["token"] = channel.token
-    return _Response.json(200, answer)
+    return _json(200, answer)
 
 
-async def _stop(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Response:
+async def _stop(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> Response:
     """``channels.stop``: the channel must exist for this user with this resource id."""
     body = _json_body(call)
     _validate(body, {"$ref": "Channel"}, "resource")
@@ -1378,7 +1336,7 @@ async def _stop(fake: FakeGoogle, call: _Call, match: re.Match[str]) -> _Respons
     ):
         raise _ApiError(404, "notFound", f"Channel '{body.get('id')}' not found for project")
     channel.stopped = True
-    return _Response(204)
+    return Response(204)
 
 
 def _resource_id(user: str) -> str:
@@ -1392,17 +1350,17 @@ def _now_ms() -> int:
 
 
 _CAL = r"/calendar/v3/calendars/(?P<cal>[^/]+)"
-_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
-    ("POST", re.compile(_CAL + r"/events/watch"), _watch),
-    ("POST", re.compile(r"/calendar/v3/channels/stop"), _stop),
-    ("POST", re.compile(_CAL + r"/events"), _insert),
-    ("GET", re.compile(_CAL + r"/events"), _list),
-    ("GET", re.compile(_CAL + r"/events/(?P<event>[^/]+)"), _get),
-    ("PATCH", re.compile(_CAL + r"/events/(?P<event>[^/]+)"), _patch),
-    ("PUT", re.compile(_CAL + r"/events/(?P<event>[^/]+)"), _update),
-    ("DELETE", re.compile(_CAL + r"/events/(?P<event>[^/]+)"), _delete),
-    ("POST", re.compile(r"/calendar/v3/freeBusy"), _freebusy),
-]
+_ROUTES: Routes[Handler] = Routes(
+    ("POST", _CAL + r"/events/watch", _watch),
+    ("POST", r"/calendar/v3/channels/stop", _stop),
+    ("POST", _CAL + r"/events", _insert),
+    ("GET", _CAL + r"/events", _list),
+    ("GET", _CAL + r"/events/(?P<event>[^/]+)", _get),
+    ("PATCH", _CAL + r"/events/(?P<event>[^/]+)", _patch),
+    ("PUT", _CAL + r"/events/(?P<event>[^/]+)", _update),
+    ("DELETE", _CAL + r"/events/(?P<event>[^/]+)", _delete),
+    ("POST", r"/calendar/v3/freeBusy", _freebusy),
+)
 
 
 # -- wire helpers --------------------------------------------------------------------------
@@ -1410,12 +1368,6 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
 
 def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=status)
-
-
-def _json_response(payload: Mapping[str, Any], status: int) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(payload).encode(), headers={"Content-Type": JSON_TYPE}
-    )
 
 
 def _parse_part(payload: str) -> tuple[str, str, dict[str, str], bytes]:
@@ -1428,27 +1380,28 @@ def _parse_part(payload: str) -> tuple[str, str, dict[str, str], bytes]:
     return method, target, headers, str(body).encode() if body else b""
 
 
-def _format_part(boundary: str, content_id: str, answer: _Response) -> str:
+def _format_part(boundary: str, content_id: str, answer: Response) -> str:
     """One response part; ``Content-ID: <response-…>`` as Google answers and the client parses."""
     reason = HTTPStatus(answer.status).phrase
     lines = [f"--{boundary}", "Content-Type: application/http"]
     if content_id.startswith("<") and content_id.endswith(">"):
         lines.append(f"Content-ID: <response-{content_id[1:-1]}>")
     lines += ["", f"HTTP/1.1 {answer.status} {reason}"]
-    if answer.body:
+    body = answer.to_bytes()
+    if body:
         lines.append(f"Content-Type: {answer.content_type}")
-    lines.append(f"Content-Length: {len(answer.body)}")
-    return "\r\n".join(lines) + "\r\n\r\n" + answer.body.decode() + "\r\n"
+    lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines) + "\r\n\r\n" + body.decode() + "\r\n"
 
 
 @asynccontextmanager
 async def running_fake(
     config: FakeGoogleConfig | None = None, *, seed: int = 0
 ) -> AsyncIterator[FakeGoogle]:
-    """A started fake on a free port, closed on exit."""
+    """A started fake on a free port, stopped on exit."""
     fake = FakeGoogle(config, seed=seed)
     await fake.start()
     try:
         yield fake
     finally:
-        await fake.close()
+        await fake.stop()

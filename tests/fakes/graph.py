@@ -49,7 +49,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 from aiohttp import web
 
-from tests.fakes._tls import TlsFiles, combined_ca_bundle, make_self_signed
+from tests.fakes._server import FakeServer, Response, Routes
 
 GRAPH_PATH_PREFIX = "/v1.0"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
@@ -275,13 +275,6 @@ class _Request:
     user: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: Any = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
 class GraphError(Exception):
     """A Graph error answer: ``{"error": {"code", "message", "innerError"}}``."""
 
@@ -294,7 +287,7 @@ class GraphError(Exception):
         self.message = message
         self.headers = dict(headers or {})
 
-    def response(self) -> _Response:
+    def response(self) -> Response:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         body = {
             "error": {
@@ -303,10 +296,10 @@ class GraphError(Exception):
                 "innerError": {"date": now, "request-id": str(uuid.uuid4())},
             }
         }
-        return _Response(self.status, body, self.headers)
+        return Response(self.status, body, self.headers)
 
 
-Handler = Callable[["_Request", "_Mailbox | None", re.Match[str]], Awaitable[_Response]]
+Handler = Callable[["_Request", "_Mailbox | None", re.Match[str]], Awaitable[Response]]
 
 
 # --- Body validation, the way Graph's OData reader does it ------------------------------------
@@ -521,8 +514,13 @@ def _new_change_key() -> str:
 # --- The server -------------------------------------------------------------------------------
 
 
-class FakeGraph:
+class FakeGraph(FakeServer):
     """Entra ID token endpoints plus the Graph calendar API, on one https port."""
+
+    tls_name = "graph"
+    client_max_size = 4 * 1024 * 1024
+    #: A client that gave up no longer holds one of its mailbox's concurrent requests.
+    handler_cancellation = True
 
     def __init__(
         self,
@@ -533,6 +531,7 @@ class FakeGraph:
         token_lifetime_s: int = TOKEN_LIFETIME_S,
         limits: ThrottleLimits | None = None,
     ) -> None:
+        super().__init__()
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
@@ -561,11 +560,6 @@ class FakeGraph:
         self.round_trips: list[tuple[str, str]] = []
         #: Every PATCH of an event as (event id, body), to see what an update resent.
         self.patch_bodies: list[tuple[str, Any]] = []
-        self.tls: TlsFiles | None = None
-        #: System CAs plus the fake's certificate: what SSL_CERT_FILE should name in tests.
-        self.ca_bundle: Path | None = None
-        self._runner: web.AppRunner | None = None
-        self.port = 0
         self._subscriptions: dict[str, FakeSubscription] = {}
         self.deliveries: list[Delivery] = []
         #: Answer deadline given to subscribers for validation requests (Graph: 10 s).
@@ -573,50 +567,28 @@ class FakeGraph:
         self._seq = 0
         self._delta_tokens: dict[str, _DeltaState] = {}
         self._skip_tokens: dict[str, tuple[list[str], _DeltaState, bool]] = {}
-        self._http: aiohttp.ClientSession | None = None
-        self._background: set[asyncio.Task[None]] = set()
         #: Events per delta page unless the client asks (``Prefer: odata.maxpagesize``).
         self.delta_page_size = GRAPH_PAGE_SIZE_DEFAULT
         #: Delta requests answered 410 SyncStateNotFound, and delta rounds started from scratch.
         self.stale_delta_answers = 0
         self.full_delta_rounds = 0
-        self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
+        self._routes: Routes[Handler] = Routes(
+            ("GET", r"/users/([^/]+)/(?:calendar/)?calendarView/delta", self._calendar_view_delta),
+            ("POST", r"/users/([^/]+)/(?:calendar/)?events", self._create_event),
+            ("GET", r"/users/([^/]+)/(?:calendar/)?events", self._list_events),
+            ("GET", r"/users/([^/]+)/(?:calendar/)?events/([^/]+)", self._get_event),
+            ("PATCH", r"/users/([^/]+)/(?:calendar/)?events/([^/]+)", self._patch_event),
+            ("DELETE", r"/users/([^/]+)/(?:calendar/)?events/([^/]+)", self._delete_event),
+            ("GET", r"/users/([^/]+)/(?:calendar/)?calendarView", self._calendar_view),
             (
                 "GET",
-                re.compile(r"^/users/([^/]+)/(?:calendar/)?calendarView/delta$"),
-                self._calendar_view_delta,
-            ),
-            ("POST", re.compile(r"^/users/([^/]+)/(?:calendar/)?events$"), self._create_event),
-            ("GET", re.compile(r"^/users/([^/]+)/(?:calendar/)?events$"), self._list_events),
-            ("GET", re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"), self._get_event),
-            (
-                "PATCH",
-                re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"),
-                self._patch_event,
-            ),
-            (
-                "DELETE",
-                re.compile(r"^/users/([^/]+)/(?:calendar/)?events/([^/]+)$"),
-                self._delete_event,
-            ),
-            (
-                "GET",
-                re.compile(r"^/users/([^/]+)/(?:calendar/)?calendarView$"),
-                self._calendar_view,
-            ),
-            (
-                "GET",
-                re.compile(r"^/users/([^/]+)/mailboxSettings/automaticRepliesSetting$"),
+                r"/users/([^/]+)/mailboxSettings/automaticRepliesSetting",
                 self._automatic_replies,
             ),
-            ("POST", re.compile(r"^/users/([^/]+)/calendar/getSchedule$"), self._get_schedule),
-        ]
+            ("POST", r"/users/([^/]+)/calendar/getSchedule", self._get_schedule),
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
 
     @property
     def authority_url(self) -> str:
@@ -627,15 +599,7 @@ class FakeGraph:
     def graph_url(self) -> str:
         return self.base_url + GRAPH_PATH_PREFIX
 
-    @property
-    def ca_file(self) -> Path:
-        assert self.tls is not None, "start() the fake first"
-        return self.tls.cert_path
-
-    async def start(self, directory: Path) -> None:
-        self.tls = make_self_signed(directory, "graph")
-        self.ca_bundle = combined_ca_bundle([self.tls.cert_path], directory / "ca-bundle.pem")
-        app = web.Application(client_max_size=4 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
         app.router.add_get("/{tenant}/oauth2/v2.0/authorize", self._sign_in_page)
@@ -643,25 +607,6 @@ class FakeGraph:
         app.router.add_get("/organizations/v2.0/adminconsent", self._admin_consent_page)
         app.router.add_post("/organizations/v2.0/adminconsent", self._admin_consent_decide)
         app.router.add_route("*", GRAPH_PATH_PREFIX + "/{tail:.*}", self._graph_http)
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls.server_context())
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self._http = aiohttp.ClientSession()
-
-    async def stop(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # -- direct access for tests -------------------------------------------------------------
 
@@ -858,7 +803,7 @@ class FakeGraph:
         answer["state"] = form.get("state", "")
         raise web.HTTPFound(f"{form['redirect_uri']}?{urlencode(answer)}")
 
-    def _organization(self, directory: str) -> _Response:
+    def _organization(self, directory: str) -> Response:
         """``GET /organization``: the token's own directory, with its verified domains."""
         d = self.directories[directory]
         domains = [
@@ -871,7 +816,7 @@ class FakeGraph:
             }
             for n, name in enumerate(d.domains)
         ]
-        return _Response(
+        return Response(
             200,
             {
                 "@odata.context": f"{self.graph_url}/$metadata#organization",
@@ -1139,14 +1084,14 @@ class FakeGraph:
                 try:
                     body = json.loads(raw)
                 except ValueError:
-                    return self._to_http(
-                        GraphError(
-                            400, "BadRequest", "Unable to read JSON request payload."
-                        ).response()
+                    return (
+                        GraphError(400, "BadRequest", "Unable to read JSON request payload.")
+                        .response()
+                        .to_web()
                     )
         bearer = self._check_token(headers)
-        if isinstance(bearer, _Response):
-            return self._to_http(bearer)
+        if isinstance(bearer, Response):
+            return bearer.to_web()
         directory, user = bearer
         req = _Request(
             request.method,
@@ -1169,15 +1114,9 @@ class FakeGraph:
         announced = time.monotonic()
         for box in req.penalized:
             box.penalty_announced_at = announced
-        return self._to_http(result)
+        return result.to_web()
 
-    @staticmethod
-    def _to_http(result: _Response) -> web.StreamResponse:
-        if result.body is None:
-            return web.Response(status=result.status, headers=result.headers)
-        return web.json_response(result.body, status=result.status, headers=result.headers)
-
-    def _check_token(self, headers: Mapping[str, str]) -> _Response | tuple[str, str | None]:
+    def _check_token(self, headers: Mapping[str, str]) -> Response | tuple[str, str | None]:
         """The token's Entra tenant and delegated user, or the 401 to answer."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         expiry, directory, user = self._tokens.get(token, (0.0, "", None))
@@ -1195,31 +1134,30 @@ class FakeGraph:
     def _mailbox(self, address: str) -> _Mailbox:
         return self._mailboxes[address.lower()]
 
-    async def _dispatch(self, req: _Request) -> _Response:
+    async def _dispatch(self, req: _Request) -> Response:
         """Routes one (possibly batched) request: auth was checked by the caller."""
-        for method, pattern, handler in self._routes:
-            match = pattern.match(req.path)
-            if match is None or method != req.method:
-                continue
-            box = self._mailboxes.get(unquote(match.group(1)).lower())
-            if box is None:
-                user = unquote(match.group(1))
-                return GraphError(
-                    404, "ErrorInvalidUser", f"The requested user '{user}' is invalid."
-                ).response()
-            if box.denied or not _may_reach(req, box):
-                return GraphError(
-                    403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
-                ).response()
-            return await self._metered(box, req, match, handler)
-        segment = req.path.strip("/").split("/")[0] or req.path
-        return GraphError(
-            400, "BadRequest", f"Resource not found for the segment '{segment}'."
-        ).response()
+        found = self._routes.find(req.method, req.path)
+        if found is None:
+            segment = req.path.strip("/").split("/")[0] or req.path
+            return GraphError(
+                400, "BadRequest", f"Resource not found for the segment '{segment}'."
+            ).response()
+        handler, match = found
+        box = self._mailboxes.get(unquote(match.group(1)).lower())
+        if box is None:
+            user = unquote(match.group(1))
+            return GraphError(
+                404, "ErrorInvalidUser", f"The requested user '{user}' is invalid."
+            ).response()
+        if box.denied or not _may_reach(req, box):
+            return GraphError(
+                403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
+            ).response()
+        return await self._metered(box, req, match, handler)
 
     # -- throttling and faults -----------------------------------------------------------------
 
-    def _admit(self, box: _Mailbox, req: _Request) -> _Response | None:
+    def _admit(self, box: _Mailbox, req: _Request) -> Response | None:
         """The Outlook limits: a running penalty, the request window, then concurrency.
 
         A request counts as ``early`` only if it was sent after its client had the 429 in hand
@@ -1257,7 +1195,7 @@ class FakeGraph:
     @staticmethod
     def _throttled(
         box: _Mailbox, req: _Request, now: float, wait_s: int, message: str | None
-    ) -> _Response:
+    ) -> Response:
         if message is not None:
             box.penalty_until = now + wait_s
             box.penalty_message = message
@@ -1282,7 +1220,7 @@ class FakeGraph:
 
     async def _metered(
         self, box: _Mailbox, req: _Request, match: re.Match[str], handler: Handler
-    ) -> _Response:
+    ) -> Response:
         rejected = self._admit(box, req)
         if rejected is not None:
             return rejected
@@ -1468,15 +1406,15 @@ class FakeGraph:
 
     async def _create_event(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         transaction_id = req.body.get("transactionId") if isinstance(req.body, dict) else None
         props, start, end, all_day, extended = self._validated_event(req.body, None)
         if isinstance(transaction_id, str) and transaction_id in box.by_transaction:
             existing = box.events[box.by_transaction[transaction_id]]
-            return _Response(201, self._render(box, existing, req))
+            return Response(201, self._render(box, existing, req))
         event = self._store(box, props, start, end, all_day, extended, transaction_id)
-        return _Response(201, self._render(box, event, req))
+        return Response(201, self._render(box, event, req))
 
     def _event(self, box: _Mailbox, match: re.Match[str]) -> FakeEvent:
         event = box.events.get(unquote(match.group(2)))
@@ -1488,13 +1426,13 @@ class FakeGraph:
 
     async def _get_event(
         self, req: _Request, box: _Mailbox | None, match: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
-        return _Response(200, self._render(box, self._event(box, match), req))
+        return Response(200, self._render(box, self._event(box, match), req))
 
     async def _patch_event(
         self, req: _Request, box: _Mailbox | None, match: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         event = self._event(box, match)
         self.patch_bodies.append((event.id, req.body))
@@ -1504,20 +1442,20 @@ class FakeGraph:
         event.change_key = _new_change_key()
         event.modified = dt.datetime.now(dt.UTC)
         self._changed(box, event.id, "updated")
-        return _Response(200, self._render(box, event, req))
+        return Response(200, self._render(box, event, req))
 
     async def _delete_event(
         self, req: _Request, box: _Mailbox | None, match: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         event = self._event(box, match)
         del box.events[event.id]
         if event.transaction_id:
             box.by_transaction.pop(event.transaction_id, None)
         self._changed(box, event.id, "deleted")
-        return _Response(204)
+        return Response(204)
 
-    def _page(self, req: _Request, items: list[dict[str, Any]], context: str) -> _Response:
+    def _page(self, req: _Request, items: list[dict[str, Any]], context: str) -> Response:
         try:
             top = int(req.query.get("$top", GRAPH_PAGE_SIZE_DEFAULT))
             skip = int(req.query.get("$skip", 0))
@@ -1532,7 +1470,7 @@ class FakeGraph:
         if skip + top < len(items):
             query = {**req.query, "$top": str(top), "$skip": str(skip + top)}
             body["@odata.nextLink"] = f"{self.graph_url}{req.path}?{urlencode(query)}"
-        return _Response(200, body)
+        return Response(200, body)
 
     @staticmethod
     def _ordered(events: list[FakeEvent]) -> list[FakeEvent]:
@@ -1540,7 +1478,7 @@ class FakeGraph:
 
     async def _list_events(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         events = list(box.events.values())
         text = req.query.get("$filter")
@@ -1561,7 +1499,7 @@ class FakeGraph:
 
     async def _calendar_view(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         begin, finish = _window(req)
         hits = [e for e in box.events.values() if e.start < finish and e.end > begin]
@@ -1570,18 +1508,18 @@ class FakeGraph:
 
     async def _automatic_replies(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         body = {
             "@odata.context": f"{self.graph_url}/$metadata#users('{box.address}')"
             "/mailboxSettings/automaticRepliesSetting",
             **box.auto_replies,
         }
-        return _Response(200, body)
+        return Response(200, body)
 
     async def _get_schedule(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         body = _check_body(req.body, GET_SCHEDULE_PROPERTIES, "microsoft.graph.getSchedule")
         schedules = body.get("schedules")
@@ -1647,7 +1585,7 @@ class FakeGraph:
                     },
                 }
             )
-        return _Response(
+        return Response(
             200,
             {
                 "@odata.context": f"{self.graph_url}/$metadata"
@@ -1658,19 +1596,19 @@ class FakeGraph:
 
     # -- $batch --------------------------------------------------------------------------------
 
-    async def _batch(self, req: _Request) -> _Response:
+    async def _batch(self, req: _Request) -> Response:
         """JSON batching: ≤ 20 relative requests, each routed, throttled and answered alone."""
         try:
             items = self._batch_items(req.body)
         except GraphError as error:
             return error.response()
-        answers: dict[str, _Response] = {}
+        answers: dict[str, Response] = {}
         if any(item.get("dependsOn") for item in items):
             for item in items:
                 failed = [
                     d
                     for d in item.get("dependsOn") or []
-                    if answers.get(d, _Response(424)).status >= 400
+                    if answers.get(d, Response(424)).status >= 400
                 ]
                 if failed:
                     answers[item["id"]] = GraphError(
@@ -1701,7 +1639,7 @@ class FakeGraph:
             if answer.body is not None:
                 entry["body"] = answer.body
             responses.append(entry)
-        return _Response(200, {"responses": responses})
+        return Response(200, {"responses": responses})
 
     @staticmethod
     def _batch_items(body: Any) -> list[dict[str, Any]]:
@@ -1843,8 +1781,8 @@ class FakeGraph:
 
     async def drain_notifications(self) -> None:
         """Waits for the notifications of API changes, which are sent in the background."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _log_change(self, box: _Mailbox, event_id: str) -> None:
         self._seq += 1
@@ -1853,16 +1791,8 @@ class FakeGraph:
     def _changed(self, box: _Mailbox, event_id: str, change_type: str) -> None:
         """An API change: logged for delta, notified in the background like Graph does."""
         self._log_change(box, event_id)
-        if self._http is None or not self._watching(box):
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._notify_quietly(box, event_id, change_type)
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _notify_quietly(self, box: _Mailbox, event_id: str, change_type: str) -> None:
-        await self._notify(box, event_id, change_type)
+        if self._watching(box):
+            self._spawn(self._notify(box, event_id, change_type))
 
     def _watching(self, box: _Mailbox) -> list[FakeSubscription]:
         now = dt.datetime.now(dt.UTC)
@@ -1978,13 +1908,13 @@ class FakeGraph:
             )
         return parsed
 
-    async def _subscriptions_api(self, req: _Request) -> _Response:
+    async def _subscriptions_api(self, req: _Request) -> Response:
         parts = req.path.strip("/").split("/")
         try:
             if len(parts) == 1 and req.method == "POST":
                 return await self._create_subscription(req)
             if len(parts) == 1 and req.method == "GET":
-                return _Response(
+                return Response(
                     200,
                     {"value": [self._subscription_json(s) for s in self._subscriptions.values()]},
                 )
@@ -1992,10 +1922,10 @@ class FakeGraph:
             if sub is None:
                 raise GraphError(404, "ResourceNotFound", "The object was not found.")
             if req.method == "GET":
-                return _Response(200, self._subscription_json(sub))
+                return Response(200, self._subscription_json(sub))
             if req.method == "DELETE":
                 del self._subscriptions[sub.id]
-                return _Response(204)
+                return Response(204)
             if req.method == "PATCH":
                 body = req.body if isinstance(req.body, dict) else {}
                 expires = self._expiry(body.get("expirationDateTime"))
@@ -2008,12 +1938,12 @@ class FakeGraph:
                     )
                 sub.expires = expires
                 sub.renewals += 1
-                return _Response(200, self._subscription_json(sub))
+                return Response(200, self._subscription_json(sub))
             raise GraphError(405, "MethodNotAllowed", "The method is not allowed.")
         except GraphError as error:
             return error.response()
 
-    async def _create_subscription(self, req: _Request) -> _Response:
+    async def _create_subscription(self, req: _Request) -> Response:
         body = req.body if isinstance(req.body, dict) else {}
         change_type = body.get("changeType")
         if not isinstance(change_type, str) or not set(change_type.split(",")) <= {
@@ -2064,11 +1994,11 @@ class FakeGraph:
             expires=expires,
         )
         self._subscriptions[sub.id] = sub
-        return _Response(201, self._subscription_json(sub))
+        return Response(201, self._subscription_json(sub))
 
     async def _calendar_view_delta(
         self, req: _Request, box: _Mailbox | None, _m: re.Match[str]
-    ) -> _Response:
+    ) -> Response:
         assert box is not None
         skip, token = req.query.get("$skiptoken"), req.query.get("$deltatoken")
         if skip is not None:
@@ -2105,7 +2035,7 @@ class FakeGraph:
             next_token = secrets.token_urlsafe(24)
             self._delta_tokens[next_token] = state
             body["@odata.deltaLink"] = f"{base}?$deltatoken={next_token}"
-        return _Response(200, body)
+        return Response(200, body)
 
     def _delta_page_size(self, req: _Request) -> int:
         found = re.search(r"odata\.maxpagesize\s*=\s*(\d+)", req.headers.get("prefer", ""))
