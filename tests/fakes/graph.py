@@ -659,6 +659,10 @@ class FakeGraph(FakeServer):
         self.directories[tenant_id].consented = False
         self._tokens = {t: v for t, v in self._tokens.items() if v[1] != tenant_id}
 
+    def refresh_tokens_of(self, address: str) -> list[str]:
+        """The refresh tokens issued to the user so far, oldest first (all still valid)."""
+        return [t for t, u in self._refresh_tokens.items() if u == address.lower()]
+
     def revoke_user_grants(self, address: str) -> None:
         """The user removed the app at myapps.microsoft.com (or an admin revoked their
         sessions): their refresh tokens answer ``invalid_grant`` (AADSTS50173), their access
