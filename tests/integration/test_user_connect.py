@@ -427,3 +427,43 @@ async def test_a_revoked_grant_waits_and_connecting_again_finishes_the_batch_onc
 async def _tenant_id(stack: Stack) -> str:
     _, body = await stack.call("GET", "/v1/tenant")
     return str(body["id"])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS.values(), ids=PROVIDERS.keys())
+async def test_a_code_made_for_another_tenant_stores_nothing(
+    stack: Stack, provider: Provider
+) -> None:
+    """Alpha's user consents; the code is replayed against beta's sign-in (its own state, its
+    own PKCE verifier): the provider refuses it, beta's user stays unconnected, and the code
+    is spent."""
+    _, beta_key = await create_tenant(stack.db, "beta")
+    beta = Stack(stack.http, stack.base, stack.crm, stack.google, stack.graph, stack.db, beta_key)
+    assert (await beta.call("PATCH", "/v1/tenant", {"return_origins": [stack.crm]}))[0] == 200
+    assert (await beta.call("PUT", "/v1/users/mallory", _user()))[0] == 200
+
+    body = {"provider": provider.name, "return_url": stack.crm + "/alpha"}
+    _, link = await stack.call("POST", "/v1/users/kim/connect", body)
+    async with stack.http.get(link["url"]) as page:
+        html = await page.text()
+    form = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', html))
+    form.update(account=provider.accounts[0], action=provider.accept.lower())
+    async with stack.http.post(
+        link["url"].split("?")[0], data=form, allow_redirects=False
+    ) as decided:
+        code = parse_qs(urlsplit(decided.headers["Location"]).query)["code"][0]
+
+    body = {"provider": provider.name, "return_url": stack.crm + "/beta"}
+    _, other = await beta.call("POST", "/v1/users/mallory/connect", body)
+    state = parse_qs(urlsplit(other["url"]).query)["state"][0]
+    callback = f"{stack.base}/oauth/{provider.name}/callback"
+    async with stack.http.get(
+        callback, params={"code": code, "state": state}, allow_redirects=False
+    ) as crossed:
+        assert crossed.status == 302
+        back = parse_qs(urlsplit(crossed.headers["Location"]).query)
+    assert crossed.headers["Location"].startswith(stack.crm + "/beta?")
+    assert back["connect"] == ["failed"] and back["error"][0], back
+    _, user = await beta.call("GET", "/v1/users/mallory")
+    assert user["calendar"] == {"provider": "none"} and user["connection"] is None
+    _, user = await stack.call("GET", "/v1/users/kim")
+    assert user["calendar"] == {"provider": "none"}  # alpha's own sign-in did not finish
