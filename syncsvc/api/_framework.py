@@ -77,6 +77,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.config import Settings
 from syncsvc.errors import BadRequest, ErrorDetail, Unauthorized, ValidationError
 from syncsvc.metrics import Metrics
+from syncsvc.service.idempotency import READ_ONLY_POSTS
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import Tenant
@@ -442,7 +443,7 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
         ):
             if model is not None:
                 params.extend(_parameters(location, resolved(model)))
-        if ep.method == "POST" and ep.access == "tenant":
+        if ep.method == "POST" and ep.access == "tenant" and ep.path not in READ_ONLY_POSTS:
             params.append(
                 {
                     "name": "Idempotency-Key",

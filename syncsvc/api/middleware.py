@@ -190,7 +190,7 @@ async def idempotent_posts(request: web.Request, handler: Handler) -> web.Stream
     """Replays the first 2xx answer for a repeated ``Idempotency-Key`` with the same body."""
     key = request.headers.get("Idempotency-Key")
     tenant = request.get(TENANT)
-    if request.method != "POST" or key is None or tenant is None:
+    if request.method != "POST" or key is None or tenant is None or _read_only(request):
         return await handler(request)
     if not 1 <= len(key) <= idempotency.IDEMPOTENCY_KEY_MAX_CHARS or not key.isprintable():
         raise ValidationError(
@@ -226,6 +226,11 @@ async def idempotent_posts(request: web.Request, handler: Handler) -> web.Stream
     else:
         await idempotency.release(db, tenant.id, key)
     return response
+
+
+def _read_only(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in idempotency.READ_ONLY_POSTS
 
 
 MIDDLEWARES = (observe, errors, auth, idempotent_posts)

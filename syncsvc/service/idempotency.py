@@ -3,12 +3,16 @@
 A key is first *reserved* (``status`` 0) before the handler runs, so two concurrent requests
 with one key cannot both act: the second gets a 409. Only 2xx answers are kept; any other
 outcome releases the reservation so the client may retry with the same key. A reservation
-left by a crashed process expires after ``RESERVATION_TTL_S``.
+left by a crashed process expires after ``RESERVATION_TTL_S``; a kept answer after
+``ANSWER_TTL`` (as Stripe's keys do), when the key may be used afresh. An answer longer than
+``ANSWER_MAX_CHARS`` is kept as its status with a short note instead of its body: the write
+still happens once, and a replay says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +28,15 @@ from syncsvc.store.types import utcnow
 
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 RESERVATION_TTL_S = 300
+ANSWER_TTL = timedelta(hours=24)
+ANSWER_MAX_CHARS = 256 * 1024
+#: POSTs that change nothing (a plan preview): running one again is its replay, so no key
+#: is kept for them.
+READ_ONLY_POSTS = frozenset({"/v1/plans"})
 _RESERVED = 0
+_TOO_LARGE = json.dumps(
+    {"replayed": True, "note": "the original answer was too large to keep; the request was done"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +67,13 @@ async def begin(
 ) -> StoredAnswer | None:
     """The stored answer to replay, or None after reserving the key for this request."""
     async with db.session() as session, session.begin():
+        # Expired keys are forgotten: this one may then be used afresh.
+        await session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.tenant_id == tenant_id,
+                IdempotencyKey.created_at < utcnow() - ANSWER_TTL,
+            )
+        )
         row = await session.get(IdempotencyKey, (tenant_id, key))
         if row is not None:
             if row.request_hash != digest:
@@ -105,14 +124,20 @@ async def answer_within(
     row = await session.get(IdempotencyKey, (tenant_id, key))
     if row is not None:
         row.status = status
-        row.response = {"content_type": content_type, "body": body}
+        row.response = _kept(content_type, body)
+
+
+def _kept(content_type: str | None, body: str | None) -> dict[str, Any]:
+    if body is not None and len(body) > ANSWER_MAX_CHARS:
+        return {"content_type": "application/json", "body": _TOO_LARGE}
+    return {"content_type": content_type, "body": body}
 
 
 async def finish(
     db: Database, tenant_id: str, key: str, status: int, content_type: str | None, body: str | None
 ) -> None:
     """Keeps a 2xx answer for replays."""
-    response: dict[str, Any] = {"content_type": content_type, "body": body}
+    response = _kept(content_type, body)
     async with db.session() as session, session.begin():
         row = await session.get(IdempotencyKey, (tenant_id, key))
         if row is not None:

@@ -3,6 +3,7 @@ tenant's ids answer 404, and ``Idempotency-Key`` replays per tenant."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,8 +16,10 @@ from syncsvc.api._framework import Ctx, Routes
 from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.errors import ErrorDetail, ValidationError
+from syncsvc.service.idempotency import ANSWER_MAX_CHARS, ANSWER_TTL
 from syncsvc.store.db import Database
 from syncsvc.store.models import IdempotencyKey
+from syncsvc.store.types import utcnow
 from tests.api.conftest import OPERATOR_KEY, Tenants
 from tests.api.test_users import user_body
 
@@ -108,6 +111,8 @@ def counting_app(settings: Settings, db: Database, calls: list[str]) -> web.Appl
         if body.label == "refuse":
             raise ValidationError("refused", [ErrorDetail(("body", "label"), "refused")])
         calls.append(body.label)
+        if body.label == "big":  # an answer too large to keep for replays
+            return CountOut(label="b" * (ANSWER_MAX_CHARS + 1), call=len(calls))
         return CountOut(label=body.label, call=len(calls))
 
     app = build_app(settings, db)
@@ -167,3 +172,51 @@ async def test_failed_answers_are_not_kept(
     async with db.session() as session:
         stored = (await session.scalars(select(IdempotencyKey))).all()
     assert [(r.tenant_id, r.key, r.status) for r in stored] == [(tenants.a.id, "k", 201)]
+
+
+async def test_kept_answers_expire_after_a_day_and_large_ones_keep_only_their_status(
+    settings: Settings, db: Database, tenants: Tenants
+) -> None:
+    calls: list[str] = []
+    async with TestClient(TestServer(counting_app(settings, db, calls))) as client:
+        a = tenants.a.headers
+        assert await _post(client, a, "day", {"label": "x"}) == (201, {"label": "x", "call": 1})
+        async with db.session() as session, session.begin():
+            row = await session.get(IdempotencyKey, (tenants.a.id, "day"))
+            assert row is not None
+            row.created_at = utcnow() - ANSWER_TTL - timedelta(minutes=1)
+        # A day on, the key is forgotten: the same request runs afresh, and is kept again.
+        assert await _post(client, a, "day", {"label": "x"}) == (201, {"label": "x", "call": 2})
+        assert await _post(client, a, "day", {"label": "x"}) == (201, {"label": "x", "call": 2})
+
+        status, first = await _post(client, a, "big", {"label": "big"})
+        assert status == 201 and len(first["label"]) > ANSWER_MAX_CHARS
+        status, replay = await _post(client, a, "big", {"label": "big"})
+        assert status == 201 and replay["replayed"] is True, replay
+        assert calls == ["x", "x", "big"]  # done once
+    async with db.session() as session:
+        sizes = [
+            len(r.response.get("body") or "") for r in await session.scalars(select(IdempotencyKey))
+        ]
+    assert max(sizes) < 1000
+
+
+async def test_a_plan_preview_keeps_no_idempotency_record(
+    client: Client, db: Database, tenants: Tenants
+) -> None:
+    body = {
+        "targetgroup_name": "Customers",
+        "targets": [{"id": f"t{i}", "name": f"Customer {i}"} for i in range(50)],
+        "template": {"kind": "call", "subject": "Call"},
+        "schedule": {"start_date": "2027-06-07", "duration": "00:30"},
+        "assignment": {"mode": "users", "users": ["u1"]},
+    }
+    headers = {**tenants.a.headers, "Idempotency-Key": "preview"}
+    assert (
+        await client.put("/v1/users/u1", json=user_body(), headers=tenants.a.headers)
+    ).status == 200
+    for _ in range(3):
+        answer = await client.post("/v1/plans", json=body, headers=headers)
+        assert answer.status == 200, await answer.text()
+    async with db.session() as session:
+        assert (await session.scalars(select(IdempotencyKey))).all() == []
