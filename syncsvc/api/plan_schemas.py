@@ -66,6 +66,20 @@ def single_line(value: str) -> str:
     return value
 
 
+#: Times outside these years are refused: nobody books a call in 9999, and converting such a
+#: time into another zone (or adding a duration) leaves what ``datetime`` can hold.
+EARLIEST_YEAR, LATEST_YEAR = 1900, 2199
+
+
+def _plausible(value: datetime) -> datetime:
+    if not EARLIEST_YEAR <= value.year <= LATEST_YEAR:  # its own year: converting may overflow
+        raise ValueError(f"must be between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+    return value
+
+
+#: A time with an offset, in a plausible year.
+Instant = Annotated[AwareDatetime, AfterValidator(_plausible)]
+
 #: An e-mail address (or empty): one line, no control characters.
 Email = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(single_line)]
 
@@ -364,8 +378,8 @@ class ActivityPatch(BaseModel):
     model_config = _INSTRUCTION
 
     status: Status | None = None
-    start: AwareDatetime | None = None
-    end: AwareDatetime | None = None
+    start: Instant | None = None
+    end: Instant | None = None
     subject: Text | None = None
     description: Text | None = None
     reminder_minutes: Annotated[int, Field(ge=0, le=MAX_REMINDER_MINUTES)] | None = None
@@ -387,7 +401,7 @@ class FollowUpBody(BaseModel):
 
     model_config = _INSTRUCTION
 
-    start: AwareDatetime | None = None
+    start: Instant | None = None
     duration: DurationIn | None = Field(
         default=None, description="Left out: the length of the activity followed up."
     )

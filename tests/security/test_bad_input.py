@@ -10,6 +10,8 @@ from aiohttp.test_utils import TestClient
 
 from syncsvc.providers._http import RETRY_AFTER_MAX_S, parse_retry_after
 from tests.api.conftest import OPERATOR_KEY, Tenants
+from tests.api.test_activities import batch_activities
+from tests.api.test_plans import plan_body, put_users
 
 Client = TestClient[web.Request, web.Application]
 JSON = {"Content-Type": "application/json"}
@@ -46,3 +48,41 @@ async def test_ordinary_nesting_still_validates(client: Client, tenants: Tenants
 )
 def test_a_huge_retry_after_is_capped(header: str) -> None:
     assert parse_retry_after(header, now_s=0.0) == RETRY_AFTER_MAX_S
+
+
+FAR = ["9999-12-31T23:30:00+00:00", "0001-01-01T00:30:00+14:00", "2999-01-01T10:00:00+01:00"]
+
+
+@pytest.mark.parametrize("moment", FAR)
+async def test_far_off_times_are_422_and_leave_the_activity_readable(
+    client: Client, tenants: Tenants, moment: str
+) -> None:
+    _, items = await batch_activities(client, tenants, plan_body(targets=2))
+    url = f"/v1/activities/{items[0]['id']}"
+    for method, path, body in (
+        ("PATCH", url, {"start": moment}),
+        ("PATCH", url, {"end": moment}),
+        ("POST", f"{url}/follow-ups", {"start": moment}),
+    ):
+        answer = await client.request(method, path, json=body, headers=tenants.a.headers)
+        assert answer.status == 422, (path, body, await answer.text())
+        loc = (await answer.json())["error"]["details"][0]["loc"]
+        assert loc[-1] in ("start", "end"), loc
+    got = await client.get(url, headers=tenants.a.headers)
+    assert got.status == 200 and (await got.json())["start"] == items[0]["start"]
+
+
+@pytest.mark.parametrize("day", ["9999-12-31", "0001-01-01"])
+async def test_far_off_dates_are_422(client: Client, tenants: Tenants, day: str) -> None:
+    await put_users(client, tenants.a)
+    body = plan_body(targets=2)
+    body["schedule"]["start_date"] = day
+    for path in ("/v1/plans", "/v1/batches"):
+        answer = await client.post(path, json=body, headers=tenants.a.headers)
+        assert answer.status == 422, (path, await answer.text())
+    user = await client.put(
+        "/v1/users/u9",
+        json={"name": "U", "timezone": "Europe/Copenhagen", "days_off": [day]},
+        headers=tenants.a.headers,
+    )
+    assert user.status == 422, await user.text()
