@@ -36,6 +36,7 @@ import hmac
 import logging
 import secrets
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -218,27 +219,30 @@ async def _record_group(
             ).scalars()
         }
         for index, items in enumerate(requests):
-            accepted = rejected = 0
+            accepted, sample = 0, ""
+            reasons: Counter[str] = Counter()
             for item in items:
                 sub = subs.get(item.subscription_id)
                 if sub is None or not hmac.compare_digest(
                     hash_token(item.client_state).encode(), sub.client_state.encode()
                 ):
-                    rejected += 1
-                    log.warning(
-                        "event=webhook.graph.rejected reason=%s subscription=%s",
-                        "unknown_subscription" if sub is None else "wrong_client_state",
-                        item.subscription_id[:64],
-                    )
+                    reasons["unknown_subscription" if sub is None else "wrong_client_state"] += 1
+                    sample = sample or item.subscription_id[:64]
                     continue
                 action = _action(item)
                 if action is None:
-                    rejected += 1
-                    log.warning("event=webhook.graph.rejected reason=unknown_type")
+                    reasons["unknown_type"] += 1
                     continue
                 accepted += 1
                 _want(wanted, owner, index, sub, action)
-            counts.append((accepted, rejected))
+            if reasons:  # one line per request, however many items were forged
+                log.warning(
+                    "event=webhook.graph.rejected items=%d reasons=%s subscription=%s",
+                    sum(reasons.values()),
+                    ",".join(f"{r}:{n}" for r, n in sorted(reasons.items())),
+                    sample,
+                )
+            counts.append((accepted, sum(reasons.values())))
         inserted = await _store_work(s, wanted)
     outcomes: list[Recorded | Forbidden] = []
     for index, (accepted, rejected) in enumerate(counts):

@@ -86,3 +86,24 @@ async def test_far_off_dates_are_422(client: Client, tenants: Tenants, day: str)
         headers=tenants.a.headers,
     )
     assert user.status == 422, await user.text()
+
+
+async def test_a_thousand_forged_notifications_are_refused_in_one_log_line(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = [
+        {
+            "subscriptionId": f"made-up-{n}",
+            "clientState": "guess",
+            "changeType": "updated",
+            "resource": "Users/x@example.com/Events/AAMk",
+            "resourceData": {"id": "AAMk"},
+        }
+        for n in range(1000)
+    ]
+    with caplog.at_level(logging.WARNING):
+        answer = await client.post("/webhooks/graph", json={"value": forged})
+    assert answer.status == 403, await answer.text()
+    rejected = [r.getMessage() for r in caplog.records if "webhook.graph.rejected" in r.msg]
+    assert len(rejected) == 1, rejected[:3]
+    assert "items=1000" in rejected[0] and "unknown_subscription:1000" in rejected[0]
