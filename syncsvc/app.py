@@ -67,7 +67,7 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app[SETTINGS] = settings
     egress.install(settings.egress)
     app[DB] = db
-    app[SECRET_BOX] = SecretBox(settings.secret_key)
+    app[SECRET_BOX] = SecretBox(settings.secret_key, settings.secret_key_previous)
     app[METRICS] = Metrics()
     # avoid_busy reads calendars from the API process: its own adapters, closed with the app.
     registry = UserProviders(settings, app[SECRET_BOX], db)

@@ -1,4 +1,4 @@
-"""The ``syncsvc`` command: serve | api | worker | migrate | tenants create.
+"""The ``syncsvc`` command: serve | api | worker | migrate | rotate-keys | tenants.
 
 Every command brings the schema up to date first, so a fresh database needs no extra step
 and several processes starting together are fine (see ``store/migrate.py``). Output meant
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import SyncSvcError
+from syncsvc.service import keys
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database, is_unavailable
 
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, help="port to listen on (default SYNCSVC_PORT)")
     commands.add_parser("worker", help="sync workers only")
     commands.add_parser("migrate", help="bring the database schema up to date")
+    commands.add_parser(
+        "rotate-keys",
+        help="re-encrypt every stored secret with SYNCSVC_SECRET_KEY (the old key in "
+        "SYNCSVC_SECRET_KEY_PREVIOUS)",
+    )
     tenants = commands.add_parser("tenants", help="manage tenants")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True)
     create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
@@ -70,10 +77,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Alembic narrates its internals at INFO; store/migrate.py logs what changed.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         if settings.uses_dev_secret:
+            host = getattr(args, "host", None) or settings.host
+            if args.command != "serve" or not _loopback(host):
+                print(
+                    f"syncsvc: SYNCSVC_SECRET_KEY is not set: the built-in development key is "
+                    f"public, so `{args.command}` will only use it for `serve` on a loopback "
+                    "address; set a key of at least 32 characters",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
             log.warning(
                 "SYNCSVC_SECRET_KEY is not set: using the built-in development key; "
-                "set your own for anything but a trial"
+                "set your own for anything but a trial on this machine"
             )
+    if args.command == "rotate-keys" and not settings.secret_key_previous:
+        print(
+            "syncsvc: rotate-keys needs the old key in SYNCSVC_SECRET_KEY_PREVIOUS "
+            "and the new one in SYNCSVC_SECRET_KEY",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         return asyncio.run(_run(args, settings, db))
     except SyncSvcError as exc:
@@ -99,10 +122,17 @@ async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> in
         if args.command == "migrate":
             print("database schema is up to date")
             return EXIT_OK
+        if args.command == "rotate-keys":
+            box = SecretBox(settings.secret_key, settings.secret_key_previous)
+            count = await keys.rotate_all(db, box)
+            print(f"re-encrypted {count} stored secrets; SYNCSVC_SECRET_KEY_PREVIOUS may go")
+            return EXIT_OK
         if args.command == "tenants" and args.tenants_command == "domains":
             return await _domains_add(db, args.tenant, args.provider, args.domain)
         if args.command == "tenants":
-            return await _tenants_create(db, args.name, SecretBox(settings.secret_key))
+            return await _tenants_create(
+                db, args.name, SecretBox(settings.secret_key, settings.secret_key_previous)
+            )
         host: str = getattr(args, "host", None) or settings.host
         port: int = settings.port if getattr(args, "port", None) is None else args.port
         if args.command == "serve":
@@ -114,6 +144,15 @@ async def _run(args: argparse.Namespace, settings: Settings, db: Database) -> in
         return EXIT_OK
     finally:
         await db.aclose()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _migrate_when_up(db: Database) -> None:

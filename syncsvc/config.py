@@ -35,6 +35,8 @@ class Settings:
     redis_url: str | None = None
     public_base_url: str = "http://127.0.0.1:8080"
     secret_key: str = DEV_SECRET_KEY
+    #: The key before a rotation: still decrypts until ``syncsvc rotate-keys`` has run.
+    secret_key_previous: str | None = None
     operator_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -86,6 +88,7 @@ class Settings:
             "redis_url",
             "public_base_url",
             "secret_key",
+            "secret_key_previous",
             "operator_key",
             "host",
             "graph_api_url",
@@ -110,13 +113,15 @@ class Settings:
                     kwargs[name] = int(raw)
                 except ValueError:
                     errors.append(ErrorDetail((PREFIX + name.upper(),), "must be an integer"))
-        secret = kwargs.get("secret_key")
-        if isinstance(secret, str) and len(secret) < SECRET_KEY_MIN_CHARS:
-            errors.append(
-                ErrorDetail(
-                    (PREFIX + "SECRET_KEY",), f"must be at least {SECRET_KEY_MIN_CHARS} characters"
+        for key_name in ("secret_key", "secret_key_previous", "operator_key"):
+            key = kwargs.get(key_name)
+            if isinstance(key, str) and len(key) < SECRET_KEY_MIN_CHARS:
+                errors.append(
+                    ErrorDetail(
+                        (PREFIX + key_name.upper(),),
+                        f"must be at least {SECRET_KEY_MIN_CHARS} characters",
+                    )
                 )
-            )
         limits = dict(cls().limits)
         for provider, current in limits.items():
             rate = get(f"{provider.upper()}_RATE")

@@ -71,7 +71,9 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
         limiter = RedisRateLimiter.from_url(settings.redis_url)
     else:
         limiter = MemoryRateLimiter()
-    registry = UserProviders(settings, SecretBox(settings.secret_key), db)
+    registry = UserProviders(
+        settings, SecretBox(settings.secret_key, settings.secret_key_previous), db
+    )
     worker = Worker(
         settings,
         db,

@@ -190,7 +190,11 @@ async def run_scheduler(
     connector = GuardedConnector(settings.egress, ssl=ssl_context())
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         scheduler = Scheduler(
-            db, SecretBox(settings.secret_key), http, clock, settings.max_body_bytes
+            db,
+            SecretBox(settings.secret_key, settings.secret_key_previous),
+            http,
+            clock,
+            settings.max_body_bytes,
         )
         while not stop.is_set():
             try:

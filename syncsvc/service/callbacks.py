@@ -38,9 +38,9 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
 @lru_cache(maxsize=4)
-def box_for(secret_key: str) -> SecretBox:
+def box_for(secret_key: str, previous: str | None) -> SecretBox:
     """Key derivation costs a little; one box per secret key serves every delivery."""
-    return SecretBox(secret_key)
+    return SecretBox(secret_key, previous)
 
 
 def callback_body(payload: dict[str, object]) -> bytes:
@@ -61,7 +61,7 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
             return  # nobody to tell
         url = tenant.callback_url
         secrets = await signing.signing_secrets(
-            s, box_for(ctx.settings.secret_key), op.tenant_id, now
+            s, box_for(ctx.settings.secret_key, ctx.settings.secret_key_previous), op.tenant_id, now
         )
     body = callback_body({**op.payload, "tenant_id": op.tenant_id})
     headers = {

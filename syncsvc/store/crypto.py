@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -26,8 +26,15 @@ def _derive(secret_key: str, purpose: bytes) -> bytes:
 
 
 class SecretBox:
-    def __init__(self, secret_key: str) -> None:
-        self._fernet = Fernet(base64.urlsafe_b64encode(_derive(secret_key, b"credentials")))
+    """Encrypts with ``secret_key``; decrypts with it or, during a key rotation, with
+    ``previous`` (``SYNCSVC_SECRET_KEY_PREVIOUS``) until ``syncsvc rotate-keys`` re-encrypted
+    everything at rest."""
+
+    def __init__(self, secret_key: str, previous: str | None = None) -> None:
+        keys = [secret_key, *([previous] if previous else [])]
+        self._fernet = MultiFernet(
+            [Fernet(base64.urlsafe_b64encode(_derive(k, b"credentials"))) for k in keys]
+        )
 
     def encrypt(self, data: Mapping[str, Any]) -> bytes:
         return self._fernet.encrypt(json.dumps(dict(data), sort_keys=True).encode())
@@ -36,11 +43,19 @@ class SecretBox:
         try:
             value = json.loads(self._fernet.decrypt(token))
         except InvalidToken as exc:
-            raise SyncSvcError(
-                "stored credentials cannot be decrypted with this SECRET_KEY"
-            ) from exc
+            raise SyncSvcError(_UNREADABLE) from exc
         assert isinstance(value, dict)
         return value
+
+    def rotate(self, token: bytes) -> bytes:
+        """The same secret, encrypted with the current key."""
+        try:
+            return self._fernet.rotate(token)
+        except InvalidToken as exc:
+            raise SyncSvcError(_UNREADABLE) from exc
+
+
+_UNREADABLE = "stored credentials cannot be decrypted with this SECRET_KEY (or SECRET_KEY_PREVIOUS)"
 
 
 def hash_token(token: str) -> str:

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from sqlalchemy import select
 
-from syncsvc.errors import Conflict
+from syncsvc.errors import Conflict, SyncSvcError
 from syncsvc.service.tenants import create_tenant, ensure_dev_tenant, tenant_for_key
+from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
+from syncsvc.store.models import Tenant, User
 from tests.servers.postgres import free_port
 
 SYNCSVC = str(Path(sys.executable).with_name("syncsvc"))
@@ -118,6 +121,71 @@ async def test_short_secret_key_exits_2_with_a_clear_message(env: dict[str, str]
     assert "SYNCSVC_SECRET_KEY" in result.stderr
     assert "at least 32 characters" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [("api", "--host", "127.0.0.1"), ("worker",), ("serve", "--host", "0.0.0.0")]
+)
+async def test_the_public_development_key_is_refused_outside_a_local_trial(
+    env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    result = await run(env, *args)
+    assert result.returncode == 2, result.stderr
+    assert "SYNCSVC_SECRET_KEY is not set" in result.stderr and "loopback" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_short_operator_key_exits_2(env: dict[str, str]) -> None:
+    result = await run({**env, "SYNCSVC_OPERATOR_KEY": "letmein"}, "migrate")
+    assert result.returncode == 2
+    assert "SYNCSVC_OPERATOR_KEY" in result.stderr and "at least 32" in result.stderr
+
+
+async def test_rotate_keys_re_encrypts_every_stored_secret(env: dict[str, str]) -> None:
+    old, new = "old-secret-key-" + "o" * 30, "new-secret-key-" + "n" * 30
+    created = await run({**env, "SYNCSVC_SECRET_KEY": old}, "tenants", "create", "acme")
+    assert created.returncode == 0, created.stderr
+    url = env["SYNCSVC_DATABASE_URL"]
+    db = Database(url)
+    try:
+        async with db.session() as s, s.begin():
+            tenant = await s.scalar(select(Tenant))
+            assert tenant is not None and tenant.signing_secret
+            s.add(
+                User(
+                    tenant_id=tenant.id,
+                    id="u1",
+                    timezone="UTC",
+                    calendar_provider="caldav",
+                    calendar_config={"url": "https://dav.example/u1/", "username": "u1"},
+                    calendar_secret=SecretBox(old).encrypt({"password": "hunter2"}),
+                )
+            )
+    finally:
+        await db.aclose()
+
+    refused = await run({**env, "SYNCSVC_SECRET_KEY": new}, "rotate-keys")
+    assert refused.returncode == 2 and "SYNCSVC_SECRET_KEY_PREVIOUS" in refused.stderr
+    keys = {"SYNCSVC_SECRET_KEY": new, "SYNCSVC_SECRET_KEY_PREVIOUS": old}
+    for _ in range(2):  # a second run is harmless
+        rotated = await run({**env, **keys}, "rotate-keys")
+        assert rotated.returncode == 0, rotated.stderr
+        assert "re-encrypted 2 stored secrets" in rotated.stdout
+
+    db = Database(url)
+    try:
+        async with db.session() as s:
+            tenant = await s.scalar(select(Tenant))
+            user = await s.scalar(select(User))
+        assert tenant is not None and tenant.signing_secret
+        assert user is not None and user.calendar_secret
+        only_new = SecretBox(new)
+        assert only_new.decrypt(user.calendar_secret) == {"password": "hunter2"}
+        assert str(only_new.decrypt(tenant.signing_secret)["secret"]).startswith("whsec_")
+        with pytest.raises(SyncSvcError):
+            SecretBox(old).decrypt(user.calendar_secret)
+    finally:
+        await db.aclose()
 
 
 @dataclass(slots=True)
