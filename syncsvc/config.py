@@ -42,6 +42,11 @@ class Settings:
     port: int = 8080
     #: Largest request body accepted (bytes); larger → 413.
     max_body_bytes: int = 10 * 1024 * 1024
+    #: The largest lists one plan may carry (``POST /v1/plans`` and ``/v1/batches``).
+    max_targets: int = 100_000
+    max_contacts: int = 200  # per target
+    max_plan_users: int = 1_000
+    max_exclude: int = 100_000
     graph_api_url: str = "https://graph.microsoft.com/v1.0"
     graph_authority_url: str = "https://login.microsoftonline.com"
     graph_client_id: str | None = None
@@ -49,6 +54,9 @@ class Settings:
     graph_tenant_id: str | None = None
     #: Lifetime asked for a Graph change-notification subscription (Outlook's maximum: 10,080).
     graph_subscription_minutes: int = 10_080
+    #: Whole days before and after today an iCal feed shows.
+    feed_days_back: int = 90
+    feed_days_ahead: int = 548
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
@@ -106,7 +114,17 @@ class Settings:
             value = get(name.upper())
             if value is not None:
                 kwargs[name] = value
-        for name in ("port", "max_body_bytes", "graph_subscription_minutes"):
+        for name in (
+            "port",
+            "max_body_bytes",
+            "max_targets",
+            "max_contacts",
+            "max_plan_users",
+            "max_exclude",
+            "graph_subscription_minutes",
+            "feed_days_back",
+            "feed_days_ahead",
+        ):
             raw = get(name.upper())
             if raw is not None:
                 try:

@@ -59,6 +59,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -183,6 +184,9 @@ class Endpoint:
     #: Request headers as a model whose field aliases are the header names (webhooks, whose
     #: senders put their proof in headers); validated like the other parts.
     header_model: type[BaseModel] | None = None
+    #: Bodies and answers that may be large (a plan of 100,000 targets): parsed and
+    #: serialised in a thread, so the event loop keeps serving other tenants meanwhile.
+    heavy: bool = False
 
     @property
     def access(self) -> Access:
@@ -211,7 +215,7 @@ class Endpoint:
                 self.header_model, _headers(request, self.header_model), "header"
             )
         if self.body_model is not None:
-            kwargs["body"] = await _read_body(request, self.body_model)
+            kwargs["body"] = await _read_body(request, self.body_model, self.heavy)
         result = await self.handler(ctx, **kwargs)
         if isinstance(result, web.StreamResponse):
             return result
@@ -219,6 +223,8 @@ class Endpoint:
             return web.Response(status=self.status)
         if self.response_model is None or not isinstance(result, self.response_model):
             raise TypeError(f"{self.handler.__qualname__} returned {type(result).__name__}")
+        if self.heavy:
+            return await asyncio.to_thread(json_response, result, self.status)
         return json_response(result, status=self.status)
 
 
@@ -246,6 +252,7 @@ class Routes:
         error_statuses: Sequence[int] = (),
         other_successes: Sequence[tuple[int, str | None]] = (),
         headers: type[BaseModel] | None = None,
+        heavy: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Registers the decorated handler; see the module docstring for the rules."""
 
@@ -267,6 +274,7 @@ class Routes:
                     error_statuses=tuple(error_statuses),
                     other_successes=tuple(other_successes),
                     header_model=headers,
+                    heavy=heavy,
                 )
             )
             return handler
@@ -275,6 +283,10 @@ class Routes:
 
 
 # --- Input. ---
+
+#: A heavy endpoint's body above this size is parsed in a thread (smaller ones are quicker
+#: parsed than handed over).
+HEAVY_BODY_BYTES = 64 * 1024
 
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:
@@ -341,13 +353,19 @@ def _query(request: web.Request, model: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
-async def _read_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+async def _read_body(request: web.Request, model: type[BaseModel], heavy: bool) -> BaseModel:
     if request.content_type != JSON_MEDIA_TYPE:
         raise BadRequest(
             "the body must be JSON",
             [ErrorDetail(("header", "Content-Type"), f"must be {JSON_MEDIA_TYPE}")],
         )
     raw = await request.read()
+    if heavy and len(raw) > HEAVY_BODY_BYTES:
+        return await asyncio.to_thread(_parse_body, raw, model)
+    return _parse_body(raw, model)
+
+
+def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:

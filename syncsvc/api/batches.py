@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from pydantic import BaseModel, Field
@@ -16,6 +17,7 @@ from syncsvc.api.plan_schemas import (
     BatchPatchedOut,
     PlanBody,
     SyncCountsOut,
+    check_sizes,
     instant,
 )
 from syncsvc.api.plans import body_errors, calendars_of, clock_of, users_out
@@ -60,15 +62,18 @@ def _fields(view: BatchView) -> dict[str, object]:
     response=BatchCreatedOut,
     status=201,
     summary="Commit a plan as a batch",
+    heavy=True,
 )
 async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
     """Plans like ``POST /v1/plans`` and stores the batch, its activities and their external
     operations in one transaction; the calendars follow asynchronously."""
     key = ctx.request.headers.get("Idempotency-Key")
+    check_sizes(body, ctx.settings)
     with body_errors(PlanBody):
+        spec = await asyncio.to_thread(body.to_spec)
         async with ctx.session() as session, session.begin():
             created = await service.commit(
-                session, ctx.tenant_id, body.to_spec(), clock_of(ctx)(), calendars_of(ctx)
+                session, ctx.tenant_id, spec, clock_of(ctx)(), calendars_of(ctx)
             )
             out = BatchCreatedOut(
                 id=created.id,

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from syncsvc.config import Settings
+from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.planner.model import (
     AssignmentMode,
     Grouping,
@@ -216,6 +218,36 @@ class PlanBody(PlanDefinition):
 
     def to_spec(self) -> PlanSpec:
         return spec_from_json(self.model_dump(mode="json"))
+
+
+def check_sizes(body: PlanBody, settings: Settings) -> None:
+    """The configured list limits (``SYNCSVC_MAX_*``): one tenant's huge plan must not take
+    the service's CPU and memory from the others. A 422 names each limit exceeded."""
+    details = []
+    for loc, count, limit, name in (
+        (("body", "targets"), len(body.targets), settings.max_targets, "MAX_TARGETS"),
+        (("body", "exclude"), len(body.exclude), settings.max_exclude, "MAX_EXCLUDE"),
+        (
+            ("body", "assignment", "users"),
+            len(body.assignment.users),
+            settings.max_plan_users,
+            "MAX_PLAN_USERS",
+        ),
+    ):
+        if count > limit:
+            details.append(ErrorDetail(loc, f"{count} given; at most {limit} (SYNCSVC_{name})"))
+    for index, target in enumerate(body.targets):
+        if len(target.contacts) > settings.max_contacts:
+            details.append(
+                ErrorDetail(
+                    ("body", "targets", index, "contacts"),
+                    f"{len(target.contacts)} given; at most {settings.max_contacts} "
+                    "(SYNCSVC_MAX_CONTACTS)",
+                )
+            )
+            break
+    if details:
+        raise ValidationError("the plan is larger than this service takes", details)
 
 
 # --- Preview -------------------------------------------------------------------------------

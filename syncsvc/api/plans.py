@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ from syncsvc.api.plan_schemas import (
     UserSummaryOut,
     WarningOut,
     WindowCountOut,
+    check_sizes,
     instant,
 )
 from syncsvc.errors import ErrorDetail, NotFound, ValidationError
@@ -107,12 +109,16 @@ def preview_out(plan: Plan) -> PreviewOut:
     )
 
 
-@routes.endpoint("POST", "/v1/plans", body=PlanBody, response=PreviewOut, summary="Preview a plan")
+@routes.endpoint(
+    "POST", "/v1/plans", body=PlanBody, response=PreviewOut, summary="Preview a plan", heavy=True
+)
 async def preview_plan(ctx: Ctx, body: PlanBody) -> PreviewOut:
     """The plan as ``POST /v1/batches`` would commit it now: nothing is written."""
-    async with ctx.session() as session:
-        with body_errors(PlanBody):
+    check_sizes(body, ctx.settings)
+    with body_errors(PlanBody):
+        spec = await asyncio.to_thread(body.to_spec)
+        async with ctx.session() as session:
             plan = await service.preview(
-                session, ctx.tenant_id, body.to_spec(), clock_of(ctx)(), calendars_of(ctx)
+                session, ctx.tenant_id, spec, clock_of(ctx)(), calendars_of(ctx)
             )
-    return preview_out(plan)
+    return await asyncio.to_thread(preview_out, plan)

@@ -396,7 +396,7 @@ async def prepare(
         one_per_organisation=spec.one_per_organisation,
         closing_days=await closing_days(session, tenant_id),
     )
-    result = plan(request)
+    result = await asyncio.to_thread(plan, request)  # pure and CPU-bound: off the loop
     if spec.schedule.avoid_busy and calendars is not None:
         request, result = await _around_calendars(request, result, users, calendars, busy)
     return PlanContext(request=request, plan=result, users=users)
@@ -424,7 +424,7 @@ async def _around_calendars(
                 for uid, u in request.users.items()
             },
         )
-        result = plan(request)
+        result = await asyncio.to_thread(plan, request)
         wider = plan_window(result, request.now, request.schedule.start_date)
         if wider is None or wider[1] - BUSY_WINDOW_SLACK <= window[1]:
             break

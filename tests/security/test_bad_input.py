@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from syncsvc.app import build_app
+from syncsvc.config import Settings
 from syncsvc.providers._http import RETRY_AFTER_MAX_S, parse_retry_after
+from syncsvc.store.db import Database
 from tests.api.conftest import OPERATOR_KEY, Tenants
 from tests.api.test_activities import batch_activities
 from tests.api.test_plans import plan_body, put_users
@@ -107,3 +111,30 @@ async def test_a_thousand_forged_notifications_are_refused_in_one_log_line(
     rejected = [r.getMessage() for r in caplog.records if "webhook.graph.rejected" in r.msg]
     assert len(rejected) == 1, rejected[:3]
     assert "items=1000" in rejected[0] and "unknown_subscription:1000" in rejected[0]
+
+
+async def test_plans_larger_than_the_configured_limits_are_422_naming_them(
+    settings: Settings, db: Database, tenants: Tenants
+) -> None:
+    small = replace(settings, max_targets=5, max_contacts=1, max_plan_users=1, max_exclude=2)
+    async with TestClient(TestServer(build_app(small, db))) as client:
+        await put_users(client, tenants.a)
+        body = plan_body(targets=6)  # two users, two contacts per target
+        body["exclude"] = ["a", "b", "c"]
+        for path in ("/v1/plans", "/v1/batches"):
+            answer = await client.post(path, json=body, headers=tenants.a.headers)
+            assert answer.status == 422, await answer.text()
+            details = {tuple(d["loc"]): d["msg"] for d in (await answer.json())["error"]["details"]}
+            assert details == {
+                ("body", "targets"): "6 given; at most 5 (SYNCSVC_MAX_TARGETS)",
+                ("body", "exclude"): "3 given; at most 2 (SYNCSVC_MAX_EXCLUDE)",
+                ("body", "assignment", "users"): "2 given; at most 1 (SYNCSVC_MAX_PLAN_USERS)",
+                ("body", "targets", 0, "contacts"): "2 given; at most 1 (SYNCSVC_MAX_CONTACTS)",
+            }, details
+        answer = await client.get("/v1/batches", headers=tenants.a.headers)
+        assert (await answer.json())["items"] == []  # nothing half-written
+        fits = plan_body(targets=5, users=("u1",))
+        for target in fits["targets"]:
+            target["contacts"] = target["contacts"][:1]
+        answer = await client.post("/v1/plans", json=fits, headers=tenants.a.headers)
+        assert answer.status == 200, await answer.text()
