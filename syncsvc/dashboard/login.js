@@ -24,7 +24,13 @@
       window.location.assign("/dashboard");
       return;
     }
-    error.textContent = answer.status === 401 ? "That is not the operator key." : "Sign-in failed (" + answer.status + ").";
+    if (answer.status === 401) {
+      error.textContent = "That is not the operator key.";
+    } else if (answer.status === 429) {
+      error.textContent = "Too many wrong keys: try again in " + answer.headers.get("Retry-After") + " seconds.";
+    } else {
+      error.textContent = "Sign-in failed (" + answer.status + ").";
+    }
     error.hidden = false;
     form.elements.key.select();
   });

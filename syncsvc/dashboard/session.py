@@ -1,15 +1,22 @@
-"""The dashboard's sign-in: the operator key as a bearer, or a signed session cookie.
+"""The dashboard's sign-in: the operator key as a bearer, or a session cookie.
 
-The cookie holds only an expiry and its HMAC, keyed from ``SECRET_KEY`` *and* the operator
-key, so changing either signs every operator out. It is HttpOnly and SameSite=Strict: pages
-of other sites can neither read it nor make the browser send it.
+The cookie holds a random token; the session is the token's HMAC, keyed from ``SECRET_KEY``
+*and* the operator key (so changing either signs every operator out), kept in the guard until
+it expires or its operator signs out, on every process at once. The cookie is HttpOnly and
+SameSite=Strict (pages of other sites can neither read it nor make the browser send it), and
+Secure when the public base URL is https.
+
+Every comparison of a key goes through the guard's count of failed sign-ins, the bearer on
+any dashboard route as much as the sign-in form: either would otherwise be a guessing oracle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import time
+import math
+import secrets
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
@@ -17,11 +24,30 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from syncsvc.api.middleware import bearer_key
 from syncsvc.config import Settings
+from syncsvc.dashboard.guard import Guard, client_of, guard_of
+from syncsvc.errors import ErrorDetail, SyncSvcError
 
 COOKIE_NAME = "syncsvc_dashboard"
 COOKIE_PATH = "/dashboard"
 SESSION_TTL_S = 12 * 3600
+TOKEN_BYTES = 32
+#: A cookie longer than any token we hand out is not looked up.
+TOKEN_MAX_CHARS = 64
 _PURPOSE = b"dashboard-session"
+
+
+class TooManySignIns(SyncSvcError):
+    """Too many wrong keys lately, from this address or from everywhere (HTTP 429)."""
+
+    code = "too_many_sign_ins"
+    http_status = 429
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            f"too many failed sign-ins: try again in {self.retry_after_s} seconds",
+            [ErrorDetail(("header", "Retry-After"), f"{self.retry_after_s} seconds")],
+        )
 
 
 def _signing_key(settings: Settings) -> bytes | None:
@@ -33,8 +59,12 @@ def _signing_key(settings: Settings) -> bytes | None:
     ).derive(settings.secret_key.encode())
 
 
-def _mac(key: bytes, expires: int) -> str:
-    return hmac.new(key, f"{_PURPOSE.decode()}:{expires}".encode(), hashlib.sha256).hexdigest()
+def _session_id(key: bytes, token: str) -> str:
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
+
+
+def _guard(request: web.Request, settings: Settings) -> Guard:
+    return guard_of(request.app, settings.redis_url)
 
 
 def is_operator_key(settings: Settings, key: str) -> bool:
@@ -43,39 +73,61 @@ def is_operator_key(settings: Settings, key: str) -> bool:
     return bool(expected) and hmac.compare_digest(key.encode(), str(expected).encode())
 
 
-def _valid_cookie(settings: Settings, value: str, now_s: float) -> bool:
-    key = _signing_key(settings)
-    expires_text, _, mac = value.partition(".")
-    if key is None or not expires_text.isdigit() or len(expires_text) > 12:
+async def check_key(request: web.Request, settings: Settings, key: str) -> bool:
+    """Compares ``key`` unless its client has failed too often (``TooManySignIns``)."""
+    guard, client = _guard(request, settings), client_of(request)
+    wait_s = await guard.attempt(client)
+    if wait_s > 0:
+        raise TooManySignIns(wait_s)
+    if not is_operator_key(settings, key):
         return False
-    expires = int(expires_text)
-    return expires > now_s and hmac.compare_digest(mac, _mac(key, expires))
+    await guard.succeeded(client)
+    return True
 
 
-def is_operator(request: web.Request, settings: Settings) -> bool:
-    """The operator key as ``Authorization: Bearer``, or a valid session cookie."""
+async def is_operator(request: web.Request, settings: Settings) -> bool:
+    """The operator key as ``Authorization: Bearer``, or an open session's cookie."""
     key = bearer_key(request)
     if key is not None:
-        return is_operator_key(settings, key)
-    cookie = request.cookies.get(COOKIE_NAME)
-    return cookie is not None and _valid_cookie(settings, cookie, time.time())
+        return await check_key(request, settings, key)
+    signing = _signing_key(settings)
+    token = request.cookies.get(COOKIE_NAME, "")
+    if signing is None or not 0 < len(token) <= TOKEN_MAX_CHARS:
+        return False
+    return await _guard(request, settings).has_session(_session_id(signing, token))
 
 
-def sign_in(response: web.StreamResponse, request: web.Request, settings: Settings) -> None:
-    """Sets the session cookie; call only after checking the operator key."""
-    key = _signing_key(settings)
-    assert key is not None
-    expires = int(time.time()) + SESSION_TTL_S
+def _secure(request: web.Request, settings: Settings) -> bool:
+    return request.secure or urlsplit(settings.public_base_url).scheme.lower() == "https"
+
+
+async def sign_in(response: web.StreamResponse, request: web.Request, settings: Settings) -> None:
+    """Opens a session and sets its cookie; call only after ``check_key``."""
+    signing = _signing_key(settings)
+    assert signing is not None
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    await _guard(request, settings).open_session(_session_id(signing, token), SESSION_TTL_S)
     response.set_cookie(
         COOKIE_NAME,
-        f"{expires}.{_mac(key, expires)}",
+        token,
         max_age=SESSION_TTL_S,
         path=COOKIE_PATH,
         httponly=True,
         samesite="Strict",
-        secure=request.secure or settings.public_base_url.startswith("https://"),
+        secure=_secure(request, settings),
     )
 
 
-def sign_out(response: web.StreamResponse) -> None:
-    response.del_cookie(COOKIE_NAME, path=COOKIE_PATH)
+async def sign_out(response: web.StreamResponse, request: web.Request, settings: Settings) -> None:
+    """Ends the cookie's session everywhere, so a copy of the cookie stops working too."""
+    signing = _signing_key(settings)
+    token = request.cookies.get(COOKIE_NAME, "")
+    if signing is not None and 0 < len(token) <= TOKEN_MAX_CHARS:
+        await _guard(request, settings).close_session(_session_id(signing, token))
+    response.del_cookie(
+        COOKIE_NAME,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=_secure(request, settings),
+    )

@@ -4,22 +4,25 @@ behind it (polled every two seconds).
 ``/dashboard…`` passes the API's tenant auth untouched, so every handler here checks the
 operator itself (``session.is_operator``): the operator key as a bearer, or the session cookie
 that signing in with that key sets. Without it the page is the sign-in form and the JSON and
-actions answer 401: there is no open admin page. Actions take JSON bodies only, which a form on
-another site cannot send without a CORS preflight; with the SameSite=Strict cookie that keeps
-them from being forged.
+actions answer 401: there is no open admin page. After too many wrong keys every check of a
+key answers 429 with ``Retry-After`` for a while (``session.check_key``). Actions take JSON
+bodies only, which a form on another site cannot send without a CORS preflight; with the
+SameSite=Strict cookie that keeps them from being forged.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Awaitable, Callable
+from functools import cache, wraps
 from importlib import resources
+from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
 from syncsvc.api._framework import Ctx, Routes
-from syncsvc.api.middleware import bearer_key
+from syncsvc.api.middleware import bearer_key, error_response
 from syncsvc.api.ops import (
     CycleOut,
     DeadOut,
@@ -52,6 +55,11 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 ASSET_TYPES = {"app.js": "text/javascript", "login.js": "text/javascript", "style.css": "text/css"}
+#: What a handler that compares a key may answer besides 401.
+KEY_STATUSES = (429,)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @cache
@@ -63,12 +71,32 @@ def _html(body: str) -> web.Response:
     return web.Response(text=body, content_type=HTML, charset="utf-8", headers=SECURITY_HEADERS)
 
 
-def _require_operator(ctx: Ctx) -> None:
-    if not auth.is_operator(ctx.request, ctx.settings):
-        raise Unauthorized(
-            "the dashboard needs the operator key",
-            [ErrorDetail(("header", "Authorization"), "Bearer <operator key>, or sign in")],
-        )
+def _throttled(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | web.Response]]:
+    """``TooManySignIns`` as a 429 with ``Retry-After``, which the error middleware gives only
+    to outages."""
+
+    @wraps(handler)
+    async def answer(*args: P.args, **kwargs: P.kwargs) -> R | web.Response:
+        try:
+            return await handler(*args, **kwargs)
+        except auth.TooManySignIns as exc:
+            response = error_response(exc.http_status, exc.code, exc.message, exc.details)
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
+
+    return answer
+
+
+def _not_operator() -> Unauthorized:
+    return Unauthorized(
+        "the dashboard needs the operator key",
+        [ErrorDetail(("header", "Authorization"), "Bearer <operator key>, or sign in")],
+    )
+
+
+async def _require_operator(ctx: Ctx) -> None:
+    if not await auth.is_operator(ctx.request, ctx.settings):
+        raise _not_operator()
 
 
 # --- Models of data.json -------------------------------------------------------------------
@@ -211,13 +239,15 @@ def _embed(data: DashboardOut) -> str:
     "/dashboard",
     media_type=HTML,
     summary="Operator dashboard (the sign-in form without the operator key)",
+    error_statuses=KEY_STATUSES,
 )
+@_throttled
 async def dashboard_page(ctx: Ctx) -> web.Response:
     """Needs the operator key as a bearer or the session cookie from signing in; otherwise it
     is the sign-in form and shows nothing else."""
-    if not auth.is_operator(ctx.request, ctx.settings):
+    if not await auth.is_operator(ctx.request, ctx.settings):
         if bearer_key(ctx.request) is not None:
-            _require_operator(ctx)
+            raise _not_operator()
         return _html(_asset("login.html"))
     data = await _snapshot(ctx)
     return _html(_asset("page.html").replace("{{initial}}", _embed(data)))
@@ -234,22 +264,26 @@ async def dashboard_login_form(ctx: Ctx) -> web.Response:
     body=LoginIn,
     response=SignedIn,
     summary="Sign in to the dashboard with the operator key",
+    error_statuses=KEY_STATUSES,
 )
+@_throttled
 async def dashboard_login(ctx: Ctx, body: LoginIn) -> web.StreamResponse:
-    """Sets an HttpOnly, SameSite=Strict session cookie; a wrong key is a 401."""
-    if not auth.is_operator_key(ctx.settings, body.key):
+    """Opens a session and sets its HttpOnly, SameSite=Strict cookie; a wrong key is a 401,
+    and after a few of them a 429 with ``Retry-After``, which does not compare the key."""
+    if not await auth.check_key(ctx.request, ctx.settings, body.key):
         raise Unauthorized(
             "that is not the operator key", [ErrorDetail(("body", "key"), "wrong key")]
         )
     response = web.json_response({"ok": True}, headers={"Cache-Control": "no-store"})
-    auth.sign_in(response, ctx.request, ctx.settings)
+    await auth.sign_in(response, ctx.request, ctx.settings)
     return response
 
 
 @routes.endpoint("POST", "/dashboard/logout", status=204, summary="Sign out of the dashboard")
 async def dashboard_logout(ctx: Ctx) -> web.StreamResponse:
+    """Ends the session on the server: a copy of the cookie no longer signs in."""
     response = web.Response(status=204)
-    auth.sign_out(response)
+    await auth.sign_out(response, ctx.request, ctx.settings)
     return response
 
 
@@ -258,11 +292,13 @@ async def dashboard_logout(ctx: Ctx) -> web.StreamResponse:
     "/dashboard/data.json",
     response=DashboardOut,
     summary="Everything the dashboard shows, for polling",
+    error_statuses=KEY_STATUSES,
 )
+@_throttled
 async def dashboard_data(ctx: Ctx) -> DashboardOut:
     """Sync cycles, the throughput chart, queue depth, failures, batches of every tenant and
     connection health. Operator key or session cookie."""
-    _require_operator(ctx)
+    await _require_operator(ctx)
     return await _snapshot(ctx)
 
 
@@ -272,11 +308,12 @@ async def dashboard_data(ctx: Ctx) -> DashboardOut:
     body=RetryIn,
     response=RetryOut,
     summary="Retry dead operations from the dashboard",
-    error_statuses=(403,),
+    error_statuses=(403, *KEY_STATUSES),
 )
+@_throttled
 async def dashboard_retry(ctx: Ctx, body: RetryIn) -> RetryOut:
     """As ``POST /v1/ops/retry``, authenticated like the page."""
-    _require_operator(ctx)
+    await _require_operator(ctx)
     origin = ctx.request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc != ctx.request.host:
         raise Forbidden("cross-origin request refused", [ErrorDetail(("header", "Origin"), origin)])

@@ -1,10 +1,11 @@
 """The operator dashboard in a real browser (Chromium through Playwright) against the real
 service: the app and its workers on a 127.0.0.1 port, calendars in Radicale.
 
-An operator signs in with the operator key, watches a throttled batch's progress bar advance,
-sees a user's refused calendar as a failure with its error and a Retry button, reconnects the
-user, retries from the page and sees the batch finish. The page is photographed at 1366×768
-into ``test-artifacts/dashboard.png``.
+An operator is locked out after wrong keys, signs in with the operator key once the wait is
+over, watches a throttled batch's progress bar advance, sees a user's refused calendar as a
+failure with its error and a Retry button, reconnects the user, retries from the page and sees
+the batch finish, then signs out, after which a copy of the session cookie opens nothing. The
+page is photographed at 1366×768 into ``test-artifacts/dashboard.png``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from playwright.async_api import Page, async_playwright, expect
 
 from syncsvc.app import build_app
 from syncsvc.config import Settings
+from syncsvc.dashboard.guard import FAILURE_WINDOW_S, GUARD, MemoryGuard
 from syncsvc.limits import RateLimit
 from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
+from tests.security.test_dashboard_sessions import MovableClock
 from tests.servers.chromium import ARGS
 from tests.servers.chromium import EXECUTABLE as CHROMIUM
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
@@ -42,12 +45,15 @@ BIG_BATCH = 48
 FAILING_BATCH = 3
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WAIT_MS = 30_000
+#: Wrong keys one address may try before it waits.
+WRONG_KEYS_MAX = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Service:
     url: str
     tenant_headers: dict[str, str]
+    clock: MovableClock
 
 
 @pytest_asyncio.fixture
@@ -61,14 +67,17 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
     db = Database(settings.database_url)
     await db.migrate()
     _, key = await create_tenant(db, "Nordic Breweries CRM")
-    runner = web.AppRunner(build_app(settings, db), access_log=None)
+    app = build_app(settings, db)
+    clock = MovableClock()
+    app[GUARD] = MemoryGuard(client_max=WRONG_KEYS_MAX, clock=clock)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     host, port = runner.addresses[0][:2]
     stop = asyncio.Event()
     workers = asyncio.create_task(run_workers(settings, db, stop))
     try:
-        yield Service(f"http://{host}:{port}", {"Authorization": f"Bearer {key}"})
+        yield Service(f"http://{host}:{port}", {"Authorization": f"Bearer {key}"}, clock)
     finally:
         stop.set()
         await workers
@@ -147,10 +156,19 @@ async def test_operator_watches_a_batch_and_retries_a_failure(
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = await browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
             await page.goto(f"{service.url}/dashboard")
-            await page.fill("#key", "not-the-key")
-            await page.click("button[type=submit]")
-            await expect(page.locator("#login-error")).to_have_text("That is not the operator key.")
+            # The tenant's key tried on data.json above was the first wrong operator key.
+            for _ in range(WRONG_KEYS_MAX - 1):
+                await page.fill("#key", "not-the-key")
+                await page.click("button[type=submit]")
+                await expect(page.locator("#login-error")).to_have_text(
+                    "That is not the operator key."
+                )
             await page.fill("#key", OPERATOR_KEY)
+            await page.click("button[type=submit]")
+            await expect(page.locator("#login-error")).to_have_text(
+                f"Too many wrong keys: try again in {int(FAILURE_WINDOW_S)} seconds."
+            )
+            service.clock.now += FAILURE_WINDOW_S
             await page.click("button[type=submit]")
             await expect(page.locator("h2", has_text="Sync cycles")).to_be_visible()
             cookies = {c["name"]: c for c in await page.context.cookies()}
@@ -219,4 +237,11 @@ async def test_operator_watches_a_batch_and_retries_a_failure(
                 f"{FAILING_BATCH} / {FAILING_BATCH}"
             )
             await page.screenshot(path=str(ARTIFACTS / "dashboard-after-retry.png"))
+
+            # Signing out ends the session on the server: a copy of the cookie is refused.
+            copied = {"Cookie": f"{session['name']}={session['value']}"}
+            assert (await http.get("/dashboard/data.json", headers=copied)).status == 200
+            await page.click("#logout")
+            await expect(page.locator("#login")).to_be_visible()
+            assert (await http.get("/dashboard/data.json", headers=copied)).status == 401
             await browser.close()
