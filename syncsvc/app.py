@@ -15,6 +15,7 @@ from syncsvc.api._framework import openapi_document as _openapi_document
 from syncsvc.api.connections import PROVIDERS
 from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
+from syncsvc.api.quota import QUOTA, MemoryQuota, RedisQuota
 from syncsvc.config import Settings
 from syncsvc.metrics import Metrics
 from syncsvc.providers import egress
@@ -78,6 +79,13 @@ def build_app(settings: Settings, db: Database) -> web.Application:
         await registry.aclose()
 
     app.on_cleanup.append(close_registry)
+    quota = RedisQuota.from_url(settings.redis_url) if settings.redis_url else MemoryQuota()
+    app[QUOTA] = quota
+
+    async def close_quota(_: web.Application) -> None:
+        await quota.aclose()
+
+    app.on_cleanup.append(close_quota)
     endpoints = [ep for table in api_routes() for ep in table.endpoints]
     for ep in endpoints:
         app.router.add_route(ep.method, ep.path, ep.handle)

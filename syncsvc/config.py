@@ -14,6 +14,7 @@ from syncsvc.limits import (
     GOOGLE_LIMIT,
     GRAPH_APP_LIMIT,
     GRAPH_LIMIT,
+    Quota,
     RateLimit,
 )
 from syncsvc.providers.egress import EgressPolicy
@@ -42,6 +43,9 @@ class Settings:
     port: int = 8080
     #: Largest request body accepted (bytes); larger → 413.
     max_body_bytes: int = 10 * 1024 * 1024
+    #: Per tenant: API requests per window, and heavy requests (plans, commits) at once.
+    api_rate: tuple[int, int] = (600, 60)
+    api_heavy_concurrency: int = 2
     #: The largest lists one plan may carry (``POST /v1/plans`` and ``/v1/batches``).
     max_targets: int = 100_000
     max_contacts: int = 200  # per target
@@ -117,6 +121,7 @@ class Settings:
         for name in (
             "port",
             "max_body_bytes",
+            "api_heavy_concurrency",
             "max_targets",
             "max_contacts",
             "max_plan_users",
@@ -139,6 +144,18 @@ class Settings:
                         (PREFIX + key_name.upper(),),
                         f"must be at least {SECRET_KEY_MIN_CHARS} characters",
                     )
+                )
+        api_rate = get("API_RATE")
+        if api_rate is not None:
+            left, _, right = api_rate.partition("/")
+            try:
+                requests, window_s = int(left), int(right or "1")
+                if requests < 1 or window_s < 1:
+                    raise ValueError(api_rate)
+                kwargs["api_rate"] = (requests, window_s)
+            except ValueError:
+                errors.append(
+                    ErrorDetail((PREFIX + "API_RATE",), "must look like 600/60 (requests/seconds)")
                 )
         limits = dict(cls().limits)
         for provider, current in limits.items():
@@ -184,6 +201,10 @@ class Settings:
         kwargs["limits"] = limits
         kwargs["app_limits"] = app_limits
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    @property
+    def api_quota(self) -> Quota:
+        return Quota(*self.api_rate, heavy=self.api_heavy_concurrency)
 
     @property
     def uses_dev_secret(self) -> bool:

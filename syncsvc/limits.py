@@ -1,4 +1,5 @@
-"""Per-mailbox rate limits: the values configuration and the limiter share.
+"""Rate limits (per mailbox, and the API's per tenant): the values configuration and the
+limiters share.
 
 Kept apart from ``syncsvc.queue.ratelimit`` (the mechanism) so that configuration, which
 every layer reads, depends on no layer.
@@ -71,3 +72,19 @@ GRAPH_APP_REQUESTS_PER_WINDOW = 130_000
 GRAPH_APP_WINDOW_S = 10.0
 APP_CONCURRENCY = 1_000_000
 GRAPH_APP_LIMIT = RateLimit(GRAPH_APP_REQUESTS_PER_WINDOW, GRAPH_APP_WINDOW_S, APP_CONCURRENCY)
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A tenant's API quota: ``requests`` per ``window_s``, ``heavy`` requests at once."""
+
+    requests: int
+    window_s: int
+    heavy: int
+
+    def headers(self, remaining: int, reset_s: int) -> dict[str, str]:
+        """The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers)."""
+        return {
+            "RateLimit-Policy": f'"tenant";q={self.requests};w={self.window_s}',
+            "RateLimit": f'"tenant";r={max(remaining, 0)};t={max(reset_s, 0)}',
+        }

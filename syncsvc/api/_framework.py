@@ -104,7 +104,7 @@ OPERATOR_PREFIX = "/v1/ops/"
 
 JSON_MEDIA_TYPE = "application/json"
 #: Statuses every operation may answer with the error envelope.
-ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 503)
+ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 429, 503)
 _BAD_STRING = re.compile("[\x00\ud800-\udfff]")
 #: Deepest JSON nesting accepted: far beyond any request of ours, far below the stack limit.
 JSON_MAX_DEPTH = 32
@@ -547,5 +547,7 @@ _STATUS_TEXT = {
     409: "Conflict with stored state, or an Idempotency-Key reused with another body.",
     413: "The body is larger than the limit.",
     422: "Valid JSON whose meaning is invalid; details name each field.",
+    429: "Too many requests: the tenant's quota (see the RateLimit and RateLimit-Policy "
+    "headers) or too many failed sign-ins; retry after the Retry-After seconds.",
     503: "The database is unavailable for a moment: retry after the Retry-After seconds.",
 }

@@ -27,6 +27,7 @@ from syncsvc.api._framework import (
     json_response,
     validation_error,
 )
+from syncsvc.api.quota import QUOTA
 from syncsvc.errors import (
     DatabaseUnavailable,
     ErrorDetail,
@@ -233,4 +234,48 @@ def _read_only(request: web.Request) -> bool:
     return resource is not None and resource.canonical in idempotency.READ_ONLY_POSTS
 
 
-MIDDLEWARES = (observe, errors, auth, idempotent_posts)
+@web.middleware
+async def tenant_quota(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The tenant's request quota and heavy-request cap (``api/quota.py``): 429 beyond."""
+    tenant = request.get(TENANT)
+    if tenant is None:
+        return await handler(request)
+    quota, store = request.app[SETTINGS].api_quota, request.app[QUOTA]
+    taken = await store.take(tenant.id, quota)
+    headers = quota.headers(quota.requests - taken.count, taken.reset_s)
+    if taken.count > quota.requests:
+        message = f"more than {quota.requests} requests in {quota.window_s} s for this tenant"
+        return _too_many(message, taken.reset_s, headers)
+    endpoint = getattr(request.match_info.handler, "__self__", None)
+    if not getattr(endpoint, "heavy", False):
+        response = await handler(request)
+        response.headers.update(headers)
+        return response
+    lease = await store.enter(tenant.id, quota)
+    if lease is None:
+        message = f"this tenant already runs {quota.heavy} plans or commits at once"
+        return _too_many(message, HEAVY_RETRY_AFTER_S, headers)
+    try:
+        response = await handler(request)
+    finally:
+        await store.leave(tenant.id, lease)
+    response.headers.update(headers)
+    return response
+
+
+#: A heavy request takes seconds: try again after a few.
+HEAVY_RETRY_AFTER_S = 5
+
+
+def _too_many(message: str, retry_after_s: int, headers: dict[str, str]) -> web.Response:
+    response = error_response(
+        429,
+        "rate_limited",
+        f"{message}; retry after {retry_after_s} s",
+        [ErrorDetail(("header", "Authorization"), f"retry after {retry_after_s} s")],
+    )
+    response.headers.update({**headers, "Retry-After": str(max(retry_after_s, 1))})
+    return response
+
+
+MIDDLEWARES = (observe, errors, auth, tenant_quota, idempotent_posts)
