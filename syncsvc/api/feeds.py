@@ -76,11 +76,13 @@ async def revoke_feed(ctx: Ctx, path: UserPath) -> None:
     summary="The user's activities as an iCalendar feed (RFC 5545)",
 )
 async def get_feed(ctx: Ctx, path: FeedPath, query: FeedQuery) -> web.StreamResponse:
-    """Needs no API key. Meetings and calls are VEVENTs, tasks VTODOs (all-day VEVENTs with
-    ``?tasks=events``); cancelled activities and those of deleted batches (for 30 days) are
-    STATUS:CANCELLED, without alarms. Answers ``304`` to an ``If-None-Match`` holding the
-    current strong ``ETag``."""
-    state = await service.current_state(ctx.db, path.token, utcnow())
+    """Needs no API key. Activities starting (tasks: due) from ``SYNCSVC_FEED_DAYS_BACK``
+    days before today to ``SYNCSVC_FEED_DAYS_AHEAD`` after; meetings and calls are VEVENTs,
+    tasks VTODOs (all-day VEVENTs with ``?tasks=events``); cancelled activities and those of
+    deleted batches (for 30 days) are STATUS:CANCELLED, without alarms. Answers ``304`` to
+    an ``If-None-Match`` holding the current strong ``ETag``."""
+    window = service.FeedWindow(ctx.settings.feed_days_back, ctx.settings.feed_days_ahead)
+    state = await service.current_state(ctx.db, path.token, utcnow(), window)
     if query.tasks == "events":
         state = state.with_tasks_as_events()
     headers = {"ETag": state.etag, "Cache-Control": f"private, max-age={FEED_MAX_AGE_S}"}

@@ -3,7 +3,8 @@
 Each item is rendered by ``providers/_ical`` (the same VEVENT the CalDAV provider stores, same
 UID) and the bytes of every component are cached by the item's full value: a feed of 5,000
 activities in which one changed renders one component, not 5,000. The calendar's header and
-VTIMEZONE are rendered by ``icalendar`` too; only the concatenation happens here.
+VTIMEZONE are rendered by ``icalendar`` too; only the concatenation happens here. An item
+``icalendar`` refuses (say an attendee address with CR/LF) is left out, not the feed.
 """
 
 from __future__ import annotations
@@ -40,27 +41,46 @@ class FeedItem:
 
 @dataclass(frozen=True, slots=True)
 class FeedCalendar:
-    """The calendar-level properties: the name subscribers show and the user's zone."""
+    """The calendar-level properties: the name subscribers show, the user's zone, and the
+    instants the feed covers, which its VTIMEZONE spans (not the items: an absurd end would
+    ask for zone rules to year 9999)."""
 
     name: str
     timezone: str
+    since: datetime
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedFeed:
+    body: bytes
+    #: Activity ids left out, each with what refused it.
+    skipped: tuple[tuple[str, Exception], ...] = ()
 
 
 def render_feed(
     calendar: FeedCalendar, items: Sequence[FeedItem], *, tasks_as_events: bool = False
-) -> bytes:
+) -> RenderedFeed:
     """The whole feed: header, VTIMEZONE of the user's zone, then one component per item.
 
     ``tasks_as_events``: tasks as all-day VEVENTs (Outlook and Google subscriptions drop
     VTODOs), the way the CalDAV provider stores them.
     """
-    head: bytes = _header(calendar, items).to_ical()
+    components: list[bytes] = []
+    skipped: list[tuple[str, Exception]] = []
+    timed = False
+    for item in items:
+        try:
+            components.append(component_bytes(item, tasks_as_events))
+        except Exception as exc:
+            skipped.append((item.spec.activity_id, exc))
+            continue
+        timed = timed or item.spec.start is not None
+    head: bytes = _header(calendar, timed).to_ical()
     if not head.endswith(END_OF_CALENDAR):
         raise ValueError("icalendar wrote an unexpected calendar ending")
-    parts = [head[: -len(END_OF_CALENDAR)]]
-    parts.extend(component_bytes(item, tasks_as_events) for item in items)
-    parts.append(END_OF_CALENDAR)
-    return b"".join(parts)
+    body = b"".join((head[: -len(END_OF_CALENDAR)], *components, END_OF_CALENDAR))
+    return RenderedFeed(body, tuple(skipped))
 
 
 @functools.lru_cache(maxsize=COMPONENT_CACHE_MAX)
@@ -77,7 +97,7 @@ def component_bytes(item: FeedItem, tasks_as_events: bool = False) -> bytes:
     return ical
 
 
-def _header(calendar: FeedCalendar, items: Sequence[FeedItem]) -> Calendar:
+def _header(calendar: FeedCalendar, timed: bool) -> Calendar:
     refresh = REFRESH_INTERVAL
     header = new_calendar()
     header.add("CALSCALE", CALSCALE)
@@ -86,24 +106,16 @@ def _header(calendar: FeedCalendar, items: Sequence[FeedItem]) -> Calendar:
     header.add("REFRESH-INTERVAL", refresh, parameters={"VALUE": "DURATION"})
     # An X- property has no default type: without vDuration it would be written as 1:00:00.
     header.add("X-PUBLISHED-TTL", vDuration(refresh))
-    for timezone in _timezones(items):
-        header.add_component(timezone)
+    if timed:
+        for timezone in _timezones_between(calendar.timezone, calendar.since, calendar.until):
+            header.add_component(timezone)
     return header
-
-
-def _timezones(items: Sequence[FeedItem]) -> tuple[Timezone, ...]:
-    """VTIMEZONEs covering every timed item, chosen exactly as a CalDAV resource's are."""
-    timed = [i.spec for i in items if i.spec.start is not None]
-    if not timed:
-        return ()
-    first = min(s.start for s in timed if s.start is not None)
-    last = max(s.end or s.start for s in timed if s.start is not None)
-    return _timezones_between(timed[0].timezone, first, last)
 
 
 @functools.lru_cache(maxsize=1024)
 def _timezones_between(timezone: str, first: datetime, last: datetime) -> tuple[Timezone, ...]:
-    """``add_timezones`` on a probe event spanning all items: same zones, same margins."""
+    """``add_timezones`` on a probe event spanning the feed: the zones and margins a CalDAV
+    resource gets."""
     probe = EventSpec(
         key="probe",
         activity_id="probe",

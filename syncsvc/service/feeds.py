@@ -9,6 +9,10 @@ yields a strong ETag from the database alone, with ONE statement run straight on
 the ETag is cached across requests, so a committed change shows in the very next answer.
 ``feed_body`` renders only when the ETag is new to this process; bodies are cached by ETag,
 and concurrent requests for the same new ETag share one render.
+
+A feed shows a window of whole UTC days around today (``FeedWindow``), so a user's history
+does not grow it forever; it is rendered off the event loop, and an activity that cannot be
+rendered is left out (one log line per render) rather than failing the whole feed.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import secrets
 import sqlite3
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -46,7 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound
-from syncsvc.feeds.ical import FeedCalendar, FeedItem, render_feed
+from syncsvc.feeds.ical import FeedCalendar, FeedItem, RenderedFeed, render_feed
 from syncsvc.providers.base import EventSpec
 from syncsvc.queue.reconcile import spec_for
 from syncsvc.service.users import get_user
@@ -54,6 +59,8 @@ from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, Feed, User
 from syncsvc.store.types import utcnow
+
+log = logging.getLogger("syncsvc.feeds")
 
 #: ``secrets.token_urlsafe`` bytes: 256 bits, well above the 128 a guess must face.
 FEED_TOKEN_BYTES = 32
@@ -68,7 +75,11 @@ WRITE_SETTLE_S = 300
 #: Rendered bodies kept per process, by total size.
 BODY_CACHE_MAX_BYTES = 64 * 1024 * 1024
 #: Raised when the rendered form changes, so clients holding an old ETag get the new form.
-FEED_FORMAT_VERSION = 2
+FEED_FORMAT_VERSION = 3
+#: Activities fetched per round trip: the event loop serves other requests between slices.
+FEED_FETCH_ROWS = 1000
+#: Activity ids named in the one log line of a render that left some out.
+SKIPPED_LOGGED_MAX = 20
 FEED_NAME_PREFIX = "syncsvc"
 
 
@@ -106,15 +117,40 @@ async def revoke(session: AsyncSession, tenant_id: str, user_id: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedWindow:
+    """How many whole UTC days before and after today a feed shows
+    (``SYNCSVC_FEED_DAYS_BACK``, ``SYNCSVC_FEED_DAYS_AHEAD``)."""
+
+    days_back: int
+    days_ahead: int
+
+    def bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        """Midnight UTC starting the first day shown and ending the last: the feed moves on
+        with the date, never with the time of the request."""
+        today = now.astimezone(UTC).date()
+        return _midnight(today - timedelta(days=self.days_back)), _midnight(
+            today + timedelta(days=self.days_ahead + 1)
+        )
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
 class FeedState:
-    """What answers a conditional request: whose feed it is and its current ETag."""
+    """What answers a conditional request: whose feed it is and its current ETag; the body
+    must show exactly what the ETag covers (the same cutoff and window)."""
 
     tenant_id: str
     user_id: str
     #: A strong entity tag, quoted (``"<hex>"``).
     etag: str
-    #: Deleted activities stamped before this are left out; the body must use the same.
+    #: Deleted activities stamped before this are left out.
     cutoff: datetime
+    #: Activities start (tasks without a start: are due) from ``since`` to before ``until``.
+    since: datetime
+    until: datetime
     #: Tasks as all-day VEVENTs (``?tasks=events``): another body, so another ETag.
     tasks_as_events: bool = False
 
@@ -124,16 +160,22 @@ class FeedState:
 
 def deleted_cutoff(now: datetime) -> datetime:
     """Midnight UTC starting the oldest day whose deletions are still shown."""
-    day = now.astimezone(UTC).date() - timedelta(days=DELETED_KEPT_DAYS)
-    return datetime.combine(day, time(), tzinfo=UTC)
+    return _midnight(now.astimezone(UTC).date() - timedelta(days=DELETED_KEPT_DAYS))
 
 
-def _visible(cutoff: datetime) -> ColumnElement[bool]:
-    """Activities the feed shows: renderable, and not deleted before ``cutoff`` (a deleted
-    activity's last change is its deletion)."""
+def _shown(state: FeedState) -> ColumnElement[bool]:
+    """Activities the feed shows: in its window, and not deleted before the cutoff (a
+    deleted activity's last change is its deletion)."""
     return and_(
-        or_(Activity.start.is_not(None), Activity.due.is_not(None)),
-        or_(Activity.deleted.is_(False), Activity.updated_at >= cutoff),
+        or_(
+            and_(Activity.start >= state.since, Activity.start < state.until),
+            and_(
+                Activity.start.is_(None),
+                Activity.due >= state.since.date(),
+                Activity.due < state.until.date(),
+            ),
+        ),
+        or_(Activity.deleted.is_(False), Activity.updated_at >= state.cutoff),
     )
 
 
@@ -275,29 +317,33 @@ def _reader(db: Database) -> _SqliteReader | None:
     return reader
 
 
-async def current_state(db: Database, token: str, now: datetime) -> FeedState:
+async def current_state(db: Database, token: str, now: datetime, window: FeedWindow) -> FeedState:
     """``feed_state`` as the feed route wants it: inline for a settled SQLite feed, else one
     statement on a pooled connection. Nothing is cached: every call reads the database."""
     reader = _reader(db)
     if reader is not None:
         row = reader.settled(hash_token(token), now - timedelta(seconds=WRITE_SETTLE_S))
         if row is not None:
-            return _state_of(row, now)
+            return _state_of(row, now, window)
     async with db.engine.connect() as conn:
-        return await feed_state(conn, token, now)
+        return await feed_state(conn, token, now, window)
 
 
-async def feed_state(conn: AsyncConnection | AsyncSession, token: str, now: datetime) -> FeedState:
+async def feed_state(
+    conn: AsyncConnection | AsyncSession, token: str, now: datetime, window: FeedWindow
+) -> FeedState:
     """The feed of ``token`` and its ETag; unknown or revoked → ``NotFound``.
 
     The ETag covers all the body is made of: the feed (its token), the user (zone, name:
-    ``updated_at``), the day (which deletions are shown) and the user's activities, whose
-    every change stamps ``updated_at``. Their newest stamp (one index lookup) identifies them
-    once it is older than ``WRITE_SETTLE_S``. Until then a slower transaction could still
-    commit an older stamp, so the count, the sum of versions and the number deleted are
-    added (a scan of the user's activities): every edit raises a version, a deletion flips
-    ``deleted``, a new activity adds one. All of it is one statement, run on the driver;
-    stamps enter the fingerprint as the driver returns them (stable per database).
+    ``updated_at``), the day (which deletions and which window are shown) and all the
+    user's activities (those outside the window too: a move across its edge is a change),
+    whose every change stamps ``updated_at``. Their newest stamp (one index lookup)
+    identifies them once it is older than ``WRITE_SETTLE_S``. Until then a slower
+    transaction could still commit an older stamp, so the count, the sum of versions and
+    the number deleted are added (a scan of the user's activities): every edit raises a
+    version, a deletion flips ``deleted``, a new activity adds one. All of it is one
+    statement, run on the driver; stamps enter the fingerprint as the driver returns them
+    (stable per database).
     """
     if isinstance(conn, AsyncSession):
         conn = await conn.connection()
@@ -305,34 +351,53 @@ async def feed_state(conn: AsyncConnection | AsyncSession, token: str, now: date
     row = await _fetch_state(conn, hash_token(token), settle_after)
     if row is None:
         raise NotFound("no such feed", [ErrorDetail(("path", "token"), "unknown or revoked")])
-    return _state_of(tuple(row), now)
+    return _state_of(tuple(row), now, window)
 
 
-def _state_of(row: tuple[Any, ...], now: datetime) -> FeedState:
+def _state_of(row: tuple[Any, ...], now: datetime, window: FeedWindow) -> FeedState:
     tenant_id, user_id, token_hash, user_updated, newest, totals = row
     cutoff = deleted_cutoff(now)
-    fingerprint = (
-        f"{FEED_FORMAT_VERSION}|{token_hash}|{user_updated}|{cutoff.isoformat()}|{newest}|{totals}"
-    )
+    since, until = window.bounds(now)
+    days = f"{cutoff.isoformat()}|{since.isoformat()}|{until.isoformat()}"
+    fingerprint = f"{FEED_FORMAT_VERSION}|{token_hash}|{user_updated}|{days}|{newest}|{totals}"
     etag = '"' + hashlib.sha256(fingerprint.encode()).hexdigest()[:40] + '"'
-    return FeedState(tenant_id=tenant_id, user_id=user_id, etag=etag, cutoff=cutoff)
-
-
-async def feed_items(
-    session: AsyncSession, tenant_id: str, user_id: str, cutoff: datetime
-) -> tuple[FeedCalendar, list[FeedItem]]:
-    """The user's visible activities as feed items, by start (tasks by due date after)."""
-    user = await get_user(session, tenant_id, user_id)
-    rows = await session.scalars(
-        select(Activity)
-        .where(_of_user(tenant_id, user_id), _visible(cutoff))
-        .order_by(Activity.start.is_(None), Activity.start, Activity.due, Activity.id)
+    return FeedState(
+        tenant_id=tenant_id, user_id=user_id, etag=etag, cutoff=cutoff, since=since, until=until
     )
-    items = [
-        FeedItem(spec=_spec(activity, user), modified=activity.updated_at) for activity in rows
-    ]
-    name = f"{FEED_NAME_PREFIX}: {user.name or user.id}"
-    return FeedCalendar(name=name, timezone=user.timezone or "UTC"), items
+
+
+async def feed_activities(session: AsyncSession, state: FeedState) -> tuple[User, list[Activity]]:
+    """The user and the activities their feed shows, by start (tasks by due date after),
+    fetched in slices of ``FEED_FETCH_ROWS`` so other requests run between them."""
+    user = await get_user(session, state.tenant_id, state.user_id)
+    result = await session.stream_scalars(
+        select(Activity)
+        .where(_of_user(state.tenant_id, state.user_id), _shown(state))
+        .order_by(Activity.start.is_(None), Activity.start, Activity.due, Activity.id)
+        .execution_options(yield_per=FEED_FETCH_ROWS)
+    )
+    return user, [activity async for rows in result.partitions() for activity in rows]
+
+
+def render_activities(user: User, activities: Sequence[Activity], state: FeedState) -> RenderedFeed:
+    """The feed of ``activities`` (loaded, so safe to read in a worker thread); one that
+    cannot be rendered is left out, named in ``skipped``, rather than costing the user the
+    whole feed."""
+    items: list[FeedItem] = []
+    skipped: list[tuple[str, Exception]] = []
+    for activity in activities:
+        try:
+            items.append(FeedItem(spec=_spec(activity, user), modified=activity.updated_at))
+        except Exception as exc:  # e.g. an end past year 9999 in the user's zone
+            skipped.append((activity.id, exc))
+    calendar = FeedCalendar(
+        name=f"{FEED_NAME_PREFIX}: {user.name or user.id}",
+        timezone=user.timezone or "UTC",
+        since=state.since,
+        until=state.until,
+    )
+    rendered = render_feed(calendar, items, tasks_as_events=state.tasks_as_events)
+    return replace(rendered, skipped=(*skipped, *rendered.skipped))
 
 
 def _spec(activity: Activity, user: User) -> EventSpec:
@@ -389,13 +454,18 @@ async def feed_body(db: Database, state: FeedState) -> bytes:
 
     async def render() -> bytes:
         async with db.session() as session:
-            calendar, items = await feed_items(
-                session, state.tenant_id, state.user_id, state.cutoff
+            user, activities = await feed_activities(session, state)
+        rendered = await asyncio.to_thread(render_activities, user, activities, state)
+        if rendered.skipped:
+            ids = [activity_id for activity_id, _ in rendered.skipped]
+            log.warning(
+                "event=feed.skipped tenant=%s user=%s count=%d activities=%s",
+                state.tenant_id,
+                state.user_id,
+                len(ids),
+                ",".join(ids[:SKIPPED_LOGGED_MAX]),
+                exc_info=rendered.skipped[0][1],
             )
-        return await asyncio.to_thread(
-            functools.partial(render_feed, tasks_as_events=state.tasks_as_events),
-            calendar,
-            items,
-        )
+        return rendered.body
 
     return await _bodies.get_or_render(state.etag, render)

@@ -1,13 +1,14 @@
 """Per-user iCal feeds through HTTP: the secret URL's life cycle and what subscribers read.
 
 Activities come from committed batches for a user without a pushed calendar (provider
-``none``). The plan is on Monday 2030-06-03 (Copenhagen, UTC+2 in summer), 09:00-12:00 with
-one-hour meetings, so the three meetings are at 07:00, 08:00 and 09:00 UTC.
+``none``). The plan is on the first Monday of June next year (inside the default window of
+548 days ahead; Copenhagen, UTC+2 in summer), 09:00-12:00 with one-hour meetings, so the
+three meetings are at 07:00, 08:00 and 09:00 UTC.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from icalendar import Calendar, Component
 from sqlalchemy import update
 
+from syncsvc.config import Settings
 from syncsvc.service import feeds as feeds_service
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity
@@ -28,8 +30,17 @@ Client = TestClient[web.Request, web.Application]
 USER_ID = "ck"
 ZONE = "Europe/Copenhagen"
 PUBLIC_BASE_URL = "http://127.0.0.1:8080"
-PLAN_DAY = date(2030, 6, 3)
-MEETING_STARTS_UTC = [datetime(2030, 6, 3, hour, tzinfo=UTC) for hour in (7, 8, 9)]
+
+
+def _first_monday_of_june(year: int) -> date:
+    june = date(year, 6, 1)
+    return june + timedelta(days=-june.weekday() % 7)
+
+
+PLAN_DAY = _first_monday_of_june(datetime.now(UTC).year + 1)
+MEETING_STARTS_UTC = [datetime.combine(PLAN_DAY, time(hour), UTC) for hour in (7, 8, 9)]
+#: The window of the app the tests run (the defaults).
+WINDOW = feeds_service.FeedWindow(Settings().feed_days_back, Settings().feed_days_ahead)
 REMINDER_MINUTES = 15
 TASK_DUE_DAYS = 3
 NO_WEEKEND = {"mon": [["09:00", "12:00"]], **{d: [] for d in ("tue", "wed", "thu", "fri")}}
@@ -170,7 +181,7 @@ async def test_edit_raises_sequence_and_cancel_marks_cancelled(
     assert etag_again == etag_before
     assert before.to_ical() == again.to_ical()
 
-    moved = "2030-06-03T14:00:00+02:00"
+    moved = f"{PLAN_DAY.isoformat()}T14:00:00+02:00"
     response = await client.patch(
         f"/v1/activities/{first['id']}",
         json={"subject": "Tasting at Mikkeller", "start": moved},
@@ -187,8 +198,8 @@ async def test_edit_raises_sequence_and_cancel_marks_cancelled(
     assert set(_by_uid(after)) == set(_by_uid(before))  # same UIDs, nothing new
     edited = _by_uid(after)[_uid(first)]
     assert str(edited["SUMMARY"]) == "Tasting at Mikkeller"
-    assert edited.start.astimezone(UTC) == datetime(2030, 6, 3, 12, tzinfo=UTC)
-    assert edited.end.astimezone(UTC) == datetime(2030, 6, 3, 13, tzinfo=UTC)
+    assert edited.start.astimezone(UTC) == datetime.combine(PLAN_DAY, time(12), UTC)
+    assert edited.end.astimezone(UTC) == datetime.combine(PLAN_DAY, time(13), UTC)
     assert edited["SEQUENCE"] > _by_uid(before)[_uid(first)]["SEQUENCE"]
     cancelled = _by_uid(after)[_uid(second)]
     assert str(cancelled["STATUS"]) == "CANCELLED"
@@ -220,9 +231,9 @@ async def test_deleted_batch_stays_cancelled_for_30_days(
     async with db.session() as session:
         etags = []
         for when, expected in ((now, 3), (last_kept, 3), (dropped, 0)):
-            state = await feeds_service.feed_state(session, token, when)
-            _, items = await feeds_service.feed_items(session, tenants.a.id, USER_ID, state.cutoff)
-            assert len(items) == expected, when
+            state = await feeds_service.feed_state(session, token, when, WINDOW)
+            _, shown = await feeds_service.feed_activities(session, state)
+            assert len(shown) == expected, when
             etags.append(state.etag)
     assert etags[2] not in etags[:2]
 
@@ -311,7 +322,7 @@ async def test_etag_follows_every_change_even_a_late_commit(
 
     async def etag(now: datetime) -> str:
         async with db.session() as session:
-            return (await feeds_service.feed_state(session, token, now)).etag
+            return (await feeds_service.feed_state(session, token, now, WINDOW)).etag
 
     recent, old = await etag(datetime.now(UTC)), await etag(datetime.now(UTC) + settled)
     assert await etag(datetime.now(UTC)) == recent
@@ -400,3 +411,79 @@ async def test_libical_takes_the_feed_and_tasks_come_as_events_when_asked(
     assert again.status == 304
     wrong = await client.get(path + "?tasks=todo")
     assert wrong.status == 422
+
+
+async def test_the_feed_shows_only_its_window_of_days(
+    client: Client, tenants: Tenants, db: Database
+) -> None:
+    """From midnight UTC ``feed_days_back`` days ago to the end of the day
+    ``feed_days_ahead`` days on: a meeting just inside each edge stays, one just outside
+    either edge (or a task due past the end) is left out."""
+    await _put_user(client, tenants.a)
+    meetings = await _commit(client, tenants.a)
+    more = await _commit(client, tenants.a)
+    tasks = await _commit(client, tenants.a, kind="task")
+    since, until = WINDOW.bounds(datetime.now(UTC))
+    assert until - since == timedelta(days=WINDOW.days_back + WINDOW.days_ahead + 1)
+    hour = timedelta(hours=1)
+    moves = {
+        meetings[0]["id"]: since,
+        meetings[1]["id"]: until - hour,
+        more[0]["id"]: since - hour,
+        more[1]["id"]: until,
+    }
+    for activity_id, start in moves.items():
+        response = await client.patch(
+            f"/v1/activities/{activity_id}",
+            json={"start": start.isoformat()},
+            headers=tenants.a.headers,
+        )
+        assert response.status == 200, await response.text()
+    # No API moves a task's due date: the store does, as a CRM's re-sync would.
+    async with db.session() as session, session.begin():
+        await session.execute(
+            update(Activity).where(Activity.id == tasks[0]["id"]).values(due=until.date())
+        )
+
+    calendar, _ = await _read(client, await _new_feed(client, tenants.a))
+    left_out = {_uid(more[0]), _uid(more[1]), _uid(tasks[0])}
+    everything = {_uid(a) for a in (*meetings, *more, *tasks)}
+    assert set(_by_uid(calendar)) == everything - left_out
+    assert _by_uid(calendar)[_uid(meetings[0])].start.astimezone(UTC) == since
+
+
+async def test_the_etag_and_the_body_move_on_with_the_window(
+    client: Client, tenants: Tenants, db: Database
+) -> None:
+    """With no change to any activity, tomorrow's feed is another one: the meeting on the
+    window's first day drops out, so the ETag must differ and that body must leave it out.
+    So is today's feed under another ``SYNCSVC_FEED_DAYS_BACK`` (after a restart)."""
+    await _put_user(client, tenants.a)
+    oldest, _, _ = await _commit(client, tenants.a)
+    now = datetime.now(UTC)
+    since, _ = WINDOW.bounds(now)
+    response = await client.patch(
+        f"/v1/activities/{oldest['id']}",
+        json={"start": (since + timedelta(hours=1)).isoformat()},
+        headers=tenants.a.headers,
+    )
+    assert response.status == 200, await response.text()
+    token = (await _new_feed(client, tenants.a)).removeprefix("/feeds/").removesuffix(".ics")
+
+    async def state(
+        at: datetime, window: feeds_service.FeedWindow = WINDOW
+    ) -> tuple[str, set[str]]:
+        async with db.session() as session:
+            state = await feeds_service.feed_state(session, token, at, window)
+            _, shown = await feeds_service.feed_activities(session, state)
+        return state.etag, {a.id for a in shown}
+
+    etag_today, shown_today = await state(now)
+    etag_tomorrow, shown_tomorrow = await state(now + timedelta(days=1))
+    assert etag_tomorrow != etag_today
+    assert oldest["id"] in shown_today and oldest["id"] not in shown_tomorrow
+    assert len(shown_tomorrow) == 2
+    shorter = feeds_service.FeedWindow(WINDOW.days_back - 1, WINDOW.days_ahead)
+    etag_shorter, shown_shorter = await state(now, shorter)
+    assert etag_shorter != etag_today
+    assert shown_shorter == shown_tomorrow
