@@ -53,6 +53,8 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
         database_url=f"sqlite:///{tmp_path / 'syncsvc.db'}",
         secret_key=SECRET_KEY,
         public_base_url=base_url,
+        # The plan is on 2030-06-03, beyond the feed's default window (548 days ahead).
+        feed_days_ahead=2_000,
     )
     db = Database(settings.database_url)
     await db.migrate()
