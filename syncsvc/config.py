@@ -61,6 +61,11 @@ class Settings:
     #: Whole days before and after today an iCal feed shows.
     feed_days_back: int = 90
     feed_days_ahead: int = 548
+    #: Schedule runs at once in one scheduler process, and of those at most this many per tenant.
+    scheduler_concurrency: int = 16
+    scheduler_tenant_concurrency: int = 2
+    #: A schedule's cron may fire at most this often (at most a day).
+    schedule_min_interval_minutes: int = 15
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
@@ -129,6 +134,9 @@ class Settings:
             "graph_subscription_minutes",
             "feed_days_back",
             "feed_days_ahead",
+            "scheduler_concurrency",
+            "scheduler_tenant_concurrency",
+            "schedule_min_interval_minutes",
         ):
             raw = get(name.upper())
             if raw is not None:
@@ -145,6 +153,15 @@ class Settings:
                         f"must be at least {SECRET_KEY_MIN_CHARS} characters",
                     )
                 )
+        for name, most in (
+            ("scheduler_concurrency", None),
+            ("scheduler_tenant_concurrency", None),
+            ("schedule_min_interval_minutes", 24 * 60),
+        ):
+            number = kwargs.get(name)
+            if isinstance(number, int) and (number < 1 or (most is not None and number > most)):
+                bound = f" and at most {most}" if most else ""
+                errors.append(ErrorDetail((PREFIX + name.upper(),), f"must be at least 1{bound}"))
         api_rate = get("API_RATE")
         if api_rate is not None:
             left, _, right = api_rate.partition("/")

@@ -1,7 +1,9 @@
 """The scheduler: runs every saved schedule at its cron occurrences.
 
-Every ``tick_s`` it claims the due occurrences and the due retries (``service/schedules.py``
-says how a claim stays exactly-once across processes), and runs each claimed attempt:
+Every ``tick_s``, and whenever a run ends, it claims due occurrences and due retries
+(``service/schedules.py`` says how a claim stays exactly-once across processes) and starts
+each claimed attempt as its own task, within a cap for the process and a smaller one per tenant
+(:class:`Scheduler`), so one tenant's slow ``targets_url`` delays only that tenant's runs:
 
 1. ``GET targets_url``, signed, within ``TARGETS_TIMEOUT_S`` and ``max_body_bytes``;
 2. check the answer, ``{"targets": [...]}``, with the ``POST /v1/batches`` body model;
@@ -19,12 +21,12 @@ not travel to another host).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -47,8 +49,6 @@ TICK_S = 5.0
 TARGETS_TIMEOUT_S = 30.0
 #: Due schedules and due retries each read per tick; the rest wait for the next tick.
 DUE_PER_TICK = 100
-#: Runs fetching and committing at once in one scheduler.
-RUNS_AT_ONCE = 8
 READ_CHUNK_BYTES = 64 * 1024
 
 
@@ -110,42 +110,82 @@ def describe(exc: SyncSvcError) -> str:
 
 @dataclass(slots=True)
 class Scheduler:
+    """Claims due runs and starts each as its own task, under two caps: ``concurrency`` runs
+    at once, ``tenant_concurrency`` of them per tenant. What a cap holds back stays due in the
+    database, unclaimed, and is claimed by a later tick (woken as soon as a run ends), so a
+    tenant whose runs are slow waits only behind its own; caps are per process, claims are
+    exactly-once across processes."""
+
     db: Database
     box: SecretBox
     http: aiohttp.ClientSession
     clock: Clock
     max_body_bytes: int
+    concurrency: int
+    tenant_concurrency: int
+    _running: dict[asyncio.Task[None], service.ClaimedRun] = field(default_factory=dict, init=False)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def tick(self) -> int:
-        """Claims what is due now and runs it; answers how many attempts were run."""
+        """Claims what is due now, as far as the caps allow, and starts it; answers how many
+        runs were started. Never waits for a run."""
+        self._ended.clear()
         now = self.clock()
-        claimed: list[service.ClaimedRun] = []
+        busy = Counter(run.tenant_id for run in self._running.values())
+        held = {run.run_id for run in self._running.values()}
+        if len(self._running) >= self.concurrency:
+            return 0
         async with self.db.session() as session:
-            due = await service.due_schedules(session, now, DUE_PER_TICK)
-            retries = await service.due_retries(session, now, DUE_PER_TICK)
-        for schedule in due:
-            run = await service.claim_occurrence(self.db, schedule, now)
+            retries = await service.due_retries(session, now, DUE_PER_TICK, self.tenant_concurrency)
+            due = await service.due_schedules(session, now, DUE_PER_TICK, self.tenant_concurrency)
+        started = 0
+        candidates: list[service.DueRetry | service.DueSchedule] = [*retries, *due]
+        for candidate in candidates:
+            if len(self._running) >= self.concurrency:
+                break
+            if busy[candidate.tenant_id] >= self.tenant_concurrency:
+                continue
+            if isinstance(candidate, service.DueRetry):
+                if candidate.run_id in held:  # still running here, past its lease
+                    continue
+                run = await service.claim_retry(self.db, candidate.run_id, candidate.attempts, now)
+            else:
+                run = await service.claim_occurrence(self.db, candidate, now)
             if run is not None:
-                claimed.append(run)
-        for run_id, attempts in retries:
-            run = await service.claim_retry(self.db, run_id, attempts, now)
-            if run is not None:
-                claimed.append(run)
-        gate = asyncio.Semaphore(RUNS_AT_ONCE)
+                busy[run.tenant_id] += 1
+                started += 1
+                task = asyncio.create_task(self.run(run), name=f"schedule-run-{run.run_id}")
+                self._running[task] = run
+                task.add_done_callback(self._forget)
+        return started
 
-        async def gated(run: service.ClaimedRun) -> None:
-            async with gate:
-                await self.run(run)
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        run = self._running.pop(task)
+        self._ended.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Not even the failure could be written (the database went away): the run's
+            # lease runs out and it is tried again.
+            log.error("event=schedule.run.unrecorded schedule=%s error=%r", run.schedule_id, exc)
 
-        outcomes = await asyncio.gather(*(gated(run) for run in claimed), return_exceptions=True)
-        for run, outcome in zip(claimed, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                # Not even the failure could be written (the database went away): the run's
-                # lease runs out and it is tried again.
-                log.error(
-                    "event=schedule.run.unrecorded schedule=%s error=%r", run.schedule_id, outcome
-                )
-        return len(claimed)
+    async def pause(self, stop: asyncio.Event, timeout_s: float) -> None:
+        """Until ``stop``, a run ends (its slot may take what waits) or ``timeout_s``."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (stop, self._ended)]
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def drain(self) -> None:
+        """Until every run started so far has ended."""
+        while self._running:
+            await asyncio.wait(list(self._running))
+
+    async def aclose(self) -> None:
+        """Stops the runs in flight; each hands its attempt back (``run``)."""
+        for task in self._running:
+            task.cancel()
+        await self.drain()
 
     async def run(self, run: service.ClaimedRun) -> None:
         """One attempt of one occurrence; its outcome is written on the run, never raised."""
@@ -164,6 +204,17 @@ class Scheduler:
             log.exception("event=schedule.run.error schedule=%s", run.schedule_id)
             error = f"internal error: {type(exc).__name__}"
             result = await service.record_failure(self.db, run, error, self.clock())
+        except asyncio.CancelledError:
+            # Stopping: due again now for any scheduler, not after the lease (a transaction
+            # cut short rolled back; one that committed makes this write nothing).
+            handed = await service.hand_back(self.db, run, self.clock())
+            log.info(
+                "event=schedule.run.handed_back schedule=%s occurrence=%s handed=%s",
+                run.schedule_id,
+                run.occurrence.isoformat(),
+                handed,
+            )
+            raise
         log.info(
             "event=schedule.run schedule=%s occurrence=%s attempt=%d state=%s batch=%s ms=%.1f",
             run.schedule_id,
@@ -195,15 +246,19 @@ async def run_scheduler(
             http,
             clock,
             settings.max_body_bytes,
+            settings.scheduler_concurrency,
+            settings.scheduler_tenant_concurrency,
         )
-        while not stop.is_set():
-            try:
-                await scheduler.tick()
-            except Exception as exc:
-                if is_unavailable(exc):
-                    # Away for a moment: logged once per outage; the next tick tries again.
-                    db.outage.down(exc)
-                else:
-                    log.exception("event=scheduler.tick.error")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), tick_s)
+        try:
+            while not stop.is_set():
+                try:
+                    await scheduler.tick()
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        # Away for a moment: logged once per outage; the next tick tries again.
+                        db.outage.down(exc)
+                    else:
+                        log.exception("event=scheduler.tick.error")
+                await scheduler.pause(stop, tick_s)
+        finally:
+            await scheduler.aclose()

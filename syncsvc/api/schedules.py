@@ -7,7 +7,7 @@ saved plan with them as a batch.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,7 +55,8 @@ class ScheduleBody(BaseModel):
     cron: str = Field(
         max_length=CRON_MAX_CHARS,
         description="Five cron fields (minute hour day-of-month month day-of-week) on the "
-        "wall clock of `timezone`, e.g. `0 6 * * mon`; or @daily, @weekly, …",
+        "wall clock of `timezone`, e.g. `0 6 * * mon`; or @daily, @weekly, …; at most once "
+        "per the service's minimum interval (15 minutes unless configured otherwise).",
         examples=["0 6 * * mon"],
     )
     timezone: str = Field(max_length=64, description="IANA zone, e.g. Europe/Helsinki.")
@@ -123,7 +124,7 @@ def schedule_out(row: Schedule) -> ScheduleOut:
 
 def run_out(row: ScheduleRun, zone_name: str) -> RunOut:
     zone = ZoneInfo(zone_name)
-    retrying = row.state in (service.RUN_RETRYING, service.RUN_RUNNING)
+    retrying = row.state in (service.RunState.RETRYING, service.RunState.RUNNING)
     return RunOut(
         id=row.id,
         occurrence=row.occurrence.astimezone(zone).isoformat(timespec="seconds"),
@@ -146,8 +147,9 @@ def run_out(row: ScheduleRun, zone_name: str) -> RunOut:
     summary="Save a plan that commits a batch at every cron occurrence",
 )
 async def create_schedule(ctx: Ctx, body: ScheduleBody) -> ScheduleOut:
-    """The plan's assigned users must exist and its text tags be known now; everything else
-    about the targets is checked at each run (a bad answer is a failed, retried run)."""
+    """The cron must not fire more often than ``SYNCSVC_SCHEDULE_MIN_INTERVAL_MINUTES``, the
+    plan's assigned users must exist and its text tags be known now; everything else about the
+    targets is checked at each run (a bad answer is a failed, retried run)."""
     spec = service.ScheduleSpec(
         name=body.name,
         cron=body.cron,
@@ -157,7 +159,13 @@ async def create_schedule(ctx: Ctx, body: ScheduleBody) -> ScheduleOut:
     )
     with body_errors(ScheduleBody):
         async with ctx.session() as session, session.begin():
-            row = await service.create(session, ctx.tenant_id, spec, clock_of(ctx)())
+            row = await service.create(
+                session,
+                ctx.tenant_id,
+                spec,
+                clock_of(ctx)(),
+                min_interval=timedelta(minutes=ctx.settings.schedule_min_interval_minutes),
+            )
     return schedule_out(row)
 
 

@@ -8,14 +8,21 @@ the CRM and commits a batch. This module holds the rules it relies on:
 - **Exactly once.** An occurrence is claimed by inserting its ``ScheduleRun`` row (unique on
   schedule and occurrence) in the same transaction that moves ``next_run_at`` on from the value
   the claimer saw; whoever comes second gets a unique violation or no row and skips.
+- **Not too often.** A cron that fires more often than the service's minimum interval
+  (:func:`shortest_gap`, on the wall clock) is refused when the schedule is saved.
 - **Once after downtime.** A claim takes the latest occurrence that is due and moves
-  ``next_run_at`` past now, so occurrences missed while nothing ran collapse into one run.
+  ``next_run_at`` past now, so occurrences missed while nothing ran collapse into one run;
+  so do those of a schedule that waited behind its tenant's share of the scheduler for longer
+  than its cron's period.
+- **A share per tenant.** Due work is read at most ``per_tenant`` rows per tenant, so one
+  tenant's many due schedules never hide another tenant's.
 - **One batch per run.** A run's result (its batch, or ``ok`` with no targets) is written in
   the same transaction as the batch, guarded by the attempt number the runner holds; a runner
   whose lease ran out and was taken over writes nothing.
 - **Retries.** A failed attempt is ``retrying`` with ``next_attempt_at`` after a doubling
   backoff, ``failed`` after ``RUN_MAX_ATTEMPTS``; an attempt whose runner died (``running``
-  past its lease) is tried again the same way.
+  past its lease) is tried again the same way; one whose scheduler stopped is handed back,
+  due at once and unspent.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from itertools import pairwise
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
-from sqlalchemy import CursorResult, and_, delete, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,10 +60,22 @@ CRON_FIELDS = 5
 #: How many cron candidates to step over while a DST change maps several onto one instant.
 CRON_SEARCH_STEPS = 16
 
-RUN_RUNNING = "running"
-RUN_RETRYING = "retrying"
-RUN_OK = "ok"
-RUN_FAILED = "failed"
+MINUTES_PER_DAY = 24 * 60
+
+
+class RunState(StrEnum):
+    """``ScheduleRun.state``."""
+
+    #: An attempt holds it until ``next_attempt_at`` (its lease).
+    RUNNING = "running"
+    #: Due again at ``next_attempt_at``.
+    RETRYING = "retrying"
+    #: Done: its batch committed, or no targets.
+    OK = "ok"
+    #: Gave up after ``RUN_MAX_ATTEMPTS``.
+    FAILED = "failed"
+
+
 #: Attempts per occurrence before its run is ``failed`` (1 try + 5 retries, ~31 min apart).
 RUN_MAX_ATTEMPTS = 6
 RETRY_BASE_S = 60.0
@@ -82,6 +103,43 @@ def check_cron(expr: str) -> str:
     except (CroniterBadCronError, CroniterBadDateError) as exc:
         raise ValueError(f"the cron expression {expr!r} never occurs") from exc
     return " ".join(fields)
+
+
+def shortest_gap(expr: str) -> timedelta:
+    """How close together a checked cron expression fires on the wall clock, at most a day.
+
+    Every day it fires, it fires at the same hours and minutes, so one day's times and the step
+    from the last to the next day's first hold the shortest gap, whatever the day fields and
+    the date (sampling a few days would miss ``0,1 6 1 * *``). The step past midnight counts
+    even when the next day does not fire: this errs towards refusing.
+    """
+    minutes, hours = croniter(expr).expanded[:2]
+    times = sorted(
+        {
+            hour * 60 + minute
+            for hour in (range(24) if hours == ["*"] else hours)
+            for minute in (range(60) if minutes == ["*"] else minutes)
+        }
+    )
+    gaps = [later - earlier for earlier, later in pairwise(times)]
+    return timedelta(minutes=min([*gaps, times[0] + MINUTES_PER_DAY - times[-1]]))
+
+
+def check_interval(expr: str, minimum: timedelta) -> None:
+    """Refuses a cron that fires more often than ``minimum``: each run fetches a tenant URL and
+    plans a batch, so a schedule every minute is load on the service, not a use of it."""
+    gap = shortest_gap(expr)
+    if gap < minimum:
+        raise ValidationError(
+            "the schedule runs too often",
+            [
+                ErrorDetail(
+                    ("cron",),
+                    f"fires {gap // timedelta(minutes=1)} minutes apart; schedules may fire "
+                    f"at most every {minimum // timedelta(minutes=1)} minutes",
+                )
+            ],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +241,14 @@ async def _check_plan(session: AsyncSession, tenant_id: str, plan: Mapping[str, 
 
 
 async def create(
-    session: AsyncSession, tenant_id: str, spec: ScheduleSpec, now: datetime
+    session: AsyncSession,
+    tenant_id: str,
+    spec: ScheduleSpec,
+    now: datetime,
+    *,
+    min_interval: timedelta,
 ) -> Schedule:
+    check_interval(spec.cron, min_interval)
     await _check_plan(session, tenant_id, spec.plan)
     row = Schedule(
         id=uuid.uuid4().hex,
@@ -295,8 +359,15 @@ class ClaimedRun:
 
 
 @dataclass(frozen=True, slots=True)
+class DueRetry:
+    run_id: str
+    tenant_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
-    state: str
+    state: RunState
     batch_id: str | None = None
     next_attempt_at: datetime | None = None
 
@@ -314,13 +385,29 @@ def _changed(result: object) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-async def due_schedules(session: AsyncSession, now: datetime, limit: int) -> list[DueSchedule]:
-    rows = await session.execute(
+async def due_schedules(
+    session: AsyncSession, now: datetime, limit: int, per_tenant: int
+) -> list[DueSchedule]:
+    """The longest-due schedules, at most ``per_tenant`` of each tenant."""
+    order = (Schedule.next_run_at, Schedule.id)
+    ranked = (
         select(
-            Schedule.id, Schedule.tenant_id, Schedule.cron, Schedule.timezone, Schedule.next_run_at
+            Schedule.id,
+            Schedule.tenant_id,
+            Schedule.cron,
+            Schedule.timezone,
+            Schedule.next_run_at,
+            func.row_number().over(partition_by=Schedule.tenant_id, order_by=order).label("rank"),
         )
         .where(Schedule.next_run_at <= now)
-        .order_by(Schedule.next_run_at, Schedule.id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(
+            ranked.c.id, ranked.c.tenant_id, ranked.c.cron, ranked.c.timezone, ranked.c.next_run_at
+        )
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.next_run_at, ranked.c.id)
         .limit(limit)
     )
     return [DueSchedule(*row) for row in rows]
@@ -340,7 +427,7 @@ async def claim_occurrence(db: Database, due: DueSchedule, now: datetime) -> Cla
                     tenant_id=due.tenant_id,
                     schedule_id=due.id,
                     occurrence=occurrence,
-                    state=RUN_RUNNING,
+                    state=RunState.RUNNING,
                     attempts=1,
                     next_attempt_at=now + timedelta(seconds=RUN_LEASE_S),
                     started_at=now,
@@ -388,18 +475,35 @@ async def _claimed(session: AsyncSession, run_id: str, attempt: int) -> ClaimedR
     )
 
 
-async def due_retries(session: AsyncSession, now: datetime, limit: int) -> list[tuple[str, int]]:
-    """Runs whose next try is due, or whose runner's lease ran out: (run id, attempts)."""
-    rows = await session.execute(
-        select(ScheduleRun.id, ScheduleRun.attempts)
+async def due_retries(
+    session: AsyncSession, now: datetime, limit: int, per_tenant: int
+) -> list[DueRetry]:
+    """Runs whose next try is due, or whose runner's lease ran out, longest-due first, at most
+    ``per_tenant`` of each tenant."""
+    order = (ScheduleRun.next_attempt_at, ScheduleRun.id)
+    ranked = (
+        select(
+            ScheduleRun.id,
+            ScheduleRun.tenant_id,
+            ScheduleRun.attempts,
+            ScheduleRun.next_attempt_at,
+            func.row_number()
+            .over(partition_by=ScheduleRun.tenant_id, order_by=order)
+            .label("rank"),
+        )
         .where(
-            ScheduleRun.state.in_((RUN_RETRYING, RUN_RUNNING)),
+            ScheduleRun.state.in_((RunState.RETRYING, RunState.RUNNING)),
             ScheduleRun.next_attempt_at <= now,
         )
-        .order_by(ScheduleRun.next_attempt_at, ScheduleRun.id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(ranked.c.id, ranked.c.tenant_id, ranked.c.attempts)
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.next_attempt_at, ranked.c.id)
         .limit(limit)
     )
-    return [(str(run_id), int(attempts)) for run_id, attempts in rows]
+    return [DueRetry(str(run_id), str(tenant), int(n)) for run_id, tenant, n in rows]
 
 
 async def claim_retry(db: Database, run_id: str, seen: int, now: datetime) -> ClaimedRun | None:
@@ -410,11 +514,11 @@ async def claim_retry(db: Database, run_id: str, seen: int, now: datetime) -> Cl
             .where(
                 ScheduleRun.id == run_id,
                 ScheduleRun.attempts == seen,
-                ScheduleRun.state.in_((RUN_RETRYING, RUN_RUNNING)),
+                ScheduleRun.state.in_((RunState.RETRYING, RunState.RUNNING)),
                 ScheduleRun.next_attempt_at <= now,
             )
             .values(
-                state=RUN_RUNNING,
+                state=RunState.RUNNING,
                 attempts=seen + 1,
                 next_attempt_at=now + timedelta(seconds=RUN_LEASE_S),
             )
@@ -428,7 +532,7 @@ def _held(run: ClaimedRun) -> Any:
     return and_(
         ScheduleRun.id == run.run_id,
         ScheduleRun.attempts == run.attempt,
-        ScheduleRun.state == RUN_RUNNING,
+        ScheduleRun.state == RunState.RUNNING,
     )
 
 
@@ -443,12 +547,12 @@ async def finish(
             marked = await session.execute(
                 update(ScheduleRun)
                 .where(_held(run))
-                .values(state=RUN_OK, finished_at=now, next_attempt_at=None, error=None)
+                .values(state=RunState.OK, finished_at=now, next_attempt_at=None, error=None)
             )
             if _changed(marked) != 1:
                 raise _ClaimLost
             if spec is None:
-                return RunResult(RUN_OK)
+                return RunResult(RunState.OK)
             created = await batches.commit(session, run.tenant_id, spec, now)
             await session.execute(
                 update(Batch).where(Batch.id == created.id).values(schedule_id=run.schedule_id)
@@ -456,7 +560,7 @@ async def finish(
             await session.execute(
                 update(ScheduleRun).where(ScheduleRun.id == run.run_id).values(batch_id=created.id)
             )
-            return RunResult(RUN_OK, batch_id=created.id)
+            return RunResult(RunState.OK, batch_id=created.id)
     except _ClaimLost:
         return None
 
@@ -467,17 +571,33 @@ async def record_failure(
     """``retrying`` after a backoff, or ``failed`` after the last attempt; None if the run is
     no longer ours."""
     if run.attempt >= RUN_MAX_ATTEMPTS:
-        result = RunResult(RUN_FAILED)
-        values: dict[str, Any] = {"state": RUN_FAILED, "finished_at": now, "next_attempt_at": None}
+        result = RunResult(RunState.FAILED)
+        values: dict[str, Any] = {
+            "state": RunState.FAILED,
+            "finished_at": now,
+            "next_attempt_at": None,
+        }
     else:
         retry_at = now + timedelta(seconds=retry_delay_s(run.attempt))
-        result = RunResult(RUN_RETRYING, next_attempt_at=retry_at)
-        values = {"state": RUN_RETRYING, "next_attempt_at": retry_at}
+        result = RunResult(RunState.RETRYING, next_attempt_at=retry_at)
+        values = {"state": RunState.RETRYING, "next_attempt_at": retry_at}
     async with db.session() as session, session.begin():
         marked = await session.execute(
             update(ScheduleRun).where(_held(run)).values(error=error[:ERROR_MAX_CHARS], **values)
         )
         return result if _changed(marked) == 1 else None
+
+
+async def hand_back(db: Database, run: ClaimedRun, now: datetime) -> bool:
+    """A stopping scheduler's attempt is due again at once, unspent, for whichever scheduler
+    runs next (not after its lease); False if the run was no longer ours."""
+    async with db.session() as session, session.begin():
+        marked = await session.execute(
+            update(ScheduleRun)
+            .where(_held(run))
+            .values(state=RunState.RETRYING, attempts=run.attempt - 1, next_attempt_at=now)
+        )
+        return _changed(marked) == 1
 
 
 async def targets_headers(db: Database, box: SecretBox, run: ClaimedRun) -> dict[str, str]:

@@ -1,14 +1,16 @@
 """Schedules through HTTP: create (next run hand-computed), read, list, delete, runs; every
-bad field is a 422 naming it and writes nothing; another tenant's schedule is a 404."""
+bad field is a 422 naming it and writes nothing (a cron firing more often than the configured
+minimum too); another tenant's schedule is a 404."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import func, select
 
 from syncsvc.api.plans import CLOCK
@@ -199,6 +201,8 @@ def _plan_with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         (schedule_body(cron="61 6 * * mon"), ["body", "cron"]),
         (schedule_body(cron="0 6 * * mon 2027"), ["body", "cron"]),
         (schedule_body(cron="0 0 30 2 *"), ["body", "cron"]),
+        (schedule_body(cron="*/5 * * * *"), ["body", "cron"]),
+        (schedule_body(cron="0,1 * * * *"), ["body", "cron"]),
         (schedule_body(timezone="Europe/Helsingfors"), ["body", "timezone"]),
         (schedule_body(targets_url="ftp://crm.example.com/x"), ["body", "targets_url"]),
         (schedule_body(targets_url="https:///no-host"), ["body", "targets_url"]),
@@ -220,6 +224,8 @@ def _plan_with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         "cron-minute",
         "cron-six-fields",
         "cron-never",
+        "cron-every-5-minutes",
+        "cron-twice-an-hour-a-minute-apart",
         "zone",
         "url-scheme",
         "url-host",
@@ -258,3 +264,43 @@ async def test_another_tenant_sees_nothing(client: Client, tenants: Tenants, db:
     assert await count_schedules(db) == 1
     unauthenticated = await client.get("/v1/schedules")
     assert unauthenticated.status == 401
+
+
+@pytest.mark.parametrize(
+    ("cron", "minutes"),
+    [("*/5 * * * *", 5), ("0,1 * * * *", 1), ("*/10 8-16 * * mon-fri", 10), ("* * * * *", 1)],
+)
+async def test_a_cron_more_frequent_than_the_minimum_is_422_naming_it(
+    client: Client, tenants: Tenants, db: Database, cron: str, minutes: int
+) -> None:
+    await put_user(client, tenants.a)
+    response = await client.post(
+        "/v1/schedules", json=schedule_body(cron=cron), headers=tenants.a.headers
+    )
+    assert response.status == 422, await response.text()
+    assert (await response.json())["error"]["details"] == [
+        {
+            "loc": ["body", "cron"],
+            "msg": f"fires {minutes} minutes apart; schedules may fire at most every 15 minutes",
+        }
+    ]
+    assert await count_schedules(db) == 0
+    # Every 15 minutes is as often as the default allows.
+    every_15 = await create(client, tenants.a, cron="*/15 * * * *")
+    assert every_15["next_run_at"] == "2027-03-24T12:15:00+02:00"
+
+
+async def test_the_minimum_interval_is_configurable(
+    settings: Settings, db: Database, tenants: Tenants
+) -> None:
+    app = build_app(replace(settings, schedule_min_interval_minutes=60), db)
+    app[CLOCK] = lambda: NOW
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await put_user(client, tenants.a)
+        await create(client, tenants.a, cron="@hourly")
+        response = await client.post(
+            "/v1/schedules", json=schedule_body(cron="*/30 * * * *"), headers=tenants.a.headers
+        )
+        assert response.status == 422, await response.text()
+        [detail] = (await response.json())["error"]["details"]
+        assert detail["msg"].endswith("at most every 60 minutes")

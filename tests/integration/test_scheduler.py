@@ -1,6 +1,7 @@
 """The scheduler against a local CRM targets endpoint (which checks the signature) and real
 databases, with an injected clock: one batch per occurrence, exactly once across two
-schedulers on PostgreSQL, one run after downtime, retries, and DST in Europe/Helsinki."""
+schedulers on PostgreSQL, one run after downtime, retries, DST in Europe/Helsinki, and a
+slow tenant held to its share while another tenant's runs go on."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from sqlalchemy import func, select
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from syncsvc.config import Settings
+from syncsvc.errors import ValidationError
 from syncsvc.scheduler import Scheduler, run_scheduler
 from syncsvc.service import schedules as service
 from syncsvc.service.tenants import create_tenant_with_secret
@@ -36,6 +38,7 @@ SECRET_KEY = "scheduler-test-secret-" + "k" * 32
 HELSINKI = "Europe/Helsinki"
 #: A Wednesday; Finland moves to summer time on Sunday 2027-03-28 at 01:00 UTC.
 WEDNESDAY = datetime(2027, 3, 24, 10, 0, tzinfo=UTC)
+MIN_INTERVAL = timedelta(minutes=Settings().schedule_min_interval_minutes)
 
 
 # --- The CRM's targets endpoint ---------------------------------------------------------------
@@ -46,6 +49,8 @@ class Reply:
     status: int = 200
     body: bytes = b""
     delay_s: float = 0.0
+    #: Answer only once the test sets ``FakeCrm.release``: a slow CRM without a clock.
+    held: bool = False
 
 
 def targets_reply(*names: str) -> Reply:
@@ -64,12 +69,15 @@ class Seen:
 class FakeCrm:
     """Answers ``GET /targets/<name>`` from a script per name (the last reply repeats) and
     refuses, with 401, a request whose Standard Webhooks signature (over the URL) does not
-    verify with the tenant's signing secret."""
+    verify with a tenant's signing secret. Counts the held requests waiting at once."""
 
-    signing_secret: str = ""
+    signing_secrets: list[str] = field(default_factory=list)
     base_url: str = ""
     scripts: dict[str, list[Reply]] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    held_now: int = 0
+    held_most: int = 0
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/targets/{name}"
@@ -80,13 +88,7 @@ class FakeCrm:
 
     async def handle(self, request: web.Request) -> web.Response:
         timestamp = request.headers.get("webhook-timestamp", "")
-        try:
-            Webhook(self.signing_secret).verify(
-                str(request.url), dict(request.headers), json_parse=False
-            )
-            signed = True
-        except WebhookVerificationError:
-            signed = False
+        signed = any(self._verifies(secret, request) for secret in self.signing_secrets)
         self.seen.append(Seen(request.path, signed, int(timestamp or 0)))
         if not signed:
             return web.Response(status=401)
@@ -94,7 +96,22 @@ class FakeCrm:
         reply = script.pop(0) if len(script) > 1 else script[0]
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if reply.held:
+            self.held_now += 1
+            self.held_most = max(self.held_most, self.held_now)
+            try:
+                await self.release.wait()
+            finally:
+                self.held_now -= 1
         return web.Response(status=reply.status, body=reply.body, content_type="application/json")
+
+    @staticmethod
+    def _verifies(secret: str, request: web.Request) -> bool:
+        try:
+            Webhook(secret).verify(str(request.url), dict(request.headers), json_parse=False)
+        except WebhookVerificationError:
+            return False
+        return True
 
 
 @pytest_asyncio.fixture
@@ -104,7 +121,10 @@ async def crm() -> AsyncIterator[FakeCrm]:
     app.router.add_get("/targets/{name}", fake.handle)
     async with TestServer(app, host="127.0.0.1") as server:
         fake.base_url = str(server.make_url("")).rstrip("/")
-        yield fake
+        try:
+            yield fake
+        finally:
+            fake.release.set()  # a failed test must not leave requests waiting
 
 
 # --- The service side ---------------------------------------------------------------------
@@ -128,11 +148,10 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.aclose()
 
 
-async def make_tenant(db: Database, crm: FakeCrm) -> str:
+async def make_tenant(db: Database, crm: FakeCrm, name: str = "Helsinki office") -> str:
     """The tenant, whose signing secret the CRM learns as it would: shown at creation."""
-    tenant, _, crm.signing_secret = await create_tenant_with_secret(
-        db, "Helsinki office", SecretBox(SECRET_KEY)
-    )
+    tenant, _, secret = await create_tenant_with_secret(db, name, SecretBox(SECRET_KEY))
+    crm.signing_secrets.append(secret)
     async with db.session() as session, session.begin():
         await put_user(
             session,
@@ -176,7 +195,7 @@ async def make_schedule(
 ) -> str:
     spec = service.ScheduleSpec("weekly", cron, HELSINKI, targets_url, plan or TASKS)
     async with db.session() as session, session.begin():
-        row = await service.create(session, tenant_id, spec, now)
+        row = await service.create(session, tenant_id, spec, now, min_interval=MIN_INTERVAL)
     return row.id
 
 
@@ -186,7 +205,18 @@ async def scheduler(
 ) -> AsyncIterator[Scheduler]:
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        yield Scheduler(db, SecretBox(SECRET_KEY), http, clock, max_body_bytes)
+        s = Scheduler(db, SecretBox(SECRET_KEY), http, clock, max_body_bytes, 16, 2)
+        try:
+            yield s
+        finally:
+            await s.aclose()
+
+
+async def tick(s: Scheduler) -> int:
+    """One tick, then its runs to the end: how many it started."""
+    started = await s.tick()
+    await s.drain()
+    return started
 
 
 async def runs_of(db: Database, schedule_id: str) -> list[ScheduleRun]:
@@ -227,12 +257,12 @@ async def test_a_due_occurrence_commits_one_batch_with_the_fetched_targets(
 
     clock = FakeClock(monday - timedelta(seconds=1))
     async with scheduler(db, clock) as s:
-        assert await s.tick() == 0
+        assert await tick(s) == 0
         assert crm.seen == []
         clock.now = monday + timedelta(seconds=30)
         sent_at = time.time()
-        assert await s.tick() == 1
-        assert await s.tick() == 0  # claimed and done: not again
+        assert await tick(s) == 1
+        assert await tick(s) == 0  # claimed and done: not again
 
     [run] = await runs_of(db, schedule_id)
     assert (run.occurrence, run.state, run.attempts, run.error) == (monday, "ok", 1, None)
@@ -273,7 +303,7 @@ async def test_two_schedulers_on_postgres_commit_each_occurrence_once(
                 tenant_id,
                 crm.script(f"s{i}", targets_reply("Alko Oy", "Fazer Oy")),
                 WEDNESDAY,
-                "*/10 * * * *",
+                "*/15 * * * *",
             )
             for i in range(3)
         ]
@@ -286,13 +316,13 @@ async def test_two_schedulers_on_postgres_commit_each_occurrence_once(
         ]
         try:
             for step in range(1, occurrences + 1):
-                clock.now = WEDNESDAY + timedelta(minutes=10 * step, seconds=1)
+                clock.now = WEDNESDAY + timedelta(minutes=15 * step, seconds=1)
                 await _until(lambda n=3 * step: _count_ok(first, n))
         finally:
             stop.set()
             await asyncio.gather(*loops)
 
-        expected = [WEDNESDAY + timedelta(minutes=10 * k) for k in range(1, occurrences + 1)]
+        expected = [WEDNESDAY + timedelta(minutes=15 * k) for k in range(1, occurrences + 1)]
         for schedule_id in schedule_ids:
             runs = await runs_of(first, schedule_id)
             assert [r.occurrence for r in runs] == expected
@@ -332,15 +362,15 @@ async def test_after_downtime_a_missed_occurrence_runs_once(db: Database, crm: F
     # occurrences of Thursday, Friday and Saturday were all missed.
     clock = FakeClock(utc(2027, 3, 27, 12, 0))
     async with scheduler(db, clock) as s:
-        assert await s.tick() == 1
-        assert await s.tick() == 0
+        assert await tick(s) == 1
+        assert await tick(s) == 0
         [run] = await runs_of(db, schedule_id)
         assert (run.occurrence, run.state) == (utc(2027, 3, 27, 4, 0), "ok")
         assert len(crm.seen) == 1
         # Next: Sunday 06:00, already summer time.
         assert await next_run_at(db, schedule_id) == utc(2027, 3, 28, 3, 0)
         clock.now = utc(2027, 3, 28, 3, 0)
-        assert await s.tick() == 1
+        assert await tick(s) == 1
     assert [r.occurrence for r in await runs_of(db, schedule_id)] == [
         utc(2027, 3, 27, 4, 0),
         utc(2027, 3, 28, 3, 0),
@@ -379,7 +409,7 @@ async def test_a_failing_targets_url_is_recorded_retried_with_backoff_then_succe
     ]
     async with scheduler(db, clock, max_body_bytes=max_bytes, timeout_s=0.3) as s:
         for attempt, error in enumerate(expected_errors, 1):
-            assert await s.tick() == 1
+            assert await tick(s) == 1
             [run] = await runs_of(db, schedule_id)
             assert (run.state, run.attempts, run.batch_id) == ("retrying", attempt, None)
             assert run.error is not None and run.error.startswith(error), run.error
@@ -387,9 +417,9 @@ async def test_a_failing_targets_url_is_recorded_retried_with_backoff_then_succe
             wait = timedelta(seconds=60 * 2 ** (attempt - 1))
             assert run.next_attempt_at == clock.now + wait
             clock.now += wait - timedelta(seconds=1)
-            assert await s.tick() == 0  # not before its time
+            assert await tick(s) == 0  # not before its time
             clock.now += timedelta(seconds=1)
-        assert await s.tick() == 1
+        assert await tick(s) == 1
     [run] = await runs_of(db, schedule_id)
     assert (run.occurrence, run.state, run.attempts, run.error) == (occurrence, "ok", 6, None)
     assert run.finished_at == clock.now and run.next_attempt_at is None
@@ -405,12 +435,12 @@ async def test_a_run_fails_after_the_last_attempt_and_the_loop_goes_on(
     empty = await make_schedule(db, tenant_id, crm.script("none", targets_reply()), WEDNESDAY)
     clock = FakeClock(utc(2027, 3, 25, 4, 0))
     async with scheduler(db, clock) as s:
-        assert await s.tick() == 2
+        assert await tick(s) == 2
         for _ in range(service.RUN_MAX_ATTEMPTS - 1):
             clock.now += timedelta(hours=1)  # past every backoff
-            assert await s.tick() == 1
+            assert await tick(s) == 1
         clock.now += timedelta(hours=1)
-        assert await s.tick() == 0
+        assert await tick(s) == 0
     [run] = await runs_of(db, broken)
     assert (run.state, run.attempts, run.next_attempt_at) == ("failed", 6, None)
     assert run.error == "targets_url answered HTTP 500" and run.finished_at is not None
@@ -431,7 +461,7 @@ async def test_a_dst_week_in_helsinki_runs_at_six_local_every_day(
     async with scheduler(db, clock) as s:
         for _ in range(7):
             clock.now = await next_run_at(db, schedule_id)
-            assert await s.tick() == 1
+            assert await tick(s) == 1
     runs = await runs_of(db, schedule_id)
     # 06:00 EET is 04:00 UTC; from Sunday 28 March, 06:00 EEST is 03:00 UTC.
     assert [r.occurrence for r in runs] == [
@@ -499,14 +529,14 @@ async def test_a_crashed_runners_attempt_is_retried_after_its_lease_and_it_write
     occurrence = utc(2027, 3, 25, 4, 0)
     # A runner claims the occurrence and dies before finishing it.
     async with db.session() as session:
-        [due] = await service.due_schedules(session, occurrence, 10)
+        [due] = await service.due_schedules(session, occurrence, 10, 1)
     stale = await service.claim_occurrence(db, due, occurrence)
     assert stale is not None and stale.attempt == 1
     clock = FakeClock(occurrence + timedelta(seconds=service.RUN_LEASE_S - 1))
     async with scheduler(db, clock) as s:
-        assert await s.tick() == 0  # still leased
+        assert await tick(s) == 0  # still leased
         clock.now += timedelta(seconds=1)
-        assert await s.tick() == 1
+        assert await tick(s) == 1
     [run] = await runs_of(db, schedule_id)
     assert (run.occurrence, run.state, run.attempts) == (occurrence, "ok", 2)
     # The dead runner coming back cannot commit a second batch or overwrite the run.
@@ -516,3 +546,171 @@ async def test_a_crashed_runners_attempt_is_retried_after_its_lease_and_it_write
     assert (after.state, after.batch_id, after.error) == ("ok", run.batch_id, None)
     async with db.session() as session:
         assert await session.scalar(select(func.count()).select_from(Batch)) == 1
+
+
+# --- A share per tenant -------------------------------------------------------------------
+
+#: Long enough that only a run ending (not the clock) can wake the loop during a test.
+NEVER_S = 3600.0
+
+
+def runner(
+    settings: Settings,
+    db: Database,
+    clock: FakeClock,
+    stop: asyncio.Event,
+    tick_s: float = NEVER_S,
+) -> asyncio.Task[None]:
+    return asyncio.create_task(
+        run_scheduler(settings, db, stop, clock=clock, tick_s=tick_s, targets_timeout_s=60)
+    )
+
+
+async def ended(loop: asyncio.Task[None]) -> None:
+    """The scheduler loop ends promptly once stopped (never waits for the held CRM)."""
+    await asyncio.wait_for(loop, 15)
+
+
+async def test_a_slow_tenant_runs_within_its_cap_while_another_tenant_runs_at_once(
+    db: Database, crm: FakeCrm
+) -> None:
+    slow = await make_tenant(db, crm, "Slow CRM")
+    fast = await make_tenant(db, crm, "Fast CRM")
+    # Ten of A's schedules due at 04:00 UTC, B's at 04:05.
+    held = Reply(body=targets_reply("Alko Oy").body, held=True)
+    slow_ids = [
+        await make_schedule(db, slow, crm.script(f"a{i}", held), WEDNESDAY) for i in range(10)
+    ]
+    fast_id = await make_schedule(
+        db, fast, crm.script("b", targets_reply("Fazer Oy")), WEDNESDAY, "5 6 * * *"
+    )
+    clock = FakeClock(utc(2027, 3, 25, 4, 1))
+    settings = Settings(
+        secret_key=SECRET_KEY, scheduler_concurrency=16, scheduler_tenant_concurrency=2
+    )
+    stop = asyncio.Event()
+    loop = runner(settings, db, clock, stop, tick_s=0.05)
+    try:
+        await _until(lambda: _held(crm, 2))
+        clock.now = utc(2027, 3, 25, 4, 6)
+        await _until(lambda: _states(db, fast_id, ["ok"]))
+        # B's run, due after A's started, is done while A's first two still wait at the CRM
+        # and the rest wait unclaimed.
+        assert crm.held_now == 2
+        assert sum([len(await runs_of(db, i)) for i in slow_ids]) == 2
+        crm.release.set()
+        for schedule_id in slow_ids:
+            await _until(lambda i=schedule_id: _states(db, i, ["ok"]))
+    finally:
+        stop.set()
+        await ended(loop)
+    # Each due occurrence ran once, with one batch, and A never had more than 2 at once.
+    assert crm.held_most == 2
+    for schedule_id in [*slow_ids, fast_id]:
+        [run] = await runs_of(db, schedule_id)
+        assert (run.state, run.attempts, run.batch_id is not None) == ("ok", 1, True)
+    assert [r.occurrence for i in slow_ids for r in await runs_of(db, i)] == [
+        utc(2027, 3, 25, 4, 0)
+    ] * 10
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Batch)) == 11
+    assert len(crm.seen) == 11 and all(s.signed for s in crm.seen)
+
+
+async def _states(db: Database, schedule_id: str, wanted: list[str]) -> bool:
+    return [r.state for r in await runs_of(db, schedule_id)] == wanted
+
+
+async def test_stopping_hands_running_attempts_back_and_the_next_scheduler_runs_them_once(
+    db: Database, crm: FakeCrm
+) -> None:
+    """At most ``concurrency`` at once over every tenant; a stop does not wait for the CRM."""
+    first = await make_tenant(db, crm, "First CRM")
+    second = await make_tenant(db, crm, "Second CRM")
+    held = Reply(body=targets_reply("Alko Oy").body, held=True)
+    ids = [
+        await make_schedule(db, tenant, crm.script(f"{tenant}-{i}", held), WEDNESDAY)
+        for tenant in (first, second)
+        for i in range(2)
+    ]
+    clock = FakeClock(utc(2027, 3, 25, 4, 0))
+    settings = Settings(
+        secret_key=SECRET_KEY, scheduler_concurrency=3, scheduler_tenant_concurrency=2
+    )
+    stop = asyncio.Event()
+    loop = runner(settings, db, clock, stop)
+    await _until(lambda: _held(crm, 3))
+    stop.set()
+    await ended(loop)
+    runs = [run for i in ids for run in await runs_of(db, i)]
+    # Handed back unspent and due now; the fourth was never claimed.
+    assert [(r.state, r.attempts, r.next_attempt_at) for r in runs] == [
+        ("retrying", 0, clock.now)
+    ] * 3
+    assert crm.held_most == 3
+
+    crm.release.set()
+    clock.now += timedelta(seconds=1)
+    stop = asyncio.Event()
+    loop = runner(settings, db, clock, stop)
+    try:
+        for schedule_id in ids:
+            await _until(lambda i=schedule_id: _states(db, i, ["ok"]))
+    finally:
+        stop.set()
+        await ended(loop)
+    for schedule_id in ids:
+        [run] = await runs_of(db, schedule_id)
+        assert (run.occurrence, run.attempts) == (utc(2027, 3, 25, 4, 0), 1)
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Batch)) == 4
+    assert len(crm.seen) == 3 + 4
+
+
+async def _held(crm: FakeCrm, wanted: int) -> bool:
+    return crm.held_now == wanted
+
+
+@pytest.mark.parametrize(
+    ("cron", "minutes"),
+    [
+        ("*/5 * * * *", 5),
+        ("0,1 * * * *", 1),
+        ("*/15 * * * *", 15),
+        ("0,1 6 1 * *", 1),  # twice on the first of each month, a minute apart
+        ("59 23 * * *", 24 * 60),
+        ("0,59 0,23 * * *", 1),  # 23:59, then 00:00 the next day
+        ("0 6,18 * * mon-fri", 12 * 60),
+        ("@hourly", 60),
+        ("@weekly", 24 * 60),  # at most a day
+    ],
+)
+def test_the_shortest_gap_of_a_cron_on_the_wall_clock(cron: str, minutes: int) -> None:
+    assert service.shortest_gap(cron) == timedelta(minutes=minutes)
+
+
+async def test_a_cron_more_frequent_than_the_minimum_is_refused(db: Database, crm: FakeCrm) -> None:
+    tenant_id = await make_tenant(db, crm)
+    with pytest.raises(ValidationError) as refused:
+        # Every 14 minutes from :00 is :56, then :00 again.
+        await make_schedule(db, tenant_id, crm.url("x"), WEDNESDAY, "*/14 * * * *")
+    [detail] = refused.value.details
+    assert detail.loc == ("cron",)
+    assert detail.msg == "fires 4 minutes apart; schedules may fire at most every 15 minutes"
+
+
+async def test_one_tenants_many_due_schedules_never_hide_another_tenants(
+    db: Database, crm: FakeCrm
+) -> None:
+    crowded = await make_tenant(db, crm, "Crowded CRM")
+    other = await make_tenant(db, crm, "Other CRM")
+    for i in range(5):
+        await make_schedule(db, crowded, crm.url(f"c{i}"), WEDNESDAY)
+    await make_schedule(db, other, crm.url("o"), WEDNESDAY, "5 6 * * *")
+    async with db.session() as session:
+        due = await service.due_schedules(session, utc(2027, 3, 25, 4, 6), 3, 2)
+        everything = await service.due_schedules(session, utc(2027, 3, 25, 4, 6), 100, 100)
+    # Three rows read: two of the crowded tenant (its share), then the other's, though four
+    # more of the crowded tenant's are due longer.
+    assert [d.tenant_id for d in due] == [crowded, crowded, other]
+    assert [d.tenant_id for d in everything] == [crowded] * 5 + [other]
