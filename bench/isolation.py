@@ -18,31 +18,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
+from bench.api import USERS, body
 from bench.feed import BIN, free_port, process, wait_ready
 
-USERS = ("u1", "u2", "u3", "u4")
 GOAL_P99_MS = 50.0
-
-
-def plan_body(targets: int) -> dict[str, Any]:
-    return {
-        "targetgroup_name": "Isolation",
-        "targets": [
-            {
-                "id": f"t{i}",
-                "name": f"Organisation {i}",
-                "contacts": [{"id": f"c{i}", "first_name": "Anne", "email": f"c{i}@x.example"}],
-            }
-            for i in range(targets)
-        ],
-        "template": {"kind": "call", "subject": "Call $account-name$"},
-        "schedule": {"start_date": "2030-01-07", "duration": "00:15", "interval": "00:05"},
-        "assignment": {"mode": "users", "users": list(USERS)},
-    }
 
 
 async def probe(
@@ -97,21 +79,21 @@ async def main(targets: int, probe_ms: float) -> None:
     with process(server, tmp / "api.log", env):
         await wait_ready(f"{api}/healthz")
         async with aiohttp.ClientSession() as http:
-            for user in USERS:
-                body = {
+            for user in (f"u{i}" for i in range(USERS)):
+                user_body = {
                     "name": user,
                     "timezone": "Europe/Copenhagen",
                     "country": "DK",
                     "calendar": {"provider": "none"},
                 }
-                async with http.put(f"{api}/v1/users/{user}", json=body, headers=headers) as r:
+                async with http.put(f"{api}/v1/users/{user}", json=user_body, headers=headers) as r:
                     assert r.status == 200, await r.text()
             idle_done = asyncio.Event()
             idle = asyncio.create_task(probe(http, api, idle_done, probe_ms / 1000))
             await asyncio.sleep(2)
             idle_done.set()
             quiet = await idle
-            payload = plan_body(targets)
+            payload = body(targets)
             done = asyncio.Event()
             busy = asyncio.create_task(probe(http, api, done, probe_ms / 1000))
             started = time.perf_counter()

@@ -17,6 +17,7 @@ from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
 from syncsvc.api.quota import QUOTA, MemoryQuota, RedisQuota
 from syncsvc.config import Settings
+from syncsvc.dashboard.guard import GUARD, new_guard
 from syncsvc.metrics import Metrics
 from syncsvc.providers import egress
 from syncsvc.service.connections import UserProviders
@@ -79,13 +80,14 @@ def build_app(settings: Settings, db: Database) -> web.Application:
         await registry.aclose()
 
     app.on_cleanup.append(close_registry)
-    quota = RedisQuota.from_url(settings.redis_url) if settings.redis_url else MemoryQuota()
-    app[QUOTA] = quota
+    app[QUOTA] = RedisQuota.from_url(settings.redis_url) if settings.redis_url else MemoryQuota()
+    app[GUARD] = new_guard(settings.redis_url)
 
-    async def close_quota(_: web.Application) -> None:
-        await quota.aclose()
+    async def close_stores(app: web.Application) -> None:
+        await app[QUOTA].aclose()
+        await app[GUARD].aclose()
 
-    app.on_cleanup.append(close_quota)
+    app.on_cleanup.append(close_stores)
     endpoints = [ep for table in api_routes() for ep in table.endpoints]
     for ep in endpoints:
         app.router.add_route(ep.method, ep.path, ep.handle)

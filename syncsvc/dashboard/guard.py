@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -267,15 +266,10 @@ class RedisGuard:
         await self._client.aclose()
 
 
-#: A guard set before the app starts (tests: small limits, a clock they move).
+#: The app's guard, made by ``build_app`` (tests replace it: small limits, a clock they move).
 GUARD: web.AppKey[Guard] = web.AppKey("dashboard_guard")
-#: Otherwise one per app, made at first use: ``build_app`` does not know the dashboard's state.
-_guards: weakref.WeakKeyDictionary[web.Application, Guard] = weakref.WeakKeyDictionary()
 
 
-def guard_of(app: web.Application, redis_url: str | None) -> Guard:
-    """The app's guard: Redis when configured, else this process's own."""
-    guard = app.get(GUARD) or _guards.get(app)
-    if guard is None:
-        guard = _guards[app] = RedisGuard.from_url(redis_url) if redis_url else MemoryGuard()
-    return guard
+def new_guard(redis_url: str | None) -> Guard:
+    """Redis when configured, else this process's own."""
+    return RedisGuard.from_url(redis_url) if redis_url else MemoryGuard()

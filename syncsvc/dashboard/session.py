@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from syncsvc.api.middleware import bearer_key
 from syncsvc.config import Settings
-from syncsvc.dashboard.guard import Guard, client_of, guard_of
+from syncsvc.dashboard.guard import GUARD, Guard, client_of
 from syncsvc.errors import ErrorDetail, SyncSvcError
 
 COOKIE_NAME = "syncsvc_dashboard"
@@ -64,7 +64,7 @@ def _session_id(key: bytes, token: str) -> str:
 
 
 def _guard(request: web.Request, settings: Settings) -> Guard:
-    return guard_of(request.app, settings.redis_url)
+    return request.app[GUARD]
 
 
 def is_operator_key(settings: Settings, key: str) -> bool:

@@ -740,7 +740,8 @@ class FakeGraph(FakeServer):
         }
         return web.json_response(body, status=status)
 
-    def _consent_request_error(self, params: Mapping[str, str]) -> web.Response | None:
+    def _app_error(self, params: Mapping[str, str]) -> web.Response | None:
+        """Both consent pages refuse an unknown app and an unregistered redirect URI."""
         if params.get("client_id") != self.client_id:
             return self._aad_error(
                 400,
@@ -756,6 +757,12 @@ class FakeGraph(FakeServer):
                 f"The redirect URI '{params.get('redirect_uri')}' specified in the request "
                 "does not match the redirect URIs configured for the application.",
             )
+        return None
+
+    def _consent_request_error(self, params: Mapping[str, str]) -> web.Response | None:
+        refused = self._app_error(params)
+        if refused is not None:
+            return refused
         if params.get("scope") != GRAPH_SCOPE:
             return self._aad_error(400, "invalid_scope", 70011, "The provided scope is invalid.")
         return None
@@ -915,21 +922,9 @@ class FakeGraph(FakeServer):
     # -- a user signs in (authorization code + PKCE, then refresh tokens) ----------------------
 
     def _sign_in_error(self, params: Mapping[str, str]) -> web.Response | None:
-        if params.get("client_id") != self.client_id:
-            return self._aad_error(
-                400,
-                "unauthorized_client",
-                700016,
-                f"Application with identifier '{params.get('client_id')}' was not found.",
-            )
-        if params.get("redirect_uri") not in self.redirect_uris:
-            return self._aad_error(
-                400,
-                "invalid_request",
-                50011,
-                f"The redirect URI '{params.get('redirect_uri')}' specified in the request "
-                "does not match the redirect URIs configured for the application.",
-            )
+        refused = self._app_error(params)
+        if refused is not None:
+            return refused
         if params.get("response_type") != "code":
             return self._aad_error(
                 400,

@@ -18,7 +18,6 @@ import pytest_asyncio
 from aiohttp import DummyCookieJar, web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from syncsvc.api._framework import SETTINGS
 from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.dashboard import session
@@ -30,7 +29,6 @@ from syncsvc.dashboard.guard import (
     MemoryGuard,
     RedisGuard,
     client_of,
-    guard_of,
 )
 from syncsvc.store.db import Database
 from tests.servers.redis import free_port
@@ -76,7 +74,6 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
         yield start
     finally:
         for client in clients:
-            await guard_of(client.app, client.app[SETTINGS].redis_url).aclose()
             await client.close()
         await db.aclose()
 
@@ -185,7 +182,7 @@ async def test_api_processes_share_failures_and_sessions_through_redis(
     serve: Serve, redis_url: str
 ) -> None:
     one, two = await serve(redis_url=redis_url), await serve(redis_url=redis_url)
-    assert isinstance(guard_of(one.app, redis_url), RedisGuard)
+    assert isinstance(one.app[GUARD], RedisGuard)
 
     signed_in = await login(one, OPERATOR_KEY)
     cookie = cookie_of(signed_in)
