@@ -27,10 +27,13 @@ from typing import Protocol, TypeVar
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from syncsvc.limits import Quota
 from syncsvc.queue.keys import PREFIX
+from syncsvc.queue.ratelimit import REDIS_SOCKET_TIMEOUT_S
 
 log = logging.getLogger("syncsvc.api.quota")
 T = TypeVar("T")
@@ -116,7 +119,15 @@ class RedisQuota:
 
     @classmethod
     def from_url(cls, url: str) -> RedisQuota:
-        return cls(Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0))
+        """With its own client that fails fast (one retry), like the queue's limiter."""
+        return cls(
+            Redis.from_url(
+                url,
+                retry=Retry(NoBackoff(), 1),
+                socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+            )
+        )
 
     async def take(self, tenant: str, quota: Quota) -> Taken:
         count, ttl_ms = await self._call(
