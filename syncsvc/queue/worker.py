@@ -3,7 +3,9 @@
 Shape of one worker process:
 
 - a *dispatcher* loop polls for mailboxes with due operations and starts one *cycle* task per
-  mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once;
+  tenant's mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once, shared
+  fairly between tenants (``queue/fairness.py``: a tenant over its share while another waits
+  ends cycles early);
 - a cycle claims small chunks of that mailbox's operations, interactive lane first, runs up to
   the mailbox's concurrency at once through the limiter, and claims the next chunk as soon as
   less than half of one is in hand (a pipeline: no token waits for a chunk's slowest call, and
@@ -45,6 +47,7 @@ from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
 from syncsvc.metrics import SYNC_OPERATIONS
 from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
+from syncsvc.queue.fairness import share_slots
 from syncsvc.queue.outbox import LEDGER_TABLE, chunks
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Decision, decide, spec_for
@@ -146,6 +149,7 @@ class Worker:
         embedded: bool,
         tasks: Mapping[str, TaskHandler] | None = None,
         on_revoked: RevokedHook | None = None,
+        slots: int = MAX_MAILBOX_TASKS,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -156,7 +160,14 @@ class Worker:
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
         #: Told (tenant, provider, error) when a provider says our access was withdrawn.
         self.on_revoked = on_revoked
-        self._active: dict[str, asyncio.Task[None]] = {}
+        #: Mailbox cycles at once in this process, shared fairly between tenants.
+        self.slots = slots
+        #: Running cycles by (tenant, mailbox): one per pair in a process.
+        self._active: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: Per tenant, cycles to end early because other tenants wait for a slot; and the
+        #: cycles ending so (their slots are as good as free).
+        self._give_back: dict[str, int] = {}
+        self._yielding: set[tuple[str, str]] = set()
         #: Per mailbox: pauses in a row without a success, and when the current one ends.
         self._throttle_streak: dict[str, tuple[int, float]] = {}
         #: Creates per batched call last seen for a mailbox: sizes its next claims.
@@ -174,11 +185,7 @@ class Worker:
         heartbeat.add_done_callback(self._background.discard)
         try:
             while not stop.is_set():
-                for mailbox in await self._due_mailboxes():
-                    if mailbox not in self._active and len(self._active) < MAX_MAILBOX_TASKS:
-                        task = asyncio.create_task(self._cycle(mailbox, stop))
-                        self._active[mailbox] = task
-                        task.add_done_callback(self._forget_task)
+                self._dispatch(await self._due_mailboxes(), stop)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_S)
         finally:
@@ -187,10 +194,37 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _dispatch(self, due: Sequence[tuple[str, str]], stop: asyncio.Event) -> None:
+        """Starts cycles for due mailboxes, sharing the slots fairly between tenants."""
+        active: dict[str, int] = {}
+        for key in self._active.keys() - self._yielding:
+            active[key[0]] = active.get(key[0], 0) + 1
+        waiting: dict[str, list[str]] = {}
+        for tenant, mailbox in due:
+            if (tenant, mailbox) not in self._active:
+                waiting.setdefault(tenant, []).append(mailbox)
+        shares = share_slots(active, waiting, self.slots - len(self._yielding))
+        self._give_back = shares.give_back
+        for key in shares.start:
+            task = asyncio.create_task(self._cycle(*key, stop))
+            self._active[key] = task
+            task.add_done_callback(self._forget_task)
+
+    def _yields(self, tenant: str, mailbox: str) -> bool:
+        """Whether a cycle should claim no more: another tenant waits for its slot (see
+        ``queue/fairness.py``)."""
+        owed = self._give_back.get(tenant, 0)
+        if owed > 0:
+            self._give_back[tenant] = owed - 1
+            self._yielding.add((tenant, mailbox))
+            return True
+        return False
+
     def _forget_task(self, task: asyncio.Task[None]) -> None:
-        for mailbox, active in list(self._active.items()):
+        for key, active in list(self._active.items()):
             if active is task:
-                del self._active[mailbox]
+                del self._active[key]
+                self._yielding.discard(key)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Its record could not be written (the database went away): said once.
             if is_unavailable(exc):
@@ -267,23 +301,37 @@ class Worker:
                     .values(state="pending", not_before=now)
                 )
 
-    async def _due_mailboxes(self) -> list[str]:
+    async def _due_mailboxes(self) -> list[tuple[str, str]]:
+        """(tenant, mailbox) with due operations: per tenant, those with interactive work
+        first, then the longest waiting, at most a slot count each (so that one tenant's
+        thousands of mailboxes never hide another's one)."""
         now = utcnow()
-        async with self.db.session() as s:
-            rows = await s.execute(
-                select(Operation.mailbox)
-                .where(Operation.state.in_(("pending", "running")), Operation.not_before <= now)
-                .group_by(Operation.mailbox)
-                .order_by(
-                    # mailboxes with interactive work first, then the longest waiting
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=Operation.tenant_id,
+                order_by=(
                     func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1)),
                     func.min(Operation.not_before),
-                )
-                .limit(MAX_MAILBOX_TASKS * 2)
+                ),
             )
-            return [r[0] for r in rows]
+            .label("rank")
+        )
+        ranked = (
+            select(Operation.tenant_id, Operation.mailbox, rank)
+            .where(Operation.state.in_(("pending", "running")), Operation.not_before <= now)
+            .group_by(Operation.tenant_id, Operation.mailbox)
+            .subquery()
+        )
+        async with self.db.session() as s:
+            rows = await s.execute(
+                select(ranked.c.tenant_id, ranked.c.mailbox)
+                .where(ranked.c.rank <= self.slots)
+                .order_by(ranked.c.tenant_id, ranked.c.rank)
+            )
+            return [(tenant, mailbox) for tenant, mailbox in rows]
 
-    async def _claim(self, mailbox: str, n: int) -> list[_Claimed]:
+    async def _claim(self, tenant: str, mailbox: str, n: int) -> list[_Claimed]:
         now = utcnow()
         busy_ledgers = select(Operation.ledger_id).where(
             Operation.state == "running",
@@ -293,6 +341,7 @@ class Worker:
         query = (
             select(Operation.id, Operation.ledger_id, Operation.kind)
             .where(
+                Operation.tenant_id == tenant,
                 Operation.mailbox == mailbox,
                 Operation.state.in_(("pending", "running")),
                 Operation.not_before <= now,
@@ -353,7 +402,7 @@ class Worker:
 
     # --- one cycle of one mailbox ---------------------------------------------------------
 
-    async def _cycle(self, mailbox: str, stop: asyncio.Event) -> None:
+    async def _cycle(self, tenant: str, mailbox: str, stop: asyncio.Event) -> None:
         """Works one mailbox as a pipeline: more operations are claimed (interactive first)
         whenever fewer than half a chunk is left in hand, so the limiter's tokens never wait
         for a chunk's slowest call, and a single change waits behind half a chunk at most."""
@@ -370,8 +419,10 @@ class Worker:
                 size = max(limit.concurrency * 2, 4, self._batch_size.get(mailbox, 1) * 2)
                 in_hand = sum(running.values())
                 claimed: list[_Claimed] = []
+                if claimed_total < CYCLE_MAX_OPS and self._yields(tenant, mailbox):
+                    claimed_total = CYCLE_MAX_OPS  # its slot goes to another tenant
                 if claimed_total < CYCLE_MAX_OPS and in_hand <= size // 2:
-                    claimed = await self._claim(mailbox, size - in_hand)
+                    claimed = await self._claim(tenant, mailbox, size - in_hand)
                     claimed_total += len(claimed)
                     mine.extend(c.op_id for c in claimed)
                 for work, ops in await self._plan(mailbox, limit, claimed, stats, stop):
