@@ -24,6 +24,13 @@ SECRET_KEY_MIN_CHARS = 32
 DEFAULT_DATA_DIR = Path("var")
 #: A dev key for the embedded default only; ``serve`` warns when it is used.
 DEV_SECRET_KEY = "dev-only-secret-key-change-me-in-production!"
+#: The ``retain_*_days`` settings (``SYNCSVC_RETAIN_*_DAYS``).
+RETENTION_DAYS = (
+    "retain_done_operations_days",
+    "retain_cycles_days",
+    "retain_schedule_runs_days",
+    "retain_deleted_activities_days",
+)
 
 
 class ConfigError(ValidationError):
@@ -66,6 +73,13 @@ class Settings:
     scheduler_tenant_concurrency: int = 2
     #: A schedule's cron may fire at most this often (at most a day).
     schedule_min_interval_minutes: int = 15
+    #: Whole days history is kept before the workers prune it (0: kept for ever): finished
+    #: operations, sync cycles, finished schedule runs, and deleted activities with their
+    #: deleted ledger rows (at least 31 days, so the iCal feed can show them as cancelled).
+    retain_done_operations_days: int = 7
+    retain_cycles_days: int = 7
+    retain_schedule_runs_days: int = 30
+    retain_deleted_activities_days: int = 31
     google_api_url: str = "https://www.googleapis.com/calendar/v3/"
     google_token_url: str = "https://oauth2.googleapis.com/token"
     google_service_account_file: str | None = None
@@ -137,6 +151,7 @@ class Settings:
             "scheduler_concurrency",
             "scheduler_tenant_concurrency",
             "schedule_min_interval_minutes",
+            *RETENTION_DAYS,
         ):
             raw = get(name.upper())
             if raw is not None:
@@ -162,6 +177,10 @@ class Settings:
             if isinstance(number, int) and (number < 1 or (most is not None and number > most)):
                 bound = f" and at most {most}" if most else ""
                 errors.append(ErrorDetail((PREFIX + name.upper(),), f"must be at least 1{bound}"))
+        for name in RETENTION_DAYS:
+            number = kwargs.get(name)
+            if isinstance(number, int) and number < 0:
+                errors.append(ErrorDetail((PREFIX + name.upper(),), "must be 0 (keep) or more"))
         api_rate = get("API_RATE")
         if api_rate is not None:
             left, _, right = api_rate.partition("/")

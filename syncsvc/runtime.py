@@ -20,6 +20,7 @@ from syncsvc.scheduler import run_scheduler
 from syncsvc.service import callbacks, connections, google_push, graph_push
 from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.service.connections import UserProviders
+from syncsvc.service.retention import RetentionPolicy, run_retention
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import RECONNECT_MAX_S, Database, is_unavailable
 
@@ -60,8 +61,8 @@ def _dump_tasks_on_sigusr1() -> None:
 
 
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
-    """The sync workers, the scheduler of saved batches and the Google channel and Graph
-    subscription checks, until ``stop`` is set.
+    """The sync workers, the scheduler of saved batches, the Google channel and Graph
+    subscription checks and the pruning of old history, until ``stop`` is set.
 
     The limiter is Redis when configured (shared by every process), else this process's own.
     """
@@ -96,6 +97,10 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
                 supervised(
                     "subscriptions", lambda s: graph_push.run_subscription_checks(db, s), db, stop
                 )
+            )
+            policy = RetentionPolicy.from_settings(settings)
+            group.create_task(
+                supervised("retention", lambda s: run_retention(db, policy, s), db, stop)
             )
     finally:
         await registry.aclose()

@@ -4,7 +4,8 @@ A key is first *reserved* (``status`` 0) before the handler runs, so two concurr
 with one key cannot both act: the second gets a 409. Only 2xx answers are kept; any other
 outcome releases the reservation so the client may retry with the same key. A reservation
 left by a crashed process expires after ``RESERVATION_TTL_S``; a kept answer after
-``ANSWER_TTL`` (as Stripe's keys do), when the key may be used afresh. An answer longer than
+``ANSWER_TTL`` (as Stripe's keys do), when the key may be used afresh; the workers prune
+expired answers (``service/retention.py``). An answer longer than
 ``ANSWER_MAX_CHARS`` is kept as its status with a short note instead of its body: the write
 still happens once, and a replay says so.
 """
@@ -67,14 +68,19 @@ async def begin(
 ) -> StoredAnswer | None:
     """The stored answer to replay, or None after reserving the key for this request."""
     async with db.session() as session, session.begin():
-        # Expired keys are forgotten: this one may then be used afresh.
-        await session.execute(
-            delete(IdempotencyKey).where(
-                IdempotencyKey.tenant_id == tenant_id,
-                IdempotencyKey.created_at < utcnow() - ANSWER_TTL,
-            )
-        )
         row = await session.get(IdempotencyKey, (tenant_id, key))
+        expired = utcnow() - ANSWER_TTL
+        if row is not None and row.created_at < expired:
+            # Forgotten, so the key may be used afresh; the workers prune the other expired
+            # keys (service/retention.py), so a keyed POST writes nothing more here.
+            await session.execute(
+                delete(IdempotencyKey).where(
+                    IdempotencyKey.tenant_id == tenant_id,
+                    IdempotencyKey.key == key,
+                    IdempotencyKey.created_at < expired,
+                )
+            )
+            row = None
         if row is not None:
             if row.request_hash != digest:
                 raise _mismatch(key)
