@@ -488,6 +488,9 @@ def openapi_document(endpoints: Iterable[Endpoint], *, title: str, version: str)
             ok["content"] = content
         responses: dict[str, Any] = {str(ep.status): ok}
         for status, media_type in ep.other_successes:
+            if status == ep.status and media_type is not None:  # another form of the answer
+                ok.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
+                continue
             other: dict[str, Any] = {"description": _STATUS_TEXT.get(status, ep.summary)}
             if media_type is not None:
                 other["content"] = {media_type: {"schema": {"type": "string"}}}

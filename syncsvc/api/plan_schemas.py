@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -399,11 +400,99 @@ class ActivityOut(BaseModel):
     reminder_minutes: int | None
     version: int
     user_edited: bool
+    direction: str | None = Field(description="A call's `outgoing` | `incoming`; else null.")
+    phone: str = Field(description="A call's phone number of the other party.")
 
 
 class ActivityListOut(BaseModel):
     items: list[ActivityOut]
     next_cursor: str | None
+
+
+Direction = Literal["outgoing", "incoming"]
+FollowUps = Literal["has", "is", "none"]
+ExternalState = Literal[
+    "pending_create", "synced", "pending_update", "pending_delete", "deleted", "failed", "none"
+]
+Phone = Annotated[str, StringConstraints(max_length=64), AfterValidator(single_line)]
+#: Values one list filter may have at most (``status=planned&status=unanswered``).
+MAX_FILTER_VALUES = 100
+MAX_QUERY_CHARS = 200
+
+
+def _one_of(values: tuple[str, ...], what: str) -> BeforeValidator:
+    """Several values, repeated or comma-separated (``status=planned,unanswered``); an unknown
+    one is refused by name, so a typo is never an empty list."""
+
+    def check(raw: Any) -> Any:
+        items = raw if isinstance(raw, list) else [raw]
+        if not all(isinstance(item, str) for item in items):
+            return raw  # the type check that follows names it
+        split = [part.strip() for item in items for part in item.split(",") if part.strip()]
+        unknown = [part for part in split if part not in values]
+        if unknown:
+            raise ValueError(
+                f"unknown {what} {', '.join(repr(u) for u in unknown)} (one of {', '.join(values)})"
+            )
+        return split
+
+    return BeforeValidator(check)
+
+
+_Many = Field(max_length=MAX_FILTER_VALUES)
+KindValues = Annotated[list[Kind], _one_of(get_args(Kind), "kind"), _Many]
+StatusValues = Annotated[list[Status], _one_of(get_args(Status), "status"), _Many]
+ExternalStateValues = Annotated[
+    list[ExternalState], _one_of(get_args(ExternalState), "external_state"), _Many
+]
+DirectionValues = Annotated[list[Direction], _one_of(get_args(Direction), "direction"), _Many]
+
+
+class ActivityFilterFields(BaseModel):
+    """Which activities: the list's query, a bulk delete's or bulk edit's body. Every field
+    narrows; several values of one field are alternatives."""
+
+    user_id: Annotated[list[Id], Field(max_length=MAX_FILTER_VALUES)] = Field(
+        default_factory=list, description="The assignees (repeat for several)."
+    )
+    batch_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    kind: KindValues = Field(default_factory=list)
+    status: StatusValues = Field(
+        default_factory=list, description="Several allowed: repeated or comma-separated."
+    )
+    from_: date | None = Field(
+        default=None,
+        alias="from",
+        description="First day (inclusive) in the assignee's zone: a start, or a task's due.",
+    )
+    to: date | None = Field(default=None, description="Last day (inclusive), as `from`.")
+    created_by: Name | None = Field(default=None, description="The batch's `created_by`.")
+    follow_ups: FollowUps | None = Field(
+        default=None,
+        description="`has`: has follow-ups; `is`: is a follow-up; `none`: neither.",
+    )
+    q: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] | None = Field(
+        default=None, description="Text in the subject, description or phone (any case)."
+    )
+    external_state: ExternalStateValues = Field(
+        default_factory=list, description="The ledger state; `none`: no external event."
+    )
+    direction: DirectionValues = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered_days(self) -> ActivityFilterFields:
+        if self.from_ is not None and self.to is not None and self.to < self.from_:
+            raise ValueError(f"to ({self.to}) is before from ({self.from_})")
+        return self
+
+    def filter_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ActivityFilterFields.model_fields}
+
+    @property
+    def filtered(self) -> bool:
+        return any(
+            getattr(self, name) not in (None, [], "") for name in ActivityFilterFields.model_fields
+        )
 
 
 class ActivityPatch(BaseModel):
@@ -415,17 +504,58 @@ class ActivityPatch(BaseModel):
     subject: Text | None = None
     description: Text | None = None
     reminder_minutes: Annotated[int, Field(ge=0, le=MAX_REMINDER_MINUTES)] | None = None
+    direction: Direction | None = Field(default=None, description="Calls only.")
+    phone: Phone | None = None
+    force: bool = Field(
+        default=False, description="Change it even if its assignee edited it (clears the mark)."
+    )
 
 
-class ActivitiesPatch(BaseModel):
+class ActivityFilterIn(ActivityFilterFields):
+    """The list's filters as a body's ``filter`` object (same names, lists as arrays)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+
+class _ByIdsOrFilter(BaseModel):
     model_config = _INSTRUCTION
 
-    ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
+    ids: Annotated[list[Id], Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="These activities; or leave out and give `filter`."
+    )
+    filter: ActivityFilterIn | None = Field(
+        default=None, description="Every activity the list would show with these filters."
+    )
+    force: bool = Field(
+        default=False, description="Also those their assignee edited (else a 409 naming them)."
+    )
+
+    @model_validator(mode="after")
+    def _ids_or_filter(self) -> _ByIdsOrFilter:
+        if self.ids is None and (self.filter is None or not self.filter.filtered):
+            raise ValueError("give ids, or a filter with at least one field")
+        if self.ids is not None and self.filter is not None:
+            raise ValueError("give ids or a filter, not both")
+        return self
+
+
+class ActivitiesPatch(_ByIdsOrFilter):
     status: Status
 
 
 class ActivitiesPatchedOut(BaseModel):
     updated: int
+
+
+class ActivitiesDelete(_ByIdsOrFilter):
+    pass
+
+
+class ActivitiesDeletedOut(BaseModel):
+    deleted: int = Field(description="Activities removed (their external events follow).")
+    not_found: list[str] = Field(
+        description="Ids refused: unknown, another tenant's, or already deleted; untouched."
+    )
 
 
 class FollowUpBody(BaseModel):
@@ -440,6 +570,27 @@ class FollowUpBody(BaseModel):
     subject: Text | None = Field(default=None, description="Left out: the followed subject.")
     description: Text | None = None
     reminder_minutes: Annotated[int, Field(ge=0, le=MAX_REMINDER_MINUTES)] | None = None
+
+
+class CloseBody(BaseModel):
+    """The seed's quick close: a status and, optionally, a follow-up call."""
+
+    model_config = _INSTRUCTION
+
+    status: Literal["completed", "unanswered", "cancelled"]
+    follow_up: FollowUpBody | None = Field(
+        default=None, description="A follow-up call in the assignee's next free slot (or at start)."
+    )
+    force: bool = False
+
+
+class ActivityClosedOut(BaseModel):
+    activity: ActivityOut
+    follow_up: ActivityOut | None
+
+
+class ActivityHistoryOut(BaseModel):
+    items: list[ActivityOut] = Field(description="The whole follow-up chain, oldest first.")
 
 
 def instant(value: datetime | None) -> str | None:

@@ -1,4 +1,9 @@
-"""Activities: read one or a batch's list, change one or many, plan a follow-up call.
+"""Activities: read one, a batch's or a filtered list, change or delete one or many, plan a
+follow-up call, close one with a follow-up, read a follow-up chain.
+
+The seed's assignee rule: an activity its assignee changed in their own calendar
+(``user_edited``) is theirs; a change or delete by the CRM is then a 409 naming it, unless
+``force`` (which hands the activity back to the CRM: ``user_edited`` is cleared).
 
 A change by the CRM is one user's action, so its operation goes to the ``interactive`` lane
 and is never queued behind a bulk batch. Times are stored in UTC and shown in the assignee's
@@ -14,7 +19,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -26,8 +31,10 @@ from syncsvc.queue.outbox import (
     add_events,
     calendar_of,
     chunks,
+    request_deletes,
     request_updates,
 )
+from syncsvc.service.activity_filters import ActivityFilter, conditions
 from syncsvc.service.batches import DELETION_REQUESTED
 from syncsvc.service.plans import closing_days, plan_user, schedule_from_json
 from syncsvc.store.models import Activity, Batch, ExternalEvent, User
@@ -41,8 +48,21 @@ DEFAULT_FOLLOW_UP = timedelta(minutes=15)
 #: Rows read per query when exporting a whole batch.
 EXPORT_CHUNK_ROWS = 1000
 #: Fields an activity PATCH may set; ``None`` clears only ``reminder_minutes``.
-PATCHABLE = ("status", "start", "end", "subject", "description", "reminder_minutes")
-NULLABLE = frozenset({"reminder_minutes"})
+PATCHABLE = (
+    "status",
+    "start",
+    "end",
+    "subject",
+    "description",
+    "reminder_minutes",
+    "direction",
+    "phone",
+)
+NULLABLE = frozenset({"reminder_minutes", "direction"})
+#: A task without a due date sorts after every other task.
+NO_DUE = date(9999, 12, 31)
+#: Follow-up links followed at most this deep either way (a chain is a handful of calls).
+HISTORY_MAX_DEPTH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +94,17 @@ class ActivityView:
     version: int
     user_edited: bool
     external: External | None
+    direction: str | None = None
+    phone: str = ""
+    created_at: datetime | None = None
+
+    @property
+    def sort_key(self) -> tuple[int, str, str]:
+        """The list's order: timed activities by start, then tasks by due date; ``id`` breaks
+        ties. Carried in the cursor as ``[0, start, id]`` or ``[1, due, id]``."""
+        if self.start is not None:
+            return (0, self.start.isoformat(), self.id)
+        return (1, (self.due or NO_DUE).isoformat(), self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +144,9 @@ def _view(activity: Activity, timezone: str, external: External | None) -> Activ
         version=activity.version,
         user_edited=activity.user_edited,
         external=external,
+        direction=activity.direction,
+        phone=activity.phone,
+        created_at=activity.created_at,
     )
 
 
@@ -136,9 +170,7 @@ async def _externals(session: AsyncSession, activity_ids: Sequence[str]) -> dict
 
 
 def _with_zone() -> Any:
-    return select(Activity, User.timezone).join(
-        User, (User.tenant_id == Activity.tenant_id) & (User.id == Activity.user_id)
-    )
+    return select(Activity, User.timezone).join(User, _assignee())
 
 
 async def _load(session: AsyncSession, tenant_id: str, activity_id: str) -> tuple[Activity, str]:
@@ -222,11 +254,17 @@ async def _check_batch(session: AsyncSession, tenant_id: str, batch_id: str) -> 
 
 
 async def patch(
-    session: AsyncSession, tenant_id: str, activity_id: str, changes: Mapping[str, Any]
+    session: AsyncSession,
+    tenant_id: str,
+    activity_id: str,
+    changes: Mapping[str, Any],
+    *,
+    force: bool = False,
 ) -> ActivityView:
     """Change one activity; its external event follows through an interactive operation.
 
     Only ``start`` moves ``end`` along (the length is kept); ``end`` must stay after ``start``.
+    An activity its assignee edited is a 409 unless ``force``.
     """
     details = [
         ErrorDetail((name,), "must not be null")
@@ -239,15 +277,40 @@ async def patch(
     values = {k: v for k, v in changes.items() if k in PATCHABLE}
     if "start" in values or "end" in values:
         values.update(_moved(activity, values.get("start"), values.get("end")))
+    if values.get("direction") is not None and activity.kind != "call":
+        raise ValidationError(
+            "only a call has a direction", [ErrorDetail(("direction",), "only calls have one")]
+        )
     if not values:
         return await get(session, tenant_id, activity_id)
+    _check_assignee([(activity.id, activity.user_edited)], force, ("id",))
     for name, value in values.items():
         setattr(activity, name, value)
+    if force:
+        activity.user_edited = False
     activity.version += 1
     activity.updated_at = utcnow()
     await session.flush()
     await request_updates(session, tenant_id, [activity.id], "interactive")
     return _view(activity, timezone, (await _externals(session, [activity.id])).get(activity.id))
+
+
+def _check_assignee(
+    found: Sequence[tuple[str, bool]], force: bool, loc: tuple[str | int, ...]
+) -> None:
+    """The seed's rule: what the assignee changed themselves is theirs, unless forced."""
+    if force:
+        return
+    edited = [aid for aid, user_edited in found if user_edited]
+    if edited:
+        raise Conflict(
+            f"{len(edited)} activit{'y was' if len(edited) == 1 else 'ies were'} changed by "
+            "the assignee in their own calendar; send force to override",
+            [
+                ErrorDetail(loc, f"activity {aid!r} was changed by its assignee (user_edited)")
+                for aid in edited
+            ],
+        )
 
 
 def _moved(activity: Activity, start: datetime | None, end: datetime | None) -> dict[str, datetime]:
@@ -269,46 +332,99 @@ def _moved(activity: Activity, start: datetime | None, end: datetime | None) -> 
 
 
 async def set_status(
-    session: AsyncSession, tenant_id: str, activity_ids: Sequence[str], status: str
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Sequence[str] | None,
+    status: str,
+    *,
+    wanted: ActivityFilter | None = None,
+    force: bool = False,
 ) -> int:
-    """One status for many activities; an unknown or foreign id is a 404 naming it, and then
-    nothing is written. Answers how many activities changed."""
+    """One status for the activities named by ``activity_ids``, or else matched by ``wanted``.
+
+    All or nothing: an unknown or foreign id is a 404 naming it, an activity its assignee
+    edited a 409 naming it (unless ``force``); then nothing is written. Answers how many
+    activities changed.
+    """
     if status not in STATUSES:
         raise ValidationError(
             "unknown status", [ErrorDetail(("status",), f"must be one of {', '.join(STATUSES)}")]
         )
-    wanted = list(dict.fromkeys(activity_ids))
-    current: dict[str, str] = {}
-    for chunk in chunks(wanted):
-        rows = await session.execute(
-            select(Activity.id, Activity.status).where(
-                Activity.tenant_id == tenant_id,
-                Activity.id.in_(chunk),
-                Activity.deleted.is_(False),
-            )
-        )
-        current.update({aid: st for aid, st in rows})
-    missing = [
-        ErrorDetail(("ids", index), f"no such activity {aid!r}")
-        for index, aid in enumerate(activity_ids)
-        if aid not in current
-    ]
+    found = await _select(session, tenant_id, activity_ids, wanted)
+    missing = _missing(activity_ids, found)
     if missing:
         raise NotFound(
             f"{len(missing)} unknown activit{'y' if len(missing) == 1 else 'ies'}", missing
         )
-    changed = [aid for aid in wanted if current[aid] != status]
+    changed = [aid for aid, row in found.items() if row.status != status]
+    _check_assignee([(aid, found[aid].user_edited) for aid in changed], force, ("ids",))
     stamp = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "version": Activity.version + 1,
+        "updated_at": stamp,
+    }
+    if force:
+        values["user_edited"] = False
     for chunk in chunks(changed):
         await session.execute(
             update(Activity)
             .where(Activity.tenant_id == tenant_id, Activity.id.in_(chunk))
-            .values(status=status, version=Activity.version + 1, updated_at=stamp)
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
-    lane: Lane = "interactive" if len(changed) <= INTERACTIVE_MAX_ACTIVITIES else "bulk"
-    await request_updates(session, tenant_id, changed, lane)
+    await request_updates(session, tenant_id, changed, _lane(len(changed)))
     return len(changed)
+
+
+def _lane(count: int) -> Lane:
+    return "interactive" if count <= INTERACTIVE_MAX_ACTIVITIES else "bulk"
+
+
+@dataclass(frozen=True, slots=True)
+class _Selected:
+    status: str
+    user_edited: bool
+    batch_id: str | None
+
+
+async def _select(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Sequence[str] | None,
+    wanted: ActivityFilter | None,
+) -> dict[str, _Selected]:
+    """The live activities of the tenant named by ``activity_ids`` (in their order), or else
+    matched by ``wanted``: what a bulk change or delete acts on."""
+    columns = (Activity.id, Activity.status, Activity.user_edited, Activity.batch_id)
+    found: dict[str, _Selected] = {}
+    if activity_ids is not None:
+        wanted_ids = list(dict.fromkeys(activity_ids))
+        for chunk in chunks(wanted_ids):
+            rows = await session.execute(
+                select(*columns).where(
+                    Activity.tenant_id == tenant_id,
+                    Activity.id.in_(chunk),
+                    Activity.deleted.is_(False),
+                )
+            )
+            found.update({aid: _Selected(st, ed, bid) for aid, st, ed, bid in rows})
+        return {aid: found[aid] for aid in wanted_ids if aid in found}
+    terms = await conditions(session, tenant_id, wanted or ActivityFilter(), ("filter",))
+    rows = await session.execute(select(*columns).join(User, _assignee()).where(*terms))
+    return {aid: _Selected(st, ed, bid) for aid, st, ed, bid in rows}
+
+
+def _missing(activity_ids: Sequence[str] | None, found: Mapping[str, object]) -> list[ErrorDetail]:
+    return [
+        ErrorDetail(("ids", index), f"no such activity {aid!r}")
+        for index, aid in enumerate(activity_ids or ())
+        if aid not in found
+    ]
+
+
+def _assignee() -> ColumnElement[bool]:
+    return (User.tenant_id == Activity.tenant_id) & (User.id == Activity.user_id)
 
 
 async def follow_up(
@@ -377,6 +493,8 @@ async def follow_up(
         attendees=list(original.attendees),
         fields=dict(original.fields),
         follow_up_of=original.id,
+        direction="outgoing",
+        phone=original.phone,
         user_edited=False,
         version=1,
         deleted=False,
@@ -425,3 +543,209 @@ async def _taken(
         )
     )
     return [(s, e) for s, e in rows if s is not None and e is not None]
+
+
+# --- The tenant's list, export, delete, close and history ------------------------------------
+
+
+def _order() -> tuple[Any, ...]:
+    """See ``ActivityView.sort_key``."""
+    return (
+        Activity.start.is_(None),
+        Activity.start,
+        func.coalesce(Activity.due, NO_DUE),
+        Activity.id,
+    )
+
+
+def _after(key: tuple[int, str, str]) -> ColumnElement[bool]:
+    timed, at, last_id = key
+    due = func.coalesce(Activity.due, NO_DUE)
+    try:
+        if timed == 0:
+            start = datetime.fromisoformat(at)
+            if start.tzinfo is None:
+                raise ValueError(at)
+            return or_(
+                Activity.start.is_(None),
+                Activity.start > start,
+                and_(Activity.start == start, Activity.id > last_id),
+            )
+        if timed == 1:
+            day = date.fromisoformat(at)
+            return and_(
+                Activity.start.is_(None), or_(due > day, and_(due == day, Activity.id > last_id))
+            )
+    except ValueError as exc:
+        raise _bad_cursor() from exc
+    raise _bad_cursor()
+
+
+def _bad_cursor() -> ValidationError:
+    return ValidationError(
+        "the cursor is not valid", [ErrorDetail(("query", "cursor"), "not a cursor from this API")]
+    )
+
+
+async def list_activities(
+    session: AsyncSession,
+    tenant_id: str,
+    wanted: ActivityFilter,
+    limit: int,
+    after: tuple[int, str, str] | None,
+    loc: tuple[str | int, ...] = ("query",),
+) -> list[ActivityView]:
+    """A page of the tenant's activities matching ``wanted``, by start (tasks last, by due
+    date): up to ``limit + 1`` rows, the extra one only says that another page exists."""
+    terms = await conditions(session, tenant_id, wanted, loc)
+    return await _page(session, terms, limit, after)
+
+
+async def _page(
+    session: AsyncSession,
+    terms: Sequence[ColumnElement[bool]],
+    limit: int,
+    after: tuple[int, str, str] | None,
+) -> list[ActivityView]:
+    query = _with_zone().where(*terms)
+    if after is not None:
+        query = query.where(_after(after))
+    rows = list(await session.execute(query.order_by(*_order()).limit(limit + 1)))
+    externals = await _externals(session, [a.id for a, _ in rows])
+    return [_view(a, tz, externals.get(a.id)) for a, tz in rows]
+
+
+async def export_activities(
+    session: AsyncSession,
+    tenant_id: str,
+    wanted: ActivityFilter,
+    loc: tuple[str | int, ...] = ("query",),
+) -> AsyncIterator[ActivityView]:
+    """Every matching activity in list order, read ``EXPORT_CHUNK_ROWS`` at a time, so an
+    export of 100,000 rows holds one chunk in memory. The filter is checked here, before the
+    first row: a bad one is still a 422, not a broken download."""
+    terms = await conditions(session, tenant_id, wanted, loc)
+    return _export_pages(session, terms)
+
+
+async def _export_pages(
+    session: AsyncSession, terms: Sequence[ColumnElement[bool]]
+) -> AsyncIterator[ActivityView]:
+    after: tuple[int, str, str] | None = None
+    while True:
+        page = await _page(session, terms, EXPORT_CHUNK_ROWS, after)
+        for view in page[:EXPORT_CHUNK_ROWS]:
+            yield view
+        if len(page) <= EXPORT_CHUNK_ROWS:
+            return
+        after = page[EXPORT_CHUNK_ROWS - 1].sort_key
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    deleted: int
+    #: Ids asked for that this tenant has no live activity of (unknown, another tenant's,
+    #: already deleted): refused, nothing touched.
+    not_found: tuple[str, ...]
+
+
+async def delete(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_ids: Sequence[str] | None,
+    *,
+    wanted: ActivityFilter | None = None,
+    force: bool = False,
+) -> Deleted:
+    """Delete the activities named by ``activity_ids``, or else matched by ``wanted``, and
+    their external events, durably: each live ledger row turns ``pending_delete`` with a
+    ``delete`` operation in this transaction, as a batch delete does.
+
+    An activity its assignee edited is a 409 naming it unless ``force``, and then nothing is
+    deleted.
+    """
+    found = await _select(session, tenant_id, activity_ids, wanted)
+    not_found = tuple(aid for aid in dict.fromkeys(activity_ids or ()) if aid not in found)
+    _check_assignee([(aid, row.user_edited) for aid, row in found.items()], force, ("ids",))
+    ids = list(found)
+    stamp = utcnow()
+    for chunk in chunks(ids):
+        await session.execute(
+            update(Activity)
+            .where(Activity.tenant_id == tenant_id, Activity.id.in_(chunk))
+            .values(deleted=True, version=Activity.version + 1, updated_at=stamp)
+            .execution_options(synchronize_session=False)
+        )
+    per_batch: dict[str, int] = {}
+    for row in found.values():
+        if row.batch_id is not None:
+            per_batch[row.batch_id] = per_batch.get(row.batch_id, 0) + 1
+    for batch_id, count in per_batch.items():
+        await session.execute(
+            update(Batch)
+            .where(Batch.tenant_id == tenant_id, Batch.id == batch_id)
+            .values(total=Batch.total - count, updated_at=stamp)
+        )
+    await request_deletes(session, tenant_id, ids, _lane(len(ids)))
+    return Deleted(deleted=len(ids), not_found=not_found)
+
+
+async def close(
+    session: AsyncSession,
+    tenant_id: str,
+    activity_id: str,
+    status: str,
+    wish: FollowUp | None,
+    now: datetime,
+    *,
+    force: bool = False,
+) -> tuple[ActivityView, ActivityView | None]:
+    """The seed's quick close: the status and, with ``wish``, a follow-up call in the
+    assignee's next free slot (or at its ``start``), both in the caller's transaction."""
+    closed = await patch(session, tenant_id, activity_id, {"status": status}, force=force)
+    if wish is None:
+        return closed, None
+    return closed, await follow_up(session, tenant_id, activity_id, wish, now)
+
+
+async def history(session: AsyncSession, tenant_id: str, activity_id: str) -> list[ActivityView]:
+    """The follow-up chain ``activity_id`` belongs to: up to its first call, then every
+    follow-up of any call in it, oldest first. Deleted calls are passed through, not shown."""
+    first, _ = await _load(session, tenant_id, activity_id)
+    for _depth in range(HISTORY_MAX_DEPTH):
+        if first.follow_up_of is None:
+            break
+        parent = await session.scalar(
+            select(Activity).where(
+                Activity.tenant_id == tenant_id, Activity.id == first.follow_up_of
+            )
+        )
+        if parent is None:
+            break
+        first = parent
+    chain: dict[str, Activity] = {first.id: first}
+    level = [first.id]
+    for _depth in range(HISTORY_MAX_DEPTH):
+        if not level:
+            break
+        found: list[Activity] = []
+        for chunk in chunks(level):
+            found += await session.scalars(
+                select(Activity).where(
+                    Activity.tenant_id == tenant_id, Activity.follow_up_of.in_(chunk)
+                )
+            )
+        level = [a.id for a in found if a.id not in chain]
+        chain.update({a.id: a for a in found})
+    live = sorted((a for a in chain.values() if not a.deleted), key=lambda a: (a.created_at, a.id))
+    zones = dict(
+        (
+            await session.execute(
+                select(User.id, User.timezone).where(
+                    User.tenant_id == tenant_id, User.id.in_({a.user_id for a in live})
+                )
+            )
+        ).tuples()
+    )
+    externals = await _externals(session, [a.id for a in live])
+    return [_view(a, zones.get(a.user_id, "UTC"), externals.get(a.id)) for a in live]

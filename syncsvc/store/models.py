@@ -152,6 +152,10 @@ class Activity(Base):
     attendees: Mapped[list[Any]] = mapped_column(default=list)
     fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
     follow_up_of: Mapped[str | None] = mapped_column(String(ID_LEN))
+    #: A call's direction (XS Office "Retning"): ``outgoing`` | ``incoming``; ``None`` otherwise.
+    direction: Mapped[str | None] = mapped_column(String(16))
+    #: The other party's phone number of a call (free text, as the CRM keeps it).
+    phone: Mapped[str] = mapped_column(String(64), default="", server_default="")
     #: Set when the assignee changed the event in their own calendar: batch edits then leave
     #: the activity alone unless forced.
     user_edited: Mapped[bool] = mapped_column(Boolean, default=False)
