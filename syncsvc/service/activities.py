@@ -738,14 +738,11 @@ async def history(session: AsyncSession, tenant_id: str, activity_id: str) -> li
         level = [a.id for a in found if a.id not in chain]
         chain.update({a.id: a for a in found})
     live = sorted((a for a in chain.values() if not a.deleted), key=lambda a: (a.created_at, a.id))
-    zones = dict(
-        (
-            await session.execute(
-                select(User.id, User.timezone).where(
-                    User.tenant_id == tenant_id, User.id.in_({a.user_id for a in live})
-                )
-            )
-        ).tuples()
+    rows = await session.execute(
+        select(User.id, User.timezone).where(
+            User.tenant_id == tenant_id, User.id.in_({a.user_id for a in live})
+        )
     )
+    zones = {user_id: timezone for user_id, timezone in rows}
     externals = await _externals(session, [a.id for a in live])
     return [_view(a, zones.get(a.user_id, "UTC"), externals.get(a.id)) for a in live]
