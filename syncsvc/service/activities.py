@@ -122,7 +122,34 @@ def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
     return None if value is None else value.astimezone(zone)
 
 
-def _view(activity: Activity, timezone: str, external: External | None) -> ActivityView:
+#: What a view reads of an activity; ``_page`` selects only these.
+_VIEW_COLUMNS = (
+    Activity.id,
+    Activity.batch_id,
+    Activity.seq,
+    Activity.target_id,
+    Activity.user_id,
+    Activity.kind,
+    Activity.start,
+    Activity.end,
+    Activity.due,
+    Activity.subject,
+    Activity.description,
+    Activity.location,
+    Activity.status,
+    Activity.priority,
+    Activity.reminder_minutes,
+    Activity.follow_up_of,
+    Activity.version,
+    Activity.user_edited,
+    Activity.direction,
+    Activity.phone,
+    Activity.created_at,
+)
+
+
+def _view(activity: Any, timezone: str, external: External | None) -> ActivityView:
+    """From an ``Activity`` or a row of ``_VIEW_COLUMNS`` (the same attribute names)."""
     zone = ZoneInfo(timezone or "UTC")
     return ActivityView(
         id=activity.id,
@@ -548,37 +575,33 @@ async def _taken(
 # --- The tenant's list, export, delete, close and history ------------------------------------
 
 
-def _order() -> tuple[Any, ...]:
-    """See ``ActivityView.sort_key``."""
-    return (
-        Activity.start.is_(None),
-        Activity.start,
-        func.coalesce(Activity.due, NO_DUE),
-        Activity.id,
-    )
-
-
-def _after(key: tuple[int, str, str]) -> ColumnElement[bool]:
+def _timed_after(key: tuple[int, str, str] | None) -> ColumnElement[bool] | None:
+    """Timed activities past the cursor, or ``None`` when the cursor is already among the
+    tasks (see ``ActivityView.sort_key``)."""
+    if key is None:
+        return Activity.start.is_not(None)
     timed, at, last_id = key
-    due = func.coalesce(Activity.due, NO_DUE)
+    if timed == 1:
+        return None
     try:
-        if timed == 0:
-            start = datetime.fromisoformat(at)
-            if start.tzinfo is None:
-                raise ValueError(at)
-            return or_(
-                Activity.start.is_(None),
-                Activity.start > start,
-                and_(Activity.start == start, Activity.id > last_id),
-            )
-        if timed == 1:
-            day = date.fromisoformat(at)
-            return and_(
-                Activity.start.is_(None), or_(due > day, and_(due == day, Activity.id > last_id))
-            )
+        start = datetime.fromisoformat(at)
     except ValueError as exc:
         raise _bad_cursor() from exc
-    raise _bad_cursor()
+    if timed != 0 or start.tzinfo is None:
+        raise _bad_cursor()
+    return or_(Activity.start > start, and_(Activity.start == start, Activity.id > last_id))
+
+
+def _tasks_after(key: tuple[int, str, str] | None) -> ColumnElement[bool]:
+    due = func.coalesce(Activity.due, NO_DUE)
+    if key is None or key[0] == 0:
+        return Activity.start.is_(None)
+    _, at, last_id = key
+    try:
+        day = date.fromisoformat(at)
+    except ValueError as exc:
+        raise _bad_cursor() from exc
+    return and_(Activity.start.is_(None), or_(due > day, and_(due == day, Activity.id > last_id)))
 
 
 def _bad_cursor() -> ValidationError:
@@ -607,12 +630,23 @@ async def _page(
     limit: int,
     after: tuple[int, str, str] | None,
 ) -> list[ActivityView]:
-    query = _with_zone().where(*terms)
-    if after is not None:
-        query = query.where(_after(after))
-    rows = list(await session.execute(query.order_by(*_order()).limit(limit + 1)))
-    externals = await _externals(session, [a.id for a, _ in rows])
-    return [_view(a, tz, externals.get(a.id)) for a, tz in rows]
+    """Timed activities by (start, id), then tasks by (due, id): two queries that each walk
+    an index in order, so every page of a long export costs the same. Plain columns, not ORM
+    objects: a third of the cost per row."""
+    base = select(*_VIEW_COLUMNS, User.timezone).join(User, _assignee()).where(*terms)
+    rows: list[Any] = []
+    timed = _timed_after(after)
+    if timed is not None:
+        query = base.where(timed).order_by(Activity.start, Activity.id).limit(limit + 1)
+        rows += await session.execute(query)
+    if len(rows) <= limit:
+        due = func.coalesce(Activity.due, NO_DUE)
+        query = (
+            base.where(_tasks_after(after)).order_by(due, Activity.id).limit(limit + 1 - len(rows))
+        )
+        rows += await session.execute(query)
+    externals = await _externals(session, [row.id for row in rows])
+    return [_view(row, row.timezone, externals.get(row.id)) for row in rows]
 
 
 async def export_activities(

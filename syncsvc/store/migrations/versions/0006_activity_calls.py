@@ -1,4 +1,5 @@
-"""a call's direction and phone number (XS Office calls page)
+"""a call's direction and phone number (XS Office calls page); the tenant's activity list
+walks (tenant, start, id) in order
 
 Revision ID: 0006
 """
@@ -22,11 +23,13 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("phone", sa.String(length=64), nullable=False, server_default="")
         )
+    op.create_index("ix_activities_tenant_start", "activities", ["tenant_id", "start", "id"])
     # Calls planned before directions existed were all placed by the CRM's users.
     op.execute("UPDATE activities SET direction = 'outgoing' WHERE kind = 'call'")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_activities_tenant_start", table_name="activities")
     with op.batch_alter_table("activities") as batch:
         batch.drop_column("phone")
         batch.drop_column("direction")
