@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, delete, exists, func, select, text, tuple_
+from sqlalchemy import ColumnElement, CursorResult, delete, exists, func, select, text
 
 from syncsvc.config import Settings
 from syncsvc.service.feeds import DELETED_KEPT_DAYS
@@ -125,7 +125,7 @@ async def prune(
 ) -> dict[str, int]:
     """One pass over every table: rows removed by table (nothing when another process holds
     the pass on PostgreSQL)."""
-    pruner = _Pruner(db, now, batch_rows, pause_s, stop or asyncio.Event())
+    pruner = _Pruner(db, batch_rows, pause_s, stop or asyncio.Event())
     removed: dict[str, int] = {}
     async with _only_pruner(db) as mine:
         if not mine:
@@ -181,11 +181,8 @@ async def _only_pruner(db: Database) -> AsyncIterator[bool]:
 
 
 class _Pruner:
-    def __init__(
-        self, db: Database, now: datetime, batch_rows: int, pause_s: float, stop: asyncio.Event
-    ) -> None:
+    def __init__(self, db: Database, batch_rows: int, pause_s: float, stop: asyncio.Event) -> None:
         self.db = db
-        self.now = now
         self.batch_rows = batch_rows
         self.pause_s = pause_s
         self.stop = stop
@@ -200,9 +197,10 @@ class _Pruner:
         async with self.db.session() as s:
             return list((await s.execute(query)).all())
 
-    async def _delete(self, statement: Any) -> int:
+    async def _delete(self, *statements: Any) -> int:
+        """Runs the statements in one short transaction; the rows they removed."""
         async with self.db.session() as s, s.begin():
-            return await _execute(s, statement)
+            return sum([await _execute(s, statement) for statement in statements])
 
     async def _until_done(
         self, pick: Any, remove: Callable[[list[Any]], Any], key: Callable[[Any], Any]
@@ -213,7 +211,8 @@ class _Pruner:
         while not self.stop.is_set():
             rows = await self._read(pick.limit(self.batch_rows))
             if rows:
-                total += await self._delete(remove([key(row) for row in rows]))
+                removal = remove([key(row) for row in rows])
+                total += await self._delete(*(removal if isinstance(removal, list) else [removal]))
             if len(rows) < self.batch_rows:
                 return total
             await self._pause()
@@ -226,36 +225,38 @@ class _Pruner:
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def done_operations(self, cutoff: datetime) -> int:
-        """Walks the primary key up to the first operation created at the cutoff: a done
-        operation finished before it was created before it, and ids grow with creation."""
+        """Walks the primary key, ``batch_rows`` ids at a time, up to the first operation
+        created at the cutoff: one that finished before the cutoff was created before it, and
+        ids grow with creation."""
         ceiling = await self._first_id_created_at(cutoff)
         if ceiling is None:
             return 0
-        old_done = (
-            Operation.id < ceiling,
-            Operation.state == "done",
-            Operation.updated_at < cutoff,
-        )
         total, after = 0, 0
         while not self.stop.is_set():
-            ids = [
-                row[0]
-                for row in await self._read(
-                    select(Operation.id)
-                    .where(Operation.id > after, *old_done)
-                    .order_by(Operation.id)
-                    .limit(self.batch_rows)
+            upto = await self._slice_end(Operation.id, after, Operation.id < ceiling)
+            removed = await self._delete(
+                delete(Operation).where(
+                    Operation.id > after,
+                    Operation.id <= (ceiling - 1 if upto is None else upto),
+                    _unindexed(Operation.state) == "done",
+                    Operation.updated_at < cutoff,
                 )
-            ]
-            if ids:
-                total += await self._delete(
-                    delete(Operation).where(Operation.id.in_(ids), *old_done)
-                )
-                after = ids[-1]
-            if len(ids) < self.batch_rows:
+            )
+            total += removed
+            if upto is None:
                 break
-            await self._pause()
+            after = upto
+            await (self._pause() if removed else asyncio.sleep(0))
         return total
+
+    async def _slice_end(self, key: Any, after: Any, *bounds: ColumnElement[bool]) -> Any:
+        """The ``batch_rows``-th key after ``after`` (from the start when None), or None when
+        fewer are left: one slice of the primary key, read from its index alone."""
+        query = select(key).where(*bounds).order_by(key)
+        if after is not None:
+            query = query.where(key > after)
+        rows = await self._read(query.offset(self.batch_rows - 1).limit(1))
+        return rows[0][0] if rows else None
 
     async def _first_id_created_at(self, cutoff: datetime) -> int | None:
         """The lowest id of an operation created at or after ``cutoff`` (the newest id when
@@ -263,10 +264,10 @@ class _Pruner:
         instead of a scan. Ids only roughly follow ``created_at`` across processes; a row on
         the wrong side of the bound is only pruned a pass later."""
         async with self.db.session() as s:
-            low, high = (
-                await s.execute(select(func.min(Operation.id), func.max(Operation.id)))
-            ).one()
-            if high is None:
+            # Apart: SQLite finds min() or max() in the index, but not both in one query.
+            low = await s.scalar(select(func.min(Operation.id)))
+            high = await s.scalar(select(func.max(Operation.id)))
+            if low is None or high is None:
                 return None
 
             async def created_from(op_id: int) -> datetime:
@@ -276,8 +277,7 @@ class _Pruner:
                     .order_by(Operation.id)
                     .limit(1)
                 )
-                assert stamp is not None  # op_id <= the highest id
-                return stamp
+                return cutoff if stamp is None else stamp  # none left: nothing older
 
             if await created_from(low) >= cutoff:
                 return None
@@ -303,12 +303,24 @@ class _Pruner:
 
     async def idempotency_keys(self, cutoff: datetime) -> int:
         """By ``created_at``, checked again at the delete: a key reused since it was read
-        carries a new stamp and stays."""
+        carries a new stamp and stays. One statement per tenant, each by primary key (a list
+        of (tenant, key) pairs would make SQLite scan the table)."""
         old = IdempotencyKey.created_at < cutoff
-        pair = tuple_(IdempotencyKey.tenant_id, IdempotencyKey.key)
+
+        def remove(pairs: list[tuple[str, str]]) -> list[Any]:
+            by_tenant: dict[str, list[str]] = {}
+            for tenant_id, key in pairs:
+                by_tenant.setdefault(tenant_id, []).append(key)
+            return [
+                delete(IdempotencyKey).where(
+                    IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key.in_(keys), old
+                )
+                for tenant_id, keys in by_tenant.items()
+            ]
+
         return await self._until_done(
             select(IdempotencyKey.tenant_id, IdempotencyKey.key).where(old),
-            lambda keys: delete(IdempotencyKey).where(pair.in_(keys), old),
+            remove,
             lambda row: (row[0], row[1]),
         )
 
@@ -330,11 +342,7 @@ class _Pruner:
         activities = ledger = 0
         after: str | None = None
         while not self.stop.is_set():
-            window = select(Activity.id).order_by(Activity.id)
-            if after is not None:
-                window = window.where(Activity.id > after)
-            last = await self._read(window.offset(self.batch_rows - 1).limit(1))
-            upto: str | None = last[0][0] if last else None
+            upto: str | None = await self._slice_end(Activity.id, after)
             in_slice: list[ColumnElement[bool]] = []
             if after is not None:
                 in_slice.append(Activity.id > after)
@@ -376,3 +384,10 @@ async def _execute(session: Any, statement: Any) -> int:
     """Runs a bulk delete; the rows it removed."""
     result = await session.execute(statement.execution_options(synchronize_session=False))
     return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
+def _unindexed(column: Any) -> Any:
+    """``column || ''``: the same value, but no index on it is usable, so the database walks
+    the primary-key slice the statement names instead of an index of the whole table (SQLite,
+    without statistics, would rather take ``ix_operations_due`` on ``state`` alone and sort)."""
+    return column.concat("")
