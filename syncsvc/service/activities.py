@@ -97,6 +97,8 @@ class ActivityView:
     direction: str | None = None
     phone: str = ""
     created_at: datetime | None = None
+    #: Every target of the activity (several for a ``shared`` one), ``target_id`` first.
+    target_ids: tuple[str, ...] = ()
 
     @property
     def sort_key(self) -> tuple[int, str, str]:
@@ -145,6 +147,7 @@ _VIEW_COLUMNS = (
     Activity.direction,
     Activity.phone,
     Activity.created_at,
+    Activity.target_ids,
 )
 
 
@@ -174,6 +177,7 @@ def _view(activity: Any, timezone: str, external: External | None) -> ActivityVi
         direction=activity.direction,
         phone=activity.phone,
         created_at=activity.created_at,
+        target_ids=tuple(activity.target_ids or (activity.target_id,)),
     )
 
 
@@ -780,3 +784,61 @@ async def history(session: AsyncSession, tenant_id: str, activity_id: str) -> li
     zones = {user_id: timezone for user_id, timezone in rows}
     externals = await _externals(session, [a.id for a in live])
     return [_view(a, zones.get(a.user_id, "UTC"), externals.get(a.id)) for a in live]
+
+
+# --- A batch's report ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One activity of a batch with the targets and contacts it was planned for (Swedish
+    seed, steps 5-6: a printable check of the selection, with activity numbers)."""
+
+    activity: ActivityView
+    user_name: str
+    target_names: tuple[str, ...]
+    #: ``First Last <email>`` of each target's contacts.
+    contacts: tuple[str, ...]
+
+
+async def batch_report(
+    session: AsyncSession, tenant_id: str, batch_id: str
+) -> AsyncIterator[ReportRow]:
+    """Every live activity of the batch in order, read in chunks; the targets, contacts and
+    user names come from the plan as committed. An unknown or foreign batch is a 404."""
+    batch = await _check_batch(session, tenant_id, batch_id)
+    stored = batch.request
+    body: Mapping[str, Any] = stored.get("body") or {}
+    targets: list[Mapping[str, Any]] = list(body.get("targets") or [])
+    index: list[int] = list(stored.get("target_index") or [])
+    users: Mapping[str, Mapping[str, str]] = stored.get("users") or {}
+    first_of: dict[str, Mapping[str, Any]] = {}
+    for target in targets:
+        first_of.setdefault(str(target.get("id")), target)
+    views = await export_batch(session, tenant_id, batch_id)
+
+    async def rows() -> AsyncIterator[ReportRow]:
+        async for view in views:
+            planned = [first_of.get(t) for t in view.target_ids]
+            if (
+                view.follow_up_of is None
+                and view.seq < len(index)
+                and index[view.seq] < len(targets)
+                and targets[index[view.seq]].get("id") == view.target_id
+            ):
+                planned[0] = targets[index[view.seq]]  # a repeated target: its own contacts
+            found = [t for t in planned if t is not None]
+            yield ReportRow(
+                activity=view,
+                user_name=str((users.get(view.user_id) or {}).get("name", "")),
+                target_names=tuple(str(t.get("name", "")) for t in found),
+                contacts=tuple(_contact(c) for t in found for c in t.get("contacts") or []),
+            )
+
+    return rows()
+
+
+def _contact(contact: Mapping[str, Any]) -> str:
+    name = f"{contact.get('first_name') or ''} {contact.get('last_name') or ''}".strip()
+    email = contact.get("email") or ""
+    return f"{name} <{email}>" if email else name
