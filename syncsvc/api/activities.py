@@ -457,6 +457,7 @@ class ReportQuery(BaseModel):
     query=ReportQuery,
     media_type="text/csv",
     other_successes=((200, XLSX_MEDIA_TYPE),),
+    heavy=True,
     summary="A batch's report: one row per activity with its targets, contacts, assignee, "
     "time and sync state (CSV or XLSX)",
 )

@@ -58,8 +58,8 @@ async def conditions(
     loc: tuple[str | int, ...] = (),
 ) -> list[ColumnElement[bool]]:
     """``WHERE`` terms for live activities of the tenant matching ``wanted``, for a query that
-    joins ``User`` on the assignee. A ``user_id`` or ``batch_id`` this tenant does not have is
-    a 422 naming it (a typo would otherwise look like an empty list)."""
+    joins ``User`` on the assignee. A ``user_id``, ``batch_id`` or ``created_by`` this tenant
+    does not have is a 422 naming it (a typo would otherwise look like an empty list)."""
     await _check_known(session, tenant_id, wanted, loc)
     terms: list[ColumnElement[bool]] = [
         Activity.tenant_id == tenant_id,
@@ -118,6 +118,16 @@ async def _check_known(
         )
         if found is None:
             details.append(ErrorDetail((*loc, "batch_id"), f"no such batch {wanted.batch_id!r}"))
+    if wanted.created_by is not None:
+        found = await session.scalar(
+            select(Batch.id)
+            .where(Batch.tenant_id == tenant_id, Batch.created_by == wanted.created_by)
+            .limit(1)
+        )
+        if found is None:
+            details.append(
+                ErrorDetail((*loc, "created_by"), f"no batch was created by {wanted.created_by!r}")
+            )
     if details:
         raise ValidationError(details[0].msg, details)
 

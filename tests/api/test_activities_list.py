@@ -174,6 +174,7 @@ async def test_unknown_filter_values_are_422_naming_them(client: Client, tenants
         ("user_id=u1&user_id=nobody", ["query", "user_id"], "'nobody'"),
         ("batch_id=nope", ["query", "batch_id"], "'nope'"),
         (f"batch_id={other_batch}", ["query", "batch_id"], other_batch),  # B's: unknown to A
+        ("created_by=syncsvc:batch:nope", ["query", "created_by"], "'syncsvc:batch:nope'"),
         ("from=2030-13-01", ["query", "from"], ""),
         ("from=2030-06-07&to=2030-06-06", ["query"], "before"),
         ("colour=red", ["query", "colour"], ""),
