@@ -5,13 +5,15 @@ No business rules here: handlers live in ``syncsvc/api/<resource>.py`` and call 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 
-from syncsvc.api._framework import DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
+from syncsvc.api._framework import BODY_POOL, DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
 from syncsvc.api._framework import openapi_document as _openapi_document
+from syncsvc.api.bodies import BodyPool
 from syncsvc.api.connections import PROVIDERS
 from syncsvc.api.middleware import MIDDLEWARES
 from syncsvc.api.plans import CALENDARS
@@ -82,10 +84,12 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     app.on_cleanup.append(close_registry)
     app[QUOTA] = RedisQuota.from_url(settings.redis_url) if settings.redis_url else MemoryQuota()
     app[GUARD] = new_guard(settings.redis_url)
+    app[BODY_POOL] = BodyPool(settings.api_parse_processes)
 
     async def close_stores(app: web.Application) -> None:
         await app[QUOTA].aclose()
         await app[GUARD].aclose()
+        await asyncio.to_thread(app[BODY_POOL].close)
 
     app.on_cleanup.append(close_stores)
     endpoints = [ep for table in api_routes() for ep in table.endpoints]

@@ -53,6 +53,8 @@ class Settings:
     #: Per tenant: API requests per window, and heavy requests (plans, commits) at once.
     api_rate: tuple[int, int] = (600, 60)
     api_heavy_concurrency: int = 2
+    #: Child processes parsing large plan bodies (``api/bodies.py``) per API process.
+    api_parse_processes: int = 2
     #: The largest lists one plan may carry (``POST /v1/plans`` and ``/v1/batches``).
     max_targets: int = 100_000
     max_contacts: int = 200  # per target
@@ -141,6 +143,7 @@ class Settings:
             "port",
             "max_body_bytes",
             "api_heavy_concurrency",
+            "api_parse_processes",
             "max_targets",
             "max_contacts",
             "max_plan_users",

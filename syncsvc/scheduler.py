@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError as PydanticValidationError
 
-from syncsvc.api._framework import validation_error
+from syncsvc.api.bodies import validation_error
 from syncsvc.api.plan_schemas import PlanBody
 from syncsvc.config import Settings
 from syncsvc.errors import SyncSvcError

@@ -60,9 +60,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import json
-import math
-import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,9 +69,16 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
-from pydantic_core import ErrorDetails
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from syncsvc.api.bodies import (
+    HEAVY_BODY_BYTES,
+    BodyPool,
+    check_strings,
+    dump_json,
+    parse_body,
+    validation_error,
+)
 from syncsvc.config import Settings
 from syncsvc.errors import BadRequest, ErrorDetail, Unauthorized, ValidationError
 from syncsvc.metrics import Metrics
@@ -90,6 +94,7 @@ DB = web.AppKey("db", Database)
 SECRET_BOX = web.AppKey("secret_box", SecretBox)
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+BODY_POOL = web.AppKey("body_pool", BodyPool)
 #: Set by the auth middleware for tenant requests.
 TENANT = web.RequestKey("tenant", Tenant)
 
@@ -105,9 +110,6 @@ OPERATOR_PREFIX = "/v1/ops/"
 JSON_MEDIA_TYPE = "application/json"
 #: Statuses every operation may answer with the error envelope.
 ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 429, 503)
-_BAD_STRING = re.compile("[\x00\ud800-\udfff]")
-#: Deepest JSON nesting accepted: far beyond any request of ours, far below the stack limit.
-JSON_MAX_DEPTH = 32
 
 
 def access_for(path: str) -> Access:
@@ -184,8 +186,9 @@ class Endpoint:
     #: Request headers as a model whose field aliases are the header names (webhooks, whose
     #: senders put their proof in headers); validated like the other parts.
     header_model: type[BaseModel] | None = None
-    #: Bodies and answers that may be large (a plan of 100,000 targets): parsed and
-    #: serialised in a thread, so the event loop keeps serving other tenants meanwhile.
+    #: Bodies and answers that may be large (a plan of 100,000 targets): parsed in a child
+    #: process and serialised in a thread, in chunks (``api/bodies.py``), so the event loop
+    #: keeps serving other tenants meanwhile.
     heavy: bool = False
 
     @property
@@ -284,14 +287,10 @@ class Routes:
 
 # --- Input. ---
 
-#: A heavy endpoint's body above this size is parsed in a thread (smaller ones are quicker
-#: parsed than handed over).
-HEAVY_BODY_BYTES = 64 * 1024
-
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(
-        body=model.model_dump_json(by_alias=True).encode(),
+        body=dump_json(model),
         status=status,
         content_type=JSON_MEDIA_TYPE,
     )
@@ -304,27 +303,11 @@ def _headers(request: web.Request, model: type[BaseModel]) -> dict[str, str]:
 
 
 def _validate(model: type[BaseModel], data: Mapping[str, Any], part: Part) -> BaseModel:
-    _check_strings(data, (part,))
+    check_strings(data, (part,))
     try:
         return model.model_validate(data)
     except PydanticValidationError as exc:
         raise validation_error(exc, (part,)) from exc
-
-
-def validation_error(
-    exc: PydanticValidationError, prefix: tuple[str | int, ...]
-) -> ValidationError:
-    """A pydantic failure as our 422, each detail's ``loc`` naming the field."""
-    details = [ErrorDetail((*prefix, *err["loc"]), _message(err)) for err in exc.errors()]
-    return ValidationError("the request is not valid", details)
-
-
-def _message(err: ErrorDetails) -> str:
-    """Our own validators' words without pydantic's "Value error, " prefix."""
-    cause = (err.get("ctx") or {}).get("error")
-    if err["type"] == "value_error" and isinstance(cause, ValueError):
-        return str(cause)
-    return err["msg"]
 
 
 def _refuse_unknown_query(request: web.Request, model: type[BaseModel] | None) -> None:
@@ -361,55 +344,8 @@ async def _read_body(request: web.Request, model: type[BaseModel], heavy: bool) 
         )
     raw = await request.read()
     if heavy and len(raw) > HEAVY_BODY_BYTES:
-        return await asyncio.to_thread(_parse_body, raw, model)
-    return _parse_body(raw, model)
-
-
-def _parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("the body is not valid JSON", [ErrorDetail(("body",), str(exc))]) from exc
-    except RecursionError as exc:
-        raise _too_deep(("body",)) from exc
-    _check_strings(data, ("body",))
-    try:
-        return model.model_validate_json(raw, strict=True)
-    except PydanticValidationError as exc:
-        raise validation_error(exc, ("body",)) from exc
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _too_deep(loc: tuple[str | int, ...]) -> BadRequest:
-    return BadRequest(
-        "the body is nested too deeply",
-        [ErrorDetail(loc, f"JSON may nest at most {JSON_MAX_DEPTH} levels")],
-    )
-
-
-def _check_strings(value: Any, loc: tuple[str | int, ...]) -> None:
-    """NUL and lone surrogates cannot be stored (PostgreSQL, UTF-8): refuse them as input.
-    Nesting is capped too, so no input can exhaust the stack of a later recursive walk."""
-    if len(loc) > JSON_MAX_DEPTH:
-        raise _too_deep(loc[:1])
-    if isinstance(value, str):
-        if _BAD_STRING.search(value):
-            raise ValidationError(
-                "the request is not valid",
-                [ErrorDetail(loc, "must not contain NUL characters or lone surrogates")],
-            )
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_strings(key, loc)
-            _check_strings(item, (*loc, str(key)))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_strings(item, (*loc, index))
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValidationError("the request is not valid", [ErrorDetail(loc, "must be finite")])
+        return await request.app[BODY_POOL].parse(raw, model)
+    return parse_body(raw, model)
 
 
 # --- The OpenAPI document. ---

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -25,9 +26,10 @@ from syncsvc.api._framework import (
     ErrorEnvelope,
     access_for,
     json_response,
-    validation_error,
 )
+from syncsvc.api.bodies import validation_error
 from syncsvc.api.quota import QUOTA
+from syncsvc.dashboard.guard import GUARD, client_of
 from syncsvc.errors import (
     DatabaseUnavailable,
     ErrorDetail,
@@ -170,8 +172,14 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             [ErrorDetail(("header", "Authorization"), "expected: Bearer <api key>")],
         )
     if access == "operator":
+        # Wrong operator keys count against the client as the dashboard's sign-ins do.
+        guard, client = request.app[GUARD], client_of(request)
+        wait_s = await guard.attempt(client)
+        if wait_s > 0:
+            return _too_many("too many wrong operator keys", math.ceil(wait_s), {})
         operator_key = request.app[SETTINGS].operator_key
         if operator_key is not None and hmac.compare_digest(key.encode(), operator_key.encode()):
+            await guard.succeeded(client)
             return await handler(request)
     async with request.app[DB].session() as session:
         tenant = await tenant_for_key(session, key)

@@ -2,10 +2,10 @@
 
 A slot is one running mailbox cycle. When slots are short, each tenant with work gets an equal
 share (max-min fair: a tenant needing less leaves the rest to the others), whatever the number
-of mailboxes it has queued; a tenant holding more than its share while another waits is asked
-to give the difference back, which its cycles do by claiming no more and ending once their work
-in hand is done. So one tenant's 10,000-event drain over 500 mailboxes cannot keep another
-tenant's single change waiting for longer than a few calls.
+of mailboxes it has queued. A tenant below its share starts its cycles at once, and a tenant
+above its share gives as many back, which its cycles do by claiming no more and ending once
+their work in hand is done. So one tenant's 10,000-event drain over 500 mailboxes cannot keep
+another tenant's single change waiting for longer than a few calls.
 """
 
 from __future__ import annotations
@@ -44,18 +44,24 @@ def share_slots(
             del queue[tenant]
     if not queue:
         return shares
+    # Slots are short: a tenant below its fair share starts what it is owed at once, and the
+    # tenants above theirs give as many back (so the total comes back down within a few calls).
     fair = _fair_share(held, queue, slots)
-    # Slots the starved tenants are owed, up to what they have waiting.
-    owed = sum(
-        min(fair - held.get(t, 0), len(keys)) for t, keys in queue.items() if held.get(t, 0) < fair
-    )
-    for tenant in sorted(held, key=lambda t: -held[t]):
-        if owed <= 0:
-            break
-        excess = min(held[tenant] - fair, owed)
+    owed = {
+        t: min(fair - held.get(t, 0), len(keys))
+        for t, keys in queue.items()
+        if held.get(t, 0) < fair
+    }
+    spare = 0
+    for tenant in sorted(held, key=lambda t: (-held[t], t)):
+        excess = min(held[tenant] - fair, sum(owed.values()) - spare)
         if excess > 0:
             shares.give_back[tenant] = excess
-            owed -= excess
+            spare += excess
+    for tenant in sorted(owed, key=lambda t: (held.get(t, 0), t)):
+        take = min(owed[tenant], spare)
+        shares.start.extend((tenant, key) for key in queue[tenant][:take])
+        spare -= take
     return shares
 
 

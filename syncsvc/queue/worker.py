@@ -3,9 +3,10 @@
 Shape of one worker process:
 
 - a *dispatcher* loop polls for mailboxes with due operations and starts one *cycle* task per
-  tenant's mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once, shared
-  fairly between tenants (``queue/fairness.py``: a tenant over its share while another waits
-  ends cycles early);
+  tenant's mailbox (never two in one process), up to ``MAX_MAILBOX_TASKS`` at once (16 on
+  SQLite, fewer while the process is CPU-bound), shared fairly between tenants
+  (``queue/fairness.py``: a tenant over its share while another waits ends cycles early);
+  a cycle for a single change takes its connections from the database's urgent pool;
 - a cycle claims small chunks of that mailbox's operations, interactive lane first, runs up to
   the mailbox's concurrency at once through the limiter, and claims the next chunk as soon as
   less than half of one is in hand (a pipeline: no token waits for a chunk's slowest call, and
@@ -33,6 +34,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -63,6 +65,16 @@ CLAIM_TTL_S = 30.0
 HEARTBEAT_S = 10.0
 CYCLE_MAX_OPS = 200
 MAX_MAILBOX_TASKS = 64
+#: On SQLite every write waits for the one writer lock, taken by polling: more cycles than
+#: this add no throughput, only a longer and unfair wait for a single change.
+SQLITE_MAILBOX_TASKS = 16
+#: A turn of the event loop (every ready task once) longer than ``LOOP_BUSY_S`` means the
+#: process is bound by its CPU: more cycles would only queue up, and a single change would
+#: wait behind all of them. The cycle limit then shrinks (to ``MIN_MAILBOX_TASKS`` at least)
+#: and grows back by one per poll once turns are under ``LOOP_IDLE_S``.
+LOOP_BUSY_S = 0.02
+LOOP_IDLE_S = 0.005
+MIN_MAILBOX_TASKS = 4
 MAX_ATTEMPTS = 8
 BACKOFF_MAX_S = 600.0
 #: Google's throttling answers carry no Retry-After: back off from this, doubling per streak.
@@ -82,6 +94,18 @@ RELEASE_RETRY_S = 0.5
 FALLBACK_LIMIT = RateLimit(10, 1.0, 1)
 
 ProviderFactory = Callable[[User], Awaitable[CalendarProvider]]
+#: Whether the running cycle serves a single change: its database work then skips the queue
+#: of bulk work for a connection (``Database.session(urgent=True)``).
+_URGENT: ContextVar[bool] = ContextVar("urgent", default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A tenant's mailbox with operations due, and whether a single change is among them."""
+
+    tenant: str
+    mailbox: str
+    interactive: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,14 @@ RevokedHook = Callable[[str, str, errors.ConsentRevoked], Awaitable[None]]
 
 #: Errors that say "not now" rather than "this operation failed": waited out, no attempt used.
 _WAIT_OUT = (errors.Throttled, errors.Unreachable)
+
+
+async def _loop_turn_s() -> float:
+    """How long one turn of the event loop takes now: the time to get back after yielding."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(0)
+    return loop.time() - started
 
 
 def backoff_s(attempt: int) -> float:
@@ -149,7 +181,7 @@ class Worker:
         embedded: bool,
         tasks: Mapping[str, TaskHandler] | None = None,
         on_revoked: RevokedHook | None = None,
-        slots: int = MAX_MAILBOX_TASKS,
+        slots: int | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -160,8 +192,13 @@ class Worker:
         self.tasks: Mapping[str, TaskHandler] = tasks or {}
         #: Told (tenant, provider, error) when a provider says our access was withdrawn.
         self.on_revoked = on_revoked
-        #: Mailbox cycles at once in this process, shared fairly between tenants.
+        #: Mailbox cycles at once in this process, shared fairly between tenants; and the
+        #: current limit, below it while the process is CPU-bound.
+        if slots is None:
+            slots = MAX_MAILBOX_TASKS if db.dialect == "postgresql" else SQLITE_MAILBOX_TASKS
         self.slots = slots
+        self._limit = slots
+        self._turn_s = 0.0  # a moving average of the event loop's turns
         #: Running cycles by (tenant, mailbox): one per pair in a process.
         self._active: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: Per tenant, cycles to end early because other tenants wait for a slot; and the
@@ -185,6 +222,7 @@ class Worker:
         heartbeat.add_done_callback(self._background.discard)
         try:
             while not stop.is_set():
+                self._adapt_limit(await _loop_turn_s())
                 self._dispatch(await self._due_mailboxes(), stop)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_S)
@@ -194,21 +232,30 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _dispatch(self, due: Sequence[tuple[str, str]], stop: asyncio.Event) -> None:
+    def _dispatch(self, due: Sequence[Due], stop: asyncio.Event) -> None:
         """Starts cycles for due mailboxes, sharing the slots fairly between tenants."""
+        urgent = {(d.tenant, d.mailbox) for d in due if d.interactive}
         active: dict[str, int] = {}
         for key in self._active.keys() - self._yielding:
             active[key[0]] = active.get(key[0], 0) + 1
         waiting: dict[str, list[str]] = {}
-        for tenant, mailbox in due:
-            if (tenant, mailbox) not in self._active:
-                waiting.setdefault(tenant, []).append(mailbox)
-        shares = share_slots(active, waiting, self.slots - len(self._yielding))
+        for d in due:
+            if (d.tenant, d.mailbox) not in self._active:
+                waiting.setdefault(d.tenant, []).append(d.mailbox)
+        shares = share_slots(active, waiting, self._limit - len(self._yielding))
         self._give_back = shares.give_back
         for key in shares.start:
-            task = asyncio.create_task(self._cycle(*key, stop))
+            task = asyncio.create_task(self._cycle(*key, stop, urgent=key in urgent))
             self._active[key] = task
             task.add_done_callback(self._forget_task)
+
+    def _adapt_limit(self, turn_s: float) -> None:
+        """Fewer cycles while the loop's turns are slow, more again once they are quick."""
+        self._turn_s = 0.7 * self._turn_s + 0.3 * turn_s
+        if self._turn_s > LOOP_BUSY_S:
+            self._limit = max(MIN_MAILBOX_TASKS, self._limit - max(1, self._limit // 8))
+        elif self._turn_s < LOOP_IDLE_S:
+            self._limit = min(self.slots, self._limit + 1)
 
     def _yields(self, tenant: str, mailbox: str) -> bool:
         """Whether a cycle should claim no more: another tenant waits for its slot (see
@@ -219,6 +266,10 @@ class Worker:
             self._yielding.add((tenant, mailbox))
             return True
         return False
+
+    def _session(self) -> AsyncSession:
+        """A session from the pool of this cycle's kind (see ``_cycle``)."""
+        return self.db.session(urgent=_URGENT.get())
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         for key, active in list(self._active.items()):
@@ -235,7 +286,7 @@ class Worker:
     # --- claiming -------------------------------------------------------------------------
 
     async def _free_all_claims(self) -> None:
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(
                 update(Operation)
                 .where(Operation.state == "running")
@@ -257,6 +308,7 @@ class Worker:
                         raise
 
     async def _renew(self) -> None:
+        _URGENT.set(True)  # a late renewal would let claims lapse
         by_lease: dict[datetime, list[int]] = {}
         for op_id, (lease_end, holder) in list(self._held.items()):
             if holder is None or holder.done():  # its cycle is gone: the lease may lapse
@@ -264,7 +316,7 @@ class Worker:
             else:
                 by_lease.setdefault(lease_end, []).append(op_id)
         new_end = utcnow() + timedelta(seconds=CLAIM_TTL_S)
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             for lease_end, op_ids in by_lease.items():
                 for part in chunks(op_ids, 500):
                     await s.execute(
@@ -289,7 +341,7 @@ class Worker:
         if not leases:
             return
         now = utcnow()
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             for op_id, lease_end in leases:
                 await s.execute(
                     update(Operation)
@@ -301,35 +353,30 @@ class Worker:
                     .values(state="pending", not_before=now)
                 )
 
-    async def _due_mailboxes(self) -> list[tuple[str, str]]:
+    async def _due_mailboxes(self) -> list[Due]:
         """(tenant, mailbox) with due operations: per tenant, those with interactive work
         first, then the longest waiting, at most a slot count each (so that one tenant's
         thousands of mailboxes never hide another's one)."""
         now = utcnow()
+        lane = func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1))
         rank = (
             func.row_number()
-            .over(
-                partition_by=Operation.tenant_id,
-                order_by=(
-                    func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1)),
-                    func.min(Operation.not_before),
-                ),
-            )
+            .over(partition_by=Operation.tenant_id, order_by=(lane, func.min(Operation.not_before)))
             .label("rank")
         )
         ranked = (
-            select(Operation.tenant_id, Operation.mailbox, rank)
+            select(Operation.tenant_id, Operation.mailbox, lane.label("interactive"), rank)
             .where(Operation.state.in_(("pending", "running")), Operation.not_before <= now)
             .group_by(Operation.tenant_id, Operation.mailbox)
             .subquery()
         )
-        async with self.db.session() as s:
+        async with self.db.session(urgent=True) as s:
             rows = await s.execute(
-                select(ranked.c.tenant_id, ranked.c.mailbox)
+                select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.interactive)
                 .where(ranked.c.rank <= self.slots)
                 .order_by(ranked.c.tenant_id, ranked.c.rank)
             )
-            return [(tenant, mailbox) for tenant, mailbox in rows]
+            return [Due(tenant, mailbox, lane == 0) for tenant, mailbox, lane in rows]
 
     async def _claim(self, tenant: str, mailbox: str, n: int) -> list[_Claimed]:
         now = utcnow()
@@ -352,7 +399,7 @@ class Worker:
         )
         if self.db.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             rows = (await s.execute(query)).all()
             if self.db.dialect == "postgresql":
                 rows = await _free_ledgers_only(s, rows, now)
@@ -402,10 +449,15 @@ class Worker:
 
     # --- one cycle of one mailbox ---------------------------------------------------------
 
-    async def _cycle(self, tenant: str, mailbox: str, stop: asyncio.Event) -> None:
+    async def _cycle(
+        self, tenant: str, mailbox: str, stop: asyncio.Event, *, urgent: bool = False
+    ) -> None:
         """Works one mailbox as a pipeline: more operations are claimed (interactive first)
         whenever fewer than half a chunk is left in hand, so the limiter's tokens never wait
-        for a chunk's slowest call, and a single change waits behind half a chunk at most."""
+        for a chunk's slowest call, and a single change waits behind half a chunk at most.
+        A cycle started for interactive work takes its connections from the urgent pool."""
+        _URGENT.set(urgent)  # this task's own context, and its work tasks'
+
         provider_name = mailbox.split(":", 1)[0]
         limit = self.settings.limits.get(provider_name, FALLBACK_LIMIT)
         stats = CycleStats(provider_name, mailbox)
@@ -473,7 +525,7 @@ class Worker:
         ):
             if count:
                 SYNC_OPERATIONS.labels(stats.provider, outcome).inc(count)
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             s.add(
                 SyncCycle(
                     provider=stats.provider,
@@ -741,7 +793,7 @@ class Worker:
             await self._give_up_task(claimed.op_id, f"no handler for operation kind {claimed.kind}")
             stats.failed += 1
             return
-        async with self.db.session() as s:
+        async with self._session() as s:
             op = await s.get(Operation, claimed.op_id)
         if op is None:
             return
@@ -778,7 +830,7 @@ class Worker:
         stats.done += 1
 
     async def _give_up_task(self, op_id: int, error: str) -> None:
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(
                 update(Operation)
                 .where(Operation.id == op_id)
@@ -821,7 +873,7 @@ class Worker:
     ) -> dict[int, tuple[ExternalEvent, Activity, User, bool]]:
         """Ledger rows with their activity, user and whether their batch is being deleted."""
         found: dict[int, tuple[ExternalEvent, Activity, User, bool]] = {}
-        async with self.db.session() as s:
+        async with self._session() as s:
             rows = await s.execute(
                 select(ExternalEvent, Activity, User, Batch.state)
                 .join(Activity, Activity.id == ExternalEvent.activity_id)
@@ -860,7 +912,7 @@ class Worker:
             }
             for job, ref in outcomes
         ]
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             refs = [row for row, (_, ref) in zip(rows, outcomes, strict=True) if ref is not None]
             if refs:
                 await s.execute(with_ref, refs)
@@ -874,7 +926,7 @@ class Worker:
             )
 
     async def _finish_op(self, op_id: int) -> None:
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(update(Operation).where(Operation.id == op_id).values(state="done"))
 
     async def _requeue(
@@ -893,7 +945,7 @@ class Worker:
             values["last_error"] = error[:2000]
         if count_attempt:
             values["attempts"] = Operation.attempts + 1
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(update(Operation).where(Operation.id.in_(op_ids)).values(**values))
 
     async def _throttled(
@@ -936,7 +988,7 @@ class Worker:
     async def _failed_attempt(
         self, op_id: int, ledger_id: int | None, error: str, retry_after_s: float | None
     ) -> bool:
-        async with self.db.session() as s:
+        async with self._session() as s:
             attempts = (await s.get(Operation, op_id)) or None
             count = (attempts.attempts if attempts else 0) + 1
         if count >= MAX_ATTEMPTS:
@@ -945,7 +997,7 @@ class Worker:
             else:
                 await self._give_up(op_id, ledger_id, error)
             return True
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(
                 update(Operation)
                 .where(Operation.id == op_id)
@@ -959,7 +1011,7 @@ class Worker:
         return False
 
     async def _give_up(self, op_id: int, ledger_id: int, error: str) -> None:
-        async with self.db.session() as s, s.begin():
+        async with self._session() as s, s.begin():
             await s.execute(
                 update(Operation)
                 .where(Operation.id == op_id)

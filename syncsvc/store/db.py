@@ -25,6 +25,8 @@ from syncsvc.errors import DatabaseUnavailable, ErrorDetail, ValidationError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_S = 1800
+#: Connections (plus as many on overflow) of the urgent pool, beside the main pool's 10.
+URGENT_POOL_SIZE = 2
 #: A connection attempt to a database that does not answer fails after this long (asyncpg
 #: waits 60 s by default: long enough for a request or a worker loop to look hung).
 CONNECT_TIMEOUT_S = 5.0
@@ -57,27 +59,40 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = async_url(url)
         self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite" and self.url.database and self.url.database != ":memory:":
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = self._engine(pool_size=10, max_overflow=10)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        #: A small pool of its own for work that must not queue behind bulk work for a
+        #: connection (a worker's dispatcher, a single change): made on first use.
+        self._urgent: tuple[AsyncEngine, async_sessionmaker[AsyncSession]] | None = None
+        self.outage = Outage()
+        self._watcher: asyncio.Task[bool] | None = None
+
+    def _engine(self, pool_size: int, max_overflow: int) -> AsyncEngine:
         kwargs: dict[str, Any] = {}
         if self.dialect == "sqlite":
-            if self.url.database and self.url.database != ":memory:":
-                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         else:
-            kwargs["pool_size"] = 10
+            kwargs["pool_size"] = pool_size
+            kwargs["max_overflow"] = max_overflow
             # No pre-ping: it costs a round trip on every checkout (a third of a feed's 304).
             # Recycling bounds a connection's age; a connection that died still fails once
             # and the pool replaces it.
             kwargs["pool_recycle"] = POOL_RECYCLE_S
             kwargs["connect_args"] = {"timeout": CONNECT_TIMEOUT_S}
-        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        engine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.outage = Outage()
-        self._watcher: asyncio.Task[bool] | None = None
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
 
-    def session(self) -> AsyncSession:
-        return self._sessions()
+    def session(self, *, urgent: bool = False) -> AsyncSession:
+        if not urgent:
+            return self._sessions()
+        if self._urgent is None:
+            engine = self._engine(URGENT_POOL_SIZE, URGENT_POOL_SIZE)
+            self._urgent = (engine, async_sessionmaker(engine, expire_on_commit=False))
+        return self._urgent[1]()
 
     async def migrate(self) -> None:
         """Brings the schema up to date (Alembic ``upgrade head``)."""
@@ -89,6 +104,8 @@ class Database:
         if self._watcher is not None:
             self._watcher.cancel()
         await self.engine.dispose()
+        if self._urgent is not None:
+            await self._urgent[0].dispose()
 
     def unavailable(self, exc: BaseException) -> None:
         """Records an outage seen by a request: logged once, and watched in the background

@@ -134,6 +134,21 @@ async def test_a_wrong_bearer_is_one_failure_on_every_route(serve: Serve) -> Non
     assert (await login(client, OPERATOR_KEY)).status == 200
 
 
+async def test_wrong_operator_keys_on_the_ops_api_are_throttled_alike(serve: Serve) -> None:
+    clock = MovableClock()
+    client = await serve(MemoryGuard(clock=clock))
+    for n in range(CLIENT_FAILURES_MAX):
+        guess = {"Authorization": f"Bearer guess-{n}"}
+        assert (await client.get("/v1/ops/queue", headers=guess)).status == 401
+    right = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    refused = await client.get("/v1/ops/queue", headers=right)
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == str(int(FAILURE_WINDOW_S))
+    assert (await login(client, OPERATOR_KEY)).status == 429  # one count for both doors
+    clock.now += FAILURE_WINDOW_S
+    assert (await client.get("/v1/ops/queue", headers=right)).status == 200
+
+
 async def test_the_right_key_clears_the_addresses_failures(serve: Serve) -> None:
     client = await serve(MemoryGuard(clock=MovableClock()))
     for _ in range(2):
