@@ -128,8 +128,9 @@ class Activity(Base):
         ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
         Index("ix_activities_batch_seq", "batch_id", "seq"),
         Index("ix_activities_user_start", "tenant_id", "user_id", "start"),
-        #: The tenant's list and export walk this in order, a page at a time.
+        #: The tenant's list and export walk these in order, a page at a time.
         Index("ix_activities_tenant_start", "tenant_id", "start", "id"),
+        Index("ix_activities_tenant_due", "tenant_id", "due", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openpyxl import load_workbook
 
+from syncsvc.api.pagination import encode_cursor
 from syncsvc.config import Settings
 from syncsvc.store.db import Database
 from tests.api.conftest import TenantKey, Tenants
@@ -178,6 +179,11 @@ async def test_unknown_filter_values_are_422_naming_them(client: Client, tenants
         ("from=2030-13-01", ["query", "from"], ""),
         ("from=2030-06-07&to=2030-06-06", ["query"], "before"),
         ("colour=red", ["query", "colour"], ""),
+        (f"cursor={encode_cursor([5, '', 'x'])}", ["query", "cursor"], ""),
+        (f"cursor={encode_cursor([0, 'soon', 'x'])}", ["query", "cursor"], ""),
+        (f"cursor={encode_cursor([0, '2030-06-05T09:00:00', 'x'])}", ["query", "cursor"], ""),
+        (f"cursor={encode_cursor([2, 'x', 'x'])}", ["query", "cursor"], ""),
+        (f"cursor={encode_cursor(['0', '', 'x'])}", ["query", "cursor"], ""),
         ("format=pdf", ["query", "format"], ""),
     ):
         response = await client.get(f"/v1/activities?{query}", headers=tenants.a.headers)

@@ -1,5 +1,5 @@
 """a call's direction and phone number (XS Office calls page); the tenant's activity list
-walks (tenant, start, id) in order
+walks (tenant, start, id) and (tenant, due, id) in order
 
 Revision ID: 0006
 """
@@ -24,11 +24,13 @@ def upgrade() -> None:
             sa.Column("phone", sa.String(length=64), nullable=False, server_default="")
         )
     op.create_index("ix_activities_tenant_start", "activities", ["tenant_id", "start", "id"])
+    op.create_index("ix_activities_tenant_due", "activities", ["tenant_id", "due", "id"])
     # Calls planned before directions existed were all placed by the CRM's users.
     op.execute("UPDATE activities SET direction = 'outgoing' WHERE kind = 'call'")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_activities_tenant_due", table_name="activities")
     op.drop_index("ix_activities_tenant_start", table_name="activities")
     with op.batch_alter_table("activities") as batch:
         batch.drop_column("phone")
