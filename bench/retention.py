@@ -196,7 +196,9 @@ async def commit(client: Any, headers: dict[str, str], targets: int, round_no: i
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=120.0)
-    parser.add_argument("--age-s", type=float, default=15.0, help="every retention age")
+    parser.add_argument(
+        "--age-s", type=float, default=15.0, help="every retention age (0: no pruning, a baseline)"
+    )
     parser.add_argument("--interval-s", type=float, default=3.0, help="between pruning passes")
     parser.add_argument("--round-s", type=float, default=1.0, help="between commits")
     parser.add_argument("--targets", type=int, default=40, help="activities per batch")
@@ -206,7 +208,8 @@ async def main() -> None:
     parser.add_argument("--postgres", action="store_true", help="a PostgreSQL of its own")
     args = parser.parse_args()
     age = timedelta(seconds=args.age_s)
-    policy = RetentionPolicy(age, age, age, age, age)
+    kept = age if args.age_s > 0 else None
+    policy = RetentionPolicy(kept, kept, kept, kept, kept)
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as folder:
         async with contextlib.AsyncExitStack() as stack:
             url = f"sqlite:///{Path(folder) / 'bench.db'}"
