@@ -439,6 +439,15 @@ def _one_of(values: tuple[str, ...], what: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _single(values: tuple[str, ...], what: str) -> BeforeValidator:
+    def check(raw: Any) -> Any:
+        if isinstance(raw, str) and raw not in values:
+            raise ValueError(f"unknown {what} {raw!r} (one of {', '.join(values)})")
+        return raw
+
+    return BeforeValidator(check)
+
+
 _Many = Field(max_length=MAX_FILTER_VALUES)
 KindValues = Annotated[list[Kind], _one_of(get_args(Kind), "kind"), _Many]
 StatusValues = Annotated[list[Status], _one_of(get_args(Status), "status"), _Many]
@@ -467,7 +476,7 @@ class ActivityFilterFields(BaseModel):
     )
     to: date | None = Field(default=None, description="Last day (inclusive), as `from`.")
     created_by: Name | None = Field(default=None, description="The batch's `created_by`.")
-    follow_ups: FollowUps | None = Field(
+    follow_ups: Annotated[FollowUps, _single(get_args(FollowUps), "follow_ups")] | None = Field(
         default=None,
         description="`has`: has follow-ups; `is`: is a follow-up; `none`: neither.",
     )

@@ -171,7 +171,7 @@ async def test_unknown_filter_values_are_422_naming_them(client: Client, tenants
         ("kind=visit", ["query", "kind"], "'visit'"),
         ("external_state=gone", ["query", "external_state"], "'gone'"),
         ("direction=sideways", ["query", "direction"], "'sideways'"),
-        ("follow_ups=maybe", ["query", "follow_ups"], ""),
+        ("follow_ups=maybe", ["query", "follow_ups"], "'maybe'"),
         ("user_id=u1&user_id=nobody", ["query", "user_id"], "'nobody'"),
         ("batch_id=nope", ["query", "batch_id"], "'nope'"),
         (f"batch_id={other_batch}", ["query", "batch_id"], other_batch),  # B's: unknown to A
