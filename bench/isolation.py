@@ -1,8 +1,9 @@
 """One tenant's huge plan must not stall the others: ``/healthz`` and ``POST /webhooks/graph``
 latency (p50, p99, max) while ``POST /v1/plans`` with 100,000 targets runs, against a real
-``syncsvc api`` process on 127.0.0.1 (SQLite).
+``syncsvc api`` process on 127.0.0.1 (SQLite); then, unless ``--no-drain``, a second tenant's
+single changes while the first drains 10,000 events (``bench/tenants.py``, its options too).
 
-    python -m bench.isolation [--targets 100000] [--probe-ms 10]
+    python -m bench.isolation [--targets 100000] [--probe-ms 10] [--no-drain] [--postgres] …
 
 Graph wants webhook answers within 3 s; the goal here is 50 ms p99. Figures depend on the
 machine and its load: run it on an idle one.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import tenants
 from bench.api import USERS, body
 from bench.feed import BIN, free_port, process, wait_ready
 
@@ -58,7 +61,14 @@ def line(name: str, ms: list[float]) -> str:
     )
 
 
-async def main(targets: int, probe_ms: float) -> None:
+async def main(args: argparse.Namespace) -> None:
+    await plan_stall(args.targets, args.probe_ms)
+    if not args.no_drain:
+        print("a second tenant's single changes while the first drains:")
+        await tenants.run(args)
+
+
+async def plan_stall(targets: int, probe_ms: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
     port = free_port()
     api = f"http://127.0.0.1:{port}"
@@ -93,11 +103,17 @@ async def main(targets: int, probe_ms: float) -> None:
             await asyncio.sleep(2)
             idle_done.set()
             quiet = await idle
-            payload = body(targets)
+            # Serialised here, before the probes start: aiohttp's ``json=`` would do it on this
+            # process's loop and stall the probes themselves.
+            payload = json.dumps(body(targets)).encode()
             done = asyncio.Event()
             busy = asyncio.create_task(probe(http, api, done, probe_ms / 1000))
             started = time.perf_counter()
-            async with http.post(f"{api}/v1/plans", json=payload, headers=headers) as answer:
+            async with http.post(
+                f"{api}/v1/plans",
+                data=payload,
+                headers={**headers, "Content-Type": "application/json"},
+            ) as answer:
                 status, size = answer.status, len(await answer.read())
             took = time.perf_counter() - started
             done.set()
@@ -115,5 +131,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", type=int, default=100_000)
     parser.add_argument("--probe-ms", type=float, default=10.0)
-    args = parser.parse_args()
-    asyncio.run(main(args.targets, args.probe_ms))
+    parser.add_argument("--no-drain", action="store_true", help="skip the drain part")
+    tenants.add_arguments(parser)
+    asyncio.run(main(parser.parse_args()))

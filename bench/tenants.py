@@ -44,15 +44,16 @@ from syncsvc.store.models import ExternalEvent
 GRAPH_MAILBOX = RateLimit(10_000, 600.0, 4)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mailboxes", type=int, default=500)
     parser.add_argument("--events", type=int, default=20, help="creates per mailbox")
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--every-ms", type=float, default=500.0, help="between small's changes")
     parser.add_argument("--slots", type=int, help="the worker's cycles at once (64; SQLite 16)")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL (own server)")
-    args = parser.parse_args()
+
+
+async def run(args: argparse.Namespace) -> None:
     limit = GRAPH_MAILBOX
     big_users = [f"big-{i}" for i in range(args.mailboxes)]
     boxes = {
@@ -139,6 +140,12 @@ async def main() -> None:
         f"{statistics.median(waits) * 1000:.0f} ms, p95 {cuts[18] * 1000:.0f} ms, max "
         f"{max(waits) * 1000:.0f} ms (goal p95 <= 2000 ms)"
     )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    await run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ async def _serve(
     from aiohttp import web
 
     from syncsvc.app import build_app
+    from syncsvc.quiet_gc import collect_when_quiet
 
     if with_workers:
         from syncsvc.service.tenants import DEV_TENANT_NAME, ensure_dev_tenant
@@ -219,6 +220,7 @@ async def _serve(
         # The app logs every request itself (event=http.request); no second access log.
         runner = web.AppRunner(build_app(settings, db), access_log=None)
         await runner.setup()
+        collector = asyncio.create_task(collect_when_quiet(stop))
         try:
             await web.TCPSite(runner, host, port).start()
             for address in runner.addresses:
@@ -229,6 +231,8 @@ async def _serve(
                 await stop.wait()
         finally:
             await runner.cleanup()
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
 
     await _until_stopped(run)
 

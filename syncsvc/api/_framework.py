@@ -60,6 +60,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ from syncsvc.api.bodies import (
 from syncsvc.config import Settings
 from syncsvc.errors import BadRequest, ErrorDetail, Unauthorized, ValidationError
 from syncsvc.metrics import Metrics
+from syncsvc.quiet_gc import heavy_work
 from syncsvc.service.idempotency import READ_ONLY_POSTS
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -217,6 +219,12 @@ class Endpoint:
             kwargs["headers"] = _validate(
                 self.header_model, _headers(request, self.header_model), "header"
             )
+        with heavy_work() if self.heavy else contextlib.nullcontext():
+            return await self._answer(request, ctx, kwargs)
+
+    async def _answer(
+        self, request: web.Request, ctx: Ctx, kwargs: dict[str, BaseModel]
+    ) -> web.StreamResponse:
         if self.body_model is not None:
             kwargs["body"] = await _read_body(request, self.body_model, self.heavy)
         result = await self.handler(ctx, **kwargs)
