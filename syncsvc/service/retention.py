@@ -349,24 +349,30 @@ class _Pruner:
             if upto is not None:
                 in_slice.append(Activity.id <= upto)
             old_deleted = (*in_slice, Activity.deleted.is_(True), Activity.updated_at < cutoff)
-            async with self.db.session() as s, s.begin():
-                if newest_ledger is not None:
-                    ledger += await _execute(
+            removed = 0
+            # A read first: a slice with nothing to prune costs no write transaction.
+            if await self._read(select(Activity.id).where(*old_deleted).limit(1)):
+                async with self.db.session() as s, s.begin():
+                    if newest_ledger is not None:
+                        ledger += await _execute(
+                            s,
+                            delete(ExternalEvent).where(
+                                ExternalEvent.activity_id.in_(
+                                    select(Activity.id).where(*old_deleted)
+                                ),
+                                ExternalEvent.state == "deleted",
+                                ExternalEvent.updated_at < cutoff,
+                                ExternalEvent.id < newest_ledger,
+                                ~exists().where(Operation.ledger_id == ExternalEvent.id),
+                            ),
+                        )
+                    removed = await _execute(
                         s,
-                        delete(ExternalEvent).where(
-                            ExternalEvent.activity_id.in_(select(Activity.id).where(*old_deleted)),
-                            ExternalEvent.state == "deleted",
-                            ExternalEvent.updated_at < cutoff,
-                            ExternalEvent.id < newest_ledger,
-                            ~exists().where(Operation.ledger_id == ExternalEvent.id),
+                        delete(Activity).where(
+                            *old_deleted,
+                            ~exists().where(ExternalEvent.activity_id == Activity.id),
                         ),
                     )
-                removed = await _execute(
-                    s,
-                    delete(Activity).where(
-                        *old_deleted, ~exists().where(ExternalEvent.activity_id == Activity.id)
-                    ),
-                )
                 activities += removed
             if upto is None:
                 break
