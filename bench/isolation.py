@@ -3,7 +3,7 @@ latency (p50, p99, max) while ``POST /v1/plans`` with 100,000 targets runs, agai
 ``syncsvc api`` process on 127.0.0.1 (SQLite); then, unless ``--no-drain``, a second tenant's
 single changes while the first drains 10,000 events (``bench/tenants.py``, its options too).
 
-    python -m bench.isolation [--targets 100000] [--probe-ms 10] [--no-drain] [--postgres] …
+    python -m bench.isolation [--targets 100000] [--probe-ms 10] [--commit] [--no-drain] …
 
 Graph wants webhook answers within 3 s; the goal here is 50 ms p99. Figures depend on the
 machine and its load: run it on an idle one.
@@ -62,13 +62,13 @@ def line(name: str, ms: list[float]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    await plan_stall(args.targets, args.probe_ms)
+    await plan_stall(args.targets, args.probe_ms, "/v1/batches" if args.commit else "/v1/plans")
     if not args.no_drain:
         print("a second tenant's single changes while the first drains:")
         await tenants.run(args)
 
 
-async def plan_stall(targets: int, probe_ms: float) -> None:
+async def plan_stall(targets: int, probe_ms: float, path: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
     port = free_port()
     api = f"http://127.0.0.1:{port}"
@@ -110,7 +110,7 @@ async def plan_stall(targets: int, probe_ms: float) -> None:
             busy = asyncio.create_task(probe(http, api, done, probe_ms / 1000))
             started = time.perf_counter()
             async with http.post(
-                f"{api}/v1/plans",
+                f"{api}{path}",
                 data=payload,
                 headers={**headers, "Content-Type": "application/json"},
             ) as answer:
@@ -118,7 +118,7 @@ async def plan_stall(targets: int, probe_ms: float) -> None:
             took = time.perf_counter() - started
             done.set()
             loaded = await busy
-    print(f"POST /v1/plans, {targets} targets: HTTP {status}, {size / 1e6:.1f} MB, {took:.1f} s")
+    print(f"POST {path}, {targets} targets: HTTP {status}, {size / 1e6:.1f} MB, {took:.1f} s")
     print("idle:")
     for name, ms in quiet.items():
         print("  " + line(name, ms))
@@ -131,6 +131,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", type=int, default=100_000)
     parser.add_argument("--probe-ms", type=float, default=10.0)
+    parser.add_argument("--commit", action="store_true", help="POST /v1/batches, not a preview")
     parser.add_argument("--no-drain", action="store_true", help="skip the drain part")
     tenants.add_arguments(parser)
     asyncio.run(main(parser.parse_args()))

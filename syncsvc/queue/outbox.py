@@ -101,7 +101,9 @@ async def add_events(
         for e in events
     ]
     # Plain executemany plus one read-back: RETURNING per row is several times slower here.
-    await session.execute(insert(LEDGER_TABLE), ledger_rows)
+    # In chunks: SQLAlchemy prepares each executemany on the event loop.
+    for chunk in chunks(ledger_rows):
+        await session.execute(insert(LEDGER_TABLE), chunk)
     ids = await _ledger_ids(session, tenant_id, events)
     await _insert_operations(
         session,
@@ -285,5 +287,5 @@ async def _insert_operations(
         }
         for ledger_id, batch_id, mailbox, activity_id in targets
     ]
-    if rows:
-        await session.execute(insert(OPERATIONS_TABLE), rows)
+    for chunk in chunks(rows):
+        await session.execute(insert(OPERATIONS_TABLE), chunk)

@@ -8,6 +8,7 @@ rows when read, so it can never disagree with them.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.model import PlanUser, Target, UserSummary
 from syncsvc.planner.tags import fixed_values, parse
-from syncsvc.queue.outbox import NewEvent, add_events, calendar_of, request_deletes, request_updates
+from syncsvc.queue.outbox import (
+    IN_CHUNK,
+    NewEvent,
+    add_events,
+    calendar_of,
+    chunks,
+    request_deletes,
+    request_updates,
+)
 from syncsvc.service.plans import (
     CalendarBusy,
     PlanContext,
@@ -137,6 +146,8 @@ async def commit(
     template = spec.template
     calendars = {uid: calendar_of(user) for uid, user in ctx.users.items()}
     for seq, planned in enumerate(ctx.plan.activities):
+        if seq and seq % IN_CHUNK == 0:
+            await asyncio.sleep(0)  # a 100,000-target batch: let other requests in meanwhile
         activity_id = uuid.uuid4().hex
         activity_rows.append(
             {
@@ -187,8 +198,8 @@ async def commit(
         )
     )
     await session.flush()
-    if activity_rows:
-        await session.execute(insert(ACTIVITIES_TABLE), activity_rows)
+    for chunk in chunks(activity_rows):  # one transaction, but the loop is free between chunks
+        await session.execute(insert(ACTIVITIES_TABLE), chunk)
     await add_events(session, tenant_id, events, "bulk")
     return BatchCreated(
         id=batch_id,
