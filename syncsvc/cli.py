@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.exc import DBAPIError
 
+from syncsvc import logs
 from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import SyncSvcError
 from syncsvc.service import keys
@@ -71,11 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(exc)
         return EXIT_USAGE
     if args.command in ("serve", "api", "worker"):
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
-        # Alembic narrates its internals at INFO; store/migrate.py logs what changed.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logs.configure(settings.log_format)
         if settings.uses_dev_secret:
             host = getattr(args, "host", None) or settings.host
             if args.command != "serve" or not _loopback(host):

@@ -55,6 +55,8 @@ class Settings:
     api_heavy_concurrency: int = 2
     #: Child processes parsing large plan bodies (``api/bodies.py``) per API process.
     api_parse_processes: int = 2
+    #: ``text`` (one readable line per record) or ``json`` (one JSON object per line).
+    log_format: str = "text"
     #: The largest lists one plan may carry (``POST /v1/plans`` and ``/v1/batches``).
     max_targets: int = 100_000
     max_contacts: int = 200  # per target
@@ -120,6 +122,7 @@ class Settings:
             "database_url",
             "redis_url",
             "public_base_url",
+            "log_format",
             "secret_key",
             "secret_key_previous",
             "operator_key",
@@ -162,6 +165,8 @@ class Settings:
                     kwargs[name] = int(raw)
                 except ValueError:
                     errors.append(ErrorDetail((PREFIX + name.upper(),), "must be an integer"))
+        if kwargs.get("log_format", "text") not in ("text", "json"):
+            errors.append(ErrorDetail((PREFIX + "LOG_FORMAT",), "must be text or json"))
         for key_name in ("secret_key", "secret_key_previous", "operator_key"):
             key = kwargs.get(key_name)
             if isinstance(key, str) and len(key) < SECRET_KEY_MIN_CHARS:
@@ -172,6 +177,7 @@ class Settings:
                     )
                 )
         for name, most in (
+            ("api_parse_processes", 64),
             ("scheduler_concurrency", None),
             ("scheduler_tenant_concurrency", None),
             ("schedule_min_interval_minutes", 24 * 60),

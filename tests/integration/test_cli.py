@@ -4,6 +4,7 @@ tenant functions behind it on both backends."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -284,3 +285,27 @@ async def test_serve_prints_the_dev_key_once_and_accepts_new_keys_at_once(
     again = await launcher.start()
     assert not any(KEY_RE.search(line) for line in again.banner)
     assert await launcher.stop(again) == 0
+
+
+async def test_json_logs_are_one_object_per_line_with_the_records_fields(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    launcher = Launcher({**env, "SYNCSVC_LOG_FORMAT": "json"}, log_dir=tmp_path)
+    try:
+        served = await launcher.start()
+        async with aiohttp.ClientSession(served.base_url) as http, http.get("/healthz") as health:
+            assert health.status == 200
+        assert await launcher.stop(served) == 0
+    finally:
+        await launcher.kill_all()
+    lines = (tmp_path / "serve-0.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert records and all({"time", "level", "logger"} <= set(r) for r in records)
+    requests = [r for r in records if r.get("event") == "http.request"]
+    assert any(r.get("route") == "/healthz" and r.get("status") == "200" for r in requests)
+
+
+async def test_an_unknown_log_format_exits_2(env: dict[str, str]) -> None:
+    result = await run({**env, "SYNCSVC_LOG_FORMAT": "yaml"}, "migrate")
+    assert result.returncode == 2
+    assert "SYNCSVC_LOG_FORMAT" in result.stderr and "text or json" in result.stderr
