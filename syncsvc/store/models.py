@@ -122,6 +122,10 @@ class Batch(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+def _call_direction(context: Any) -> str | None:
+    return "outgoing" if context.get_current_parameters().get("kind") == "call" else None
+
+
 class Activity(Base):
     __tablename__ = "activities"
     __table_args__ = (
@@ -156,7 +160,8 @@ class Activity(Base):
     fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
     follow_up_of: Mapped[str | None] = mapped_column(String(ID_LEN))
     #: A call's direction (XS Office "Retning"): ``outgoing`` | ``incoming``; ``None`` otherwise.
-    direction: Mapped[str | None] = mapped_column(String(16))
+    #: A call planned by a batch is one the CRM's user places: ``outgoing`` unless given.
+    direction: Mapped[str | None] = mapped_column(String(16), default=_call_direction)
     #: The other party's phone number of a call (free text, as the CRM keeps it).
     phone: Mapped[str] = mapped_column(String(64), default="", server_default="")
     #: Set when the assignee changed the event in their own calendar: batch edits then leave

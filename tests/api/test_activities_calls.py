@@ -30,7 +30,9 @@ async def test_direction_and_phone(client: Client, tenants: Tenants) -> None:
     body["template"] = {"kind": "call", "subject": "Ring $account-name$"}
     await commit(client, tenants.a, body)
     calls = await listed(client, tenants.a)
-    assert [(c["kind"], c["direction"], c["phone"]) for c in calls] == [("call", None, "")] * 2
+    assert [(c["kind"], c["direction"], c["phone"]) for c in calls] == [
+        ("call", "outgoing", "")
+    ] * 2
     headers = tenants.a.headers
     url = f"/v1/activities/{calls[0]['id']}"
     response = await client.patch(
