@@ -142,8 +142,11 @@ async def _ledger_ids(
         )
     ids: dict[tuple[str, Calendar], int] = {}
     for query in queries:
-        for ledger_id, activity_id, provider, calendar in await session.execute(query):
-            ids[(activity_id, Calendar(provider, calendar))] = ledger_id
+        # Streamed in slices: 100,000 rows turned into tuples at once would hold the loop.
+        result = await session.stream(query)
+        async for rows in result.partitions(IN_CHUNK):
+            for ledger_id, activity_id, provider, calendar in rows:
+                ids[(activity_id, Calendar(provider, calendar))] = ledger_id
     return ids
 
 

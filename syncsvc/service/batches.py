@@ -9,6 +9,7 @@ rows when read, so it can never disagree with them.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from syncsvc.service.plans import (
     target_from_json,
 )
 from syncsvc.store.models import Activity, Batch, ExternalEvent
-from syncsvc.store.types import utcnow
+from syncsvc.store.types import JsonText, utcnow
 
 #: ``Batch.state`` values that mean the CRM asked for the batch to go.
 DELETION_REQUESTED = ("deleting", "deleted")
@@ -184,13 +185,14 @@ async def commit(
         calendar = calendars[planned.user_id]
         if calendar is not None:
             events.append(NewEvent(activity_id, planned.user_id, batch_id, calendar))
+    stored = await asyncio.to_thread(lambda: JsonText(json.dumps(_stored_request(spec, ctx, now))))
     session.add(
         Batch(
             id=batch_id,
             tenant_id=tenant_id,
             created_by=created_by,
             targetgroup_name=spec.targetgroup_name,
-            request=_stored_request(spec, ctx, now),
+            request=cast(dict[str, Any], stored),  # serialised ahead (see JsonText)
             state="syncing" if events else "synced",
             total=len(activity_rows),
             created_at=stamp,

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from syncsvc.errors import DatabaseUnavailable, ErrorDetail, ValidationError
+from syncsvc.store.types import json_dumps
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_S = 1800
@@ -81,7 +82,7 @@ class Database:
             # and the pool replaces it.
             kwargs["pool_recycle"] = POOL_RECYCLE_S
             kwargs["connect_args"] = {"timeout": CONNECT_TIMEOUT_S}
-        engine = create_async_engine(self.url, **kwargs)
+        engine = create_async_engine(self.url, json_serializer=json_dumps, **kwargs)
         if self.dialect == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

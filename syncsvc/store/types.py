@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,17 @@ from sqlalchemy.types import TypeDecorator
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class JsonText(str):
+    """A JSON column's value serialised ahead, stored as it is: a batch's stored request is
+    20 MB for 100,000 targets, and ``json.dumps`` of it, one call holding the GIL, is made
+    in a thread instead of on the event loop at flush."""
+
+
+def json_dumps(value: Any) -> str:
+    """The engines' JSON serialiser: ``json.dumps``, but a ``JsonText`` passes through."""
+    return value if isinstance(value, JsonText) else json.dumps(value)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
