@@ -146,6 +146,7 @@ async def commit(
     events: list[NewEvent] = []
     template = spec.template
     calendars = {uid: calendar_of(user) for uid, user in ctx.users.items()}
+    phones = _phones(spec.targets) if template.kind == "call" else {}
     for seq, planned in enumerate(ctx.plan.activities):
         if seq and seq % IN_CHUNK == 0:
             await asyncio.sleep(0)  # a 100,000-target batch: let other requests in meanwhile
@@ -174,6 +175,7 @@ async def commit(
                     for a in planned.attendees
                 ],
                 "fields": dict(template.fields),
+                "phone": phones.get(planned.target_id, ""),
                 "follow_up_of": None,
                 "user_edited": False,
                 "version": 1,
@@ -210,6 +212,19 @@ async def commit(
         total=len(activity_rows),
         users=ctx.plan.users,
     )
+
+
+def _phones(targets: Sequence[Target]) -> dict[str, str]:
+    """The number a planned call dials, by target: the target's own, else its first contact's
+    phone or mobile (the first occurrence of a repeated target wins)."""
+    out: dict[str, str] = {}
+    for target in targets:
+        if target.id not in out:
+            contact = next(
+                (c.phone or c.mobile for c in target.contacts if c.phone or c.mobile), ""
+            )
+            out[target.id] = target.phone or contact
+    return out
 
 
 def _stored_request(spec: PlanSpec, ctx: PlanContext, now: datetime) -> dict[str, Any]:

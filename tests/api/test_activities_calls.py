@@ -81,3 +81,19 @@ async def test_direction_and_phone(client: Client, tenants: Tenants) -> None:
     assert (await response.json())["error"]["details"][0]["loc"] == ["body", "direction"]
     response = await client.patch(url, json={"direction": None}, headers=headers)
     assert (await response.json())["direction"] is None
+
+
+async def test_a_batch_of_calls_dials_each_targets_number(client: Client, tenants: Tenants) -> None:
+    await put_users(client, tenants.a)
+    body = plan_body(targets=3, users=("u1",))
+    body["template"] = {"kind": "call", "subject": "Ring $account-name$"}
+    body["targets"][0]["phone"] = "+45 70 10 20 30"
+    body["targets"][1]["contacts"][0]["mobile"] = "+45 20 30 40 50"  # no number of its own
+    await commit(client, tenants.a, body)
+    phones = {c["target_id"]: c["phone"] for c in await listed(client, tenants.a)}
+    assert phones == {"org-0": "+45 70 10 20 30", "org-1": "+45 20 30 40 50", "org-2": ""}
+
+    body["template"] = {"kind": "meeting", "subject": "Visit $account-name$"}
+    await commit(client, tenants.a, body)
+    meetings = await listed(client, tenants.a, {"kind": "meeting"})
+    assert {m["phone"] for m in meetings} == {""}  # only calls dial
