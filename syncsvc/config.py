@@ -69,6 +69,8 @@ class Settings:
     graph_tenant_id: str | None = None
     #: Lifetime asked for a Graph change-notification subscription (Outlook's maximum: 10,080).
     graph_subscription_minutes: int = 10_080
+    #: Each CalDAV calendar is polled for the user's changes this often (minutes, at most a day).
+    caldav_poll_minutes: int = 5
     #: Whole days before and after today an iCal feed shows.
     feed_days_back: int = 90
     feed_days_ahead: int = 548
@@ -152,6 +154,7 @@ class Settings:
             "max_plan_users",
             "max_exclude",
             "graph_subscription_minutes",
+            "caldav_poll_minutes",
             "feed_days_back",
             "feed_days_ahead",
             "scheduler_concurrency",
@@ -181,6 +184,7 @@ class Settings:
             ("scheduler_concurrency", None),
             ("scheduler_tenant_concurrency", None),
             ("schedule_min_interval_minutes", 24 * 60),
+            ("caldav_poll_minutes", 24 * 60),
         ):
             number = kwargs.get(name)
             if isinstance(number, int) and (number < 1 or (most is not None and number > most)):

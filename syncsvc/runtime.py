@@ -17,7 +17,7 @@ from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
-from syncsvc.service import callbacks, connections, google_push, graph_push
+from syncsvc.service import caldav_poll, callbacks, connections, google_push, graph_push
 from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.service.connections import UserProviders
 from syncsvc.service.retention import RetentionPolicy, run_retention
@@ -35,6 +35,7 @@ TASK_HANDLERS: Mapping[str, TaskHandler] = {
     graph_push.GRAPH_SYNC: graph_push.graph_sync,
     graph_push.GRAPH_LIFECYCLE: graph_push.graph_lifecycle,
     graph_push.GRAPH_SUBSCRIPTION_CHECK: graph_push.graph_subscription_check,
+    caldav_poll.CALDAV_POLL: caldav_poll.caldav_poll,
     CALLBACK_KIND: callbacks.deliver_callback,
 }
 
@@ -62,7 +63,7 @@ def _dump_tasks_on_sigusr1() -> None:
 
 async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> None:
     """The sync workers, the scheduler of saved batches, the Google channel and Graph
-    subscription checks and the pruning of old history, until ``stop`` is set.
+    subscription checks, the CalDAV polls and the pruning of old history, until ``stop`` is set.
 
     The limiter is Redis when configured (shared by every process), else this process's own.
     """
@@ -97,6 +98,10 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
                 supervised(
                     "subscriptions", lambda s: graph_push.run_subscription_checks(db, s), db, stop
                 )
+            )
+            poll_s = settings.caldav_poll_minutes * 60
+            group.create_task(
+                supervised("caldav_polls", lambda s: caldav_poll.run_polls(db, s, poll_s), db, stop)
             )
             policy = RetentionPolicy.from_settings(settings)
             group.create_task(

@@ -14,12 +14,18 @@ that blocks time (TRANSP OPAQUE, the RFC 5545 default). All-day events a client 
 (birthdays, reminders) are TRANSPARENT and do not count. Busy time (``busy``) is every timed,
 opaque, not cancelled event; all-day blocks are reported as days off instead. Recurring events
 are expanded by the server (``CALDAV:expand``); floating times are read as UTC.
+
+Change detection (``changes``, ``fetch``): a ``sync-collection`` REPORT (RFC 6578) asks for
+etags only, since Xandikos answers ``calendar-data`` there with 404; changed resources are then
+read with one ``calendar-multiget``. Servers without it are polled by ``getctag`` plus a
+depth-1 ``getetag`` listing. Either way an unchanged calendar costs one request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import ssl
@@ -39,6 +45,7 @@ from syncsvc.errors import (
     ProviderConflict,
     ProviderError,
     ProviderNotFound,
+    SyncTokenExpired,
     Transient,
     Unreachable,
 )
@@ -66,9 +73,18 @@ RESOURCE_SUFFIX = ".ics"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 _HASHED_PREFIX = "h~"
 
+#: Resources per ``calendar-multiget`` when changed events are read.
+CALDAV_MULTIGET_MAX = 100
+#: Pages of one ``sync-collection`` answer the server cut short (507) before we stop asking.
+SYNC_PAGES_MAX = 100
+
 _DAV = "DAV:"
 _CALDAV = "urn:ietf:params:xml:ns:caldav"
-_XML_HEADERS = {"Content-Type": "application/xml; charset=utf-8", "Depth": "1"}
+_CALSERVER = "http://calendarserver.org/ns/"
+_XML_TYPE = {"Content-Type": "application/xml; charset=utf-8"}
+_XML_HEADERS = {**_XML_TYPE, "Depth": "1"}
+#: Statuses of a ``sync-collection`` REPORT from a server that does not implement it.
+_NO_SYNC_REPORT = frozenset({400, 403, 405, 415, 501})
 _ICS_CONTENT_TYPE = "text/calendar; charset=utf-8"
 
 
@@ -141,6 +157,91 @@ def _parse_multistatus(body: bytes) -> list[_Resource]:
     return resources
 
 
+@dataclass(frozen=True, slots=True)
+class CollectionChanges:
+    """What changed in a collection since the last look (``CalDAVProvider.changes``).
+
+    ``changed`` maps resource names to their new etags; ``removed`` names resources gone.
+    ``state`` is opaque: store it and pass it to the next ``changes`` call. ``full`` means
+    every resource is listed (a first look, or the old state was forgotten by the server).
+    """
+
+    changed: Mapping[str, str | None]
+    removed: tuple[str, ...]
+    state: str
+    full: bool
+    #: ``sync-collection`` (RFC 6578) or ``ctag`` (getctag + a depth-1 getetag listing).
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class CalendarObject:
+    """One resource read back by ``CalDAVProvider.fetch``: its etag and its events."""
+
+    name: str
+    etag: str | None
+    events: tuple[ParsedEvent, ...]
+
+
+def _listing(body: bytes, collection_path: str) -> tuple[dict[str, str | None], list[str], str]:
+    """Members (name → etag), removed names and the sync-token of a multistatus listing
+    (``sync-collection`` or ``PROPFIND Depth: 1``); the collection itself is left out."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise Permanent(f"CalDAV server sent malformed XML: {exc}") from exc
+    members: dict[str, str | None] = {}
+    removed: list[str] = []
+    for response in root.iter(f"{{{_DAV}}}response"):
+        path = urlsplit(response.findtext(f"{{{_DAV}}}href") or "").path
+        if not path or path.endswith("/") or path.rstrip("/") == collection_path.rstrip("/"):
+            continue
+        name = unquote(path.rsplit("/", 1)[-1])
+        if " 404 " in (response.findtext(f"{{{_DAV}}}status") or "") + " ":
+            removed.append(name)
+            continue
+        for propstat in response.iter(f"{{{_DAV}}}propstat"):
+            if " 200 " in (propstat.findtext(f"{{{_DAV}}}status") or "") + " ":
+                members[name] = propstat.findtext(f".//{{{_DAV}}}getetag")
+    return members, removed, root.findtext(f"{{{_DAV}}}sync-token") or ""
+
+
+def _truncated(body: bytes, collection_path: str) -> bool:
+    """A ``sync-collection`` answer cut short: the collection's own response says 507."""
+    root = ET.fromstring(body)
+    for response in root.iter(f"{{{_DAV}}}response"):
+        path = urlsplit(response.findtext(f"{{{_DAV}}}href") or "").path
+        status = response.findtext(f"{{{_DAV}}}status") or ""
+        if path.rstrip("/") == collection_path.rstrip("/") and " 507 " in status + " ":
+            return True
+    return False
+
+
+def _sync_collection_query(token: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<D:sync-collection xmlns:D="{_DAV}"><D:sync-token>{escape(token)}</D:sync-token>'
+        "<D:sync-level>1</D:sync-level><D:prop><D:getetag/></D:prop></D:sync-collection>"
+    ).encode()
+
+
+def _propfind(prop_xml: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<D:propfind xmlns:D="{_DAV}" xmlns:CS="{_CALSERVER}"><D:prop>{prop_xml}</D:prop>'
+        "</D:propfind>"
+    ).encode()
+
+
+def _multiget(hrefs: Sequence[str]) -> bytes:
+    listed = "".join(f"<D:href>{escape(href)}</D:href>" for href in hrefs)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<C:calendar-multiget xmlns:D="{_DAV}" xmlns:C="{_CALDAV}">'
+        f"<D:prop><D:getetag/><C:calendar-data/></D:prop>{listed}</C:calendar-multiget>"
+    ).encode()
+
+
 def _dates_touched(start: datetime | date, end: datetime | date | None) -> list[date]:
     """The calendar days an event covers; its end is exclusive (a DATE or a midnight)."""
     if isinstance(start, datetime):
@@ -169,6 +270,14 @@ def _is_day_off(event: ParsedEvent) -> bool:
     if event.cancelled or event.activity_id is not None or event.start is None:
         return False
     return event.busy_status == "OOF" or (event.all_day and not event.transparent)
+
+
+def touches_days_off(event: ParsedEvent) -> bool:
+    """Whether a change of this event (not ours) may change the user's days off: it is, or
+    was until cancelled, an out-of-office or all-day blocking event."""
+    return event.activity_id is None and (
+        event.busy_status == "OOF" or (event.all_day and not event.transparent)
+    )
 
 
 class CalDAVProvider:
@@ -282,6 +391,107 @@ class CalDAVProvider:
         if response.status != 207:
             self._raise_for("REPORT", response)
         return _parse_multistatus(response.body)
+
+    # --- Change detection ---
+
+    async def changes(self, state: str | None) -> CollectionChanges:
+        """What changed since ``state`` (``None``: list everything), at one request when
+        nothing did.
+
+        ``sync-collection`` (RFC 6578) where the server has it, else ``getctag`` with a
+        depth-1 ``getetag`` listing compared to the one kept in ``state``. A sync-token the
+        server no longer knows raises ``SyncTokenExpired``: call again with ``None``.
+        """
+        previous = json.loads(state) if state else None
+        if previous is not None and "ctag" in previous:
+            return await self.changes_by_ctag(previous)
+        token = "" if previous is None else str(previous.get("sync_token", ""))
+        found = await self._sync_collection(token)
+        if found is None:
+            return await self.changes_by_ctag(None)
+        return found
+
+    async def _sync_collection(self, token: str) -> CollectionChanges | None:
+        """``None`` when the server has no ``sync-collection`` (asked with no token only)."""
+        path = urlsplit(self._url).path
+        changed: dict[str, str | None] = {}
+        removed: list[str] = []
+        start = token
+        # RFC 6578 §3.2: the report is defined for Depth 0 only; sync-level says how deep.
+        headers = {**_XML_TYPE, "Depth": "0"}
+        for _ in range(SYNC_PAGES_MAX):
+            query = _sync_collection_query(token)
+            response = await self._send("REPORT", self._url, headers=headers, body=query)
+            if response.status != 207:
+                if b"valid-sync-token" in response.body:
+                    raise SyncTokenExpired(f"CalDAV sync-token {token!r} is no longer valid")
+                if not start and response.status in _NO_SYNC_REPORT:
+                    return None
+                self._raise_for("REPORT", response)
+            members, gone, token = _listing(response.body, path)
+            for name in gone:
+                changed.pop(name, None)
+            removed = [name for name in removed if name not in members] + gone
+            changed.update(members)
+            if not _truncated(response.body, path):
+                break
+        return CollectionChanges(
+            changed=changed,
+            removed=tuple(dict.fromkeys(removed)),
+            state=json.dumps({"sync_token": token}),
+            full=not start,
+            method="sync-collection",
+        )
+
+    async def changes_by_ctag(self, previous: Mapping[str, object] | None) -> CollectionChanges:
+        """The fallback for servers without ``sync-collection``: one ``PROPFIND`` of the
+        collection's ``getctag`` and, when it moved, a depth-1 ``getetag`` listing compared
+        to the previous one. A server with no ctag is listed every time (still one request)."""
+        path = urlsplit(self._url).path
+        old_etags = previous.get("etags") if previous else None
+        old = dict(old_etags) if isinstance(old_etags, dict) else {}
+        response = await self._send(
+            "PROPFIND",
+            self._url,
+            headers={**_XML_TYPE, "Depth": "0"},
+            body=_propfind("<CS:getctag/>"),
+        )
+        if response.status != 207:
+            self._raise_for("PROPFIND", response)
+        try:
+            ctag = ET.fromstring(response.body).findtext(f".//{{{_CALSERVER}}}getctag")
+        except ET.ParseError as exc:
+            raise Permanent(f"CalDAV server sent malformed XML: {exc}") from exc
+        if previous is not None and ctag and ctag == previous.get("ctag"):
+            return CollectionChanges({}, (), json.dumps(previous), full=False, method="ctag")
+        response = await self._send(
+            "PROPFIND", self._url, headers=_XML_HEADERS, body=_propfind("<D:getetag/>")
+        )
+        if response.status != 207:
+            self._raise_for("PROPFIND", response)
+        members, _, _ = _listing(response.body, path)
+        return CollectionChanges(
+            changed={n: e for n, e in members.items() if n not in old or old[n] != e},
+            removed=tuple(n for n in old if n not in members),
+            state=json.dumps({"ctag": ctag, "etags": members}),
+            full=previous is None,
+            method="ctag",
+        )
+
+    async def fetch(self, names: Sequence[str]) -> list[CalendarObject]:
+        """The named resources with their events (``calendar-multiget``); gone ones are left
+        out, and one we cannot parse (another client's) has no events."""
+        base = urlsplit(self._url).path
+        found: list[CalendarObject] = []
+        for start in range(0, len(names), CALDAV_MULTIGET_MAX):
+            hrefs = [
+                base + quote(name, safe="") for name in names[start : start + CALDAV_MULTIGET_MAX]
+            ]
+            found.extend(
+                CalendarObject(r.name, r.etag, tuple(_parse_or_skip(r.data)))
+                for r in await self._report(_multiget(hrefs))
+            )
+        return found
 
     # --- CalendarProvider ---
 
