@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 
+from syncsvc import tracing
 from syncsvc.api._framework import BODY_POOL, DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
 from syncsvc.api._framework import openapi_document as _openapi_document
 from syncsvc.api.bodies import BodyPool
@@ -65,7 +66,7 @@ def build_app(settings: Settings, db: Database) -> web.Application:
     """The API application; the caller owns ``db`` (and closes it)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=MIDDLEWARES,
+        middlewares=[*tracing.middlewares(), *MIDDLEWARES],
         handler_args={"max_line_size": REQUEST_LINE_MAX_BYTES},
     )
     app[SETTINGS] = settings

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.exc import DBAPIError
 
-from syncsvc import logs
+from syncsvc import logs, tracing
 from syncsvc.config import ConfigError, Settings
 from syncsvc.errors import SyncSvcError
 from syncsvc.service import keys
@@ -73,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command in ("serve", "api", "worker"):
         logs.configure(settings.log_format)
+        try:
+            tracing.configure_from_env()
+        except ValueError as exc:
+            print(f"syncsvc: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         if settings.uses_dev_secret:
             host = getattr(args, "host", None) or settings.host
             if args.command != "serve" or not _loopback(host):

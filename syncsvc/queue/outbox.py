@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.store.models import ExternalEvent, Operation, User
 from syncsvc.store.types import utcnow
+from syncsvc.tracing import current_traceparent
 
 Lane = Literal["interactive", "bulk"]
 T = TypeVar("T")
@@ -272,7 +273,9 @@ async def _insert_operations(
     lane: Lane,
     now: datetime,
 ) -> None:
-    """One operation per (ledger id, batch id, mailbox, activity id), in one executemany."""
+    """One operation per (ledger id, batch id, mailbox, activity id), in one executemany;
+    each carries the running trace's ``traceparent`` (see ``syncsvc/tracing.py``)."""
+    traced = {"traceparent": tp} if (tp := current_traceparent()) else {}
     rows: list[dict[str, Any]] = [
         {
             "tenant_id": tenant_id,
@@ -284,7 +287,7 @@ async def _insert_operations(
             "state": "pending",
             "attempts": 0,
             "not_before": now,
-            "payload": {"activity_id": activity_id},
+            "payload": {"activity_id": activity_id, **traced},
             "created_at": now,
             "updated_at": now,
         }

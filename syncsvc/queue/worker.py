@@ -56,6 +56,7 @@ from syncsvc.queue.reconcile import Decision, decide, spec_for
 from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
 from syncsvc.store.types import utcnow
+from syncsvc.tracing import operation_span
 
 log = logging.getLogger("syncsvc.worker")
 
@@ -157,6 +158,8 @@ class _Claimed:
     op_id: int
     ledger_id: int | None
     kind: str
+    #: The W3C traceparent of the request that queued it (``syncsvc/tracing.py``).
+    trace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,14 +368,14 @@ class Worker:
             .label("rank")
         )
         ranked = (
-            select(Operation.tenant_id, Operation.mailbox, lane.label("interactive"), rank)
+            select(Operation.tenant_id, Operation.mailbox, lane.label("lane_rank"), rank)
             .where(Operation.state.in_(("pending", "running")), Operation.not_before <= now)
             .group_by(Operation.tenant_id, Operation.mailbox)
             .subquery()
         )
         async with self.db.session(urgent=True) as s:
             rows = await s.execute(
-                select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.interactive)
+                select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
                 .where(ranked.c.rank <= self.slots)
                 .order_by(ranked.c.tenant_id, ranked.c.rank)
             )
@@ -386,7 +389,7 @@ class Worker:
             Operation.ledger_id.is_not(None),
         )
         query = (
-            select(Operation.id, Operation.ledger_id, Operation.kind)
+            select(Operation.id, Operation.ledger_id, Operation.kind, Operation.payload)
             .where(
                 Operation.tenant_id == tenant,
                 Operation.mailbox == mailbox,
@@ -405,12 +408,13 @@ class Worker:
                 rows = await _free_ledgers_only(s, rows, now)
             seen: set[int] = set()
             claimed: list[_Claimed] = []
-            for op_id, ledger_id, kind in rows:
+            for op_id, ledger_id, kind, payload in rows:
                 if ledger_id is not None:
                     if ledger_id in seen:
                         continue
                     seen.add(ledger_id)
-                claimed.append(_Claimed(op_id, ledger_id, kind))
+                trace = payload.get("traceparent") if isinstance(payload, dict) else None
+                claimed.append(_Claimed(op_id, ledger_id, kind, trace))
             if claimed:
                 lease_end = now + timedelta(seconds=CLAIM_TTL_S)
                 # Compare-and-set on what was read: without row locks (SQLite) another worker
@@ -682,7 +686,12 @@ class Worker:
             await self._requeue([job.claimed.op_id], got, count_attempt=False)
             return
         try:
-            ref = await self._execute(job.provider, job.decision, job.ledger, job.spec)
+            with operation_span(
+                f"sync.{job.decision.action}",
+                [job.claimed.trace],
+                {"syncsvc.mailbox": mailbox, "syncsvc.operation": job.claimed.op_id},
+            ):
+                ref = await self._execute(job.provider, job.decision, job.ledger, job.spec)
         except (errors.ProviderError, OSError, TimeoutError) as exc:
             await self._record_errors(mailbox, [(job, _as_provider_error(exc))], stats)
             return
@@ -712,9 +721,14 @@ class Worker:
             await self._requeue([j.claimed.op_id for j in jobs], got, count_attempt=False)
             return
         try:
-            results: Sequence[BatchResult] = await jobs[0].provider.create_many(
-                [j.spec for j in jobs]
-            )
+            with operation_span(
+                "sync.create_many",
+                [j.claimed.trace for j in jobs],
+                {"syncsvc.mailbox": mailbox, "syncsvc.operations": len(jobs)},
+            ):
+                results: Sequence[BatchResult] = await jobs[0].provider.create_many(
+                    [j.spec for j in jobs]
+                )
         except (errors.ProviderError, OSError, TimeoutError) as exc:
             error = _as_provider_error(exc)
             results = [BatchResult(j.spec.key, error=error) for j in jobs]
@@ -1100,8 +1114,8 @@ def _as_provider_error(exc: BaseException) -> errors.ProviderError:
 
 
 async def _free_ledgers_only(
-    s: AsyncSession, rows: Sequence[Row[int, int | None, str]], now: datetime
-) -> Sequence[Row[int, int | None, str]]:
+    s: AsyncSession, rows: Sequence[Row[int, int | None, str, dict[str, Any]]], now: datetime
+) -> Sequence[Row[int, int | None, str, dict[str, Any]]]:
     """Keeps the claimed rows whose ledger row no other worker is working on.
 
     ``SKIP LOCKED`` keeps two workers from claiming one *operation*, not two operations of one

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from syncsvc import tracing
 from syncsvc.errors import DatabaseUnavailable, ErrorDetail, ValidationError
 from syncsvc.store.types import json_dumps
 
@@ -83,6 +84,7 @@ class Database:
             kwargs["pool_recycle"] = POOL_RECYCLE_S
             kwargs["connect_args"] = {"timeout": CONNECT_TIMEOUT_S}
         engine = create_async_engine(self.url, json_serializer=json_dumps, **kwargs)
+        tracing.instrument_engine(engine.sync_engine)
         if self.dialect == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
