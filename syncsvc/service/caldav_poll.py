@@ -8,8 +8,9 @@ The flow, per user whose connection is ``caldav``:
    first poll falls at a fixed offset inside the interval, derived from its address, and each
    poll moves the due time on by whole intervals: polls keep their phase and do not bunch, even
    after a restart. A due calendar gets one ``caldav_poll`` operation on its own mailbox (so
-   the calendar's rate limit covers polls too) unless one is waiting or running. Rows of users
-   who left CalDAV or moved to another collection are dropped.
+   the calendar's rate limit covers polls too) unless one is waiting or running, or the last
+   one gave up (``dead``) since the user's connection last changed. Rows of users who left
+   CalDAV or moved to another collection are dropped.
 2. **Poll** (``caldav_poll``, :func:`caldav_poll`): ``CalDAVProvider.changes`` from the stored
    state (``sync-collection`` or ``getctag``; one request when nothing changed, and then nothing
    is written). Changed resources whose etag differs from the ledger's are read back
@@ -35,8 +36,9 @@ import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Permanent, SyncTokenExpired
 from syncsvc.providers._ical import ParsedEvent
@@ -97,10 +99,12 @@ async def enqueue_polls(db: Database, interval_s: float, now: datetime | None = 
             .all()
         )
         wanted: dict[tuple[str, str], str] = {}
+        changed_at: dict[tuple[str, str], datetime] = {}
         for user in users:
             calendar = calendar_of(user)
             if calendar is not None:
                 wanted[(user.tenant_id, user.id)] = calendar.calendar
+                changed_at[(user.tenant_id, user.id)] = user.updated_at
         subs = (
             (await s.execute(select(Subscription).where(Subscription.provider == PROVIDER)))
             .scalars()
@@ -146,14 +150,29 @@ async def enqueue_polls(db: Database, interval_s: float, now: datetime | None = 
                 )
             ).all()
         )
+        dead = await _dead_polls(s)
         for sub in due:
             sub.expires_at = next_due(sub.expires_at, now, interval_s)
             mailbox = Calendar(PROVIDER, sub.calendar).mailbox
             if (sub.tenant_id, mailbox) in waiting:
                 continue
+            died = dead.get((sub.tenant_id, mailbox))
+            if died is not None and changed_at[(sub.tenant_id, sub.user_id)] <= died:
+                continue  # gave up (credentials refused, say) and the connection is as it was
             s.add(_poll_operation(sub, mailbox, now))
             stored += 1
     return stored
+
+
+async def _dead_polls(s: AsyncSession) -> dict[tuple[str, str], datetime]:
+    """When each calendar's poll last gave up: it is not queued again, one dead operation per
+    interval, until its user's connection is changed (or the operation retried from ops)."""
+    rows = await s.execute(
+        select(Operation.tenant_id, Operation.mailbox, func.max(Operation.updated_at))
+        .where(Operation.kind == CALDAV_POLL, Operation.state == "dead")
+        .group_by(Operation.tenant_id, Operation.mailbox)
+    )
+    return {(tenant_id, mailbox): at for tenant_id, mailbox, at in rows}
 
 
 def _poll_operation(sub: Subscription, mailbox: str, now: datetime) -> Operation:

@@ -415,6 +415,20 @@ async def test_one_poll_per_due_calendar_and_none_for_users_who_left(tmp_path: P
     async with db.session() as s:
         left = (await s.execute(select(Subscription.user_id))).scalars().all()
     assert sorted(left) == ["u1", "u2"]
+
+    # A poll that gave up is not queued again until the user's connection changes.
+    u1 = "caldav:http://127.0.0.1:9/u1/"
+    async with db.session() as s, s.begin():
+        await s.execute(update(Operation).values(state="done"))
+        await s.execute(update(Operation).where(Operation.mailbox == u1).values(state="dead"))
+    at = later + 3 * timedelta(seconds=interval_s)
+    assert await enqueue_polls(db, interval_s, at) == 1
+    async with db.session() as s, s.begin():
+        await s.execute(update(Operation).where(Operation.state == "pending").values(state="done"))
+        await s.execute(
+            update(User).where(User.id == "u1").values(updated_at=utcnow() + timedelta(seconds=1))
+        )
+    assert await enqueue_polls(db, interval_s, at + timedelta(seconds=interval_s)) == 2
     await db.aclose()
 
 
