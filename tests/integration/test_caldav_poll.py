@@ -538,7 +538,9 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
     async with db.session() as s:
         ledger = (await s.execute(select(ExternalEvent).order_by(ExternalEvent.id))).scalars()
         rows = [(row.activity_id, str(row.event_id)) for row in ledger]
-    (early_id, early_name), (moved_id, moved_name), (gone_id, gone_name), (kept_id, _) = rows
+    (early_id, early_name), (moved_id, moved_name), (gone_id, gone_name), (kept_id, kept_name) = (
+        rows
+    )
     # Deleted before the first poll: the full listing misses it, which is a deletion too.
     await _delete(http, url + early_name)
 
@@ -596,8 +598,30 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
     op = Operation(tenant_id=sub.tenant_id, kind=CALDAV_POLL, payload={"subscription_id": sub.id})
     await caldav_poll(TaskContext(settings, db, providers), op)
     assert counted.requests == ["REPORT"]
+
+    # A batch edit leaves the user's version alone; the poll after it sees only our writes.
+    answer = await client.patch(
+        f"/v1/batches/{batch}",
+        headers=headers,
+        json={"template": {"subject": "Tour $account-name$"}},
+    )
+    assert answer.status == 200, await answer.text()
+
+    async def retitled() -> bool:
+        _, raw = await _raw(http, url + kept_name)
+        return b"SUMMARY:Tour Brewery" in raw
+
+    await _wait_for(retitled, "the batch edit did not reach the calendar")
+    await _wait_for(synced, "the batch did not sync after the edit")
+    await _poll_through_the_worker(db)
+    _, raw = await _raw(http, url + moved_name)
+    assert b"SUMMARY:Moved by me" in raw
     async with db.session() as s:
-        assert (
-            len((await s.execute(select(Operation).where(Operation.kind == CALLBACK_KIND))).all())
-            == 3
+        now_edited = (await s.execute(select(Activity.id).where(Activity.user_edited))).scalars()
+        assert sorted(now_edited) == sorted([early_id, moved_id, gone_id])
+        callbacks = (
+            (await s.execute(select(Operation).where(Operation.kind == CALLBACK_KIND)))
+            .scalars()
+            .all()
         )
+    assert len(callbacks) == 3
