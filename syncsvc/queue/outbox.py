@@ -164,7 +164,7 @@ async def request_updates(
     ``activity_ids=None`` with a ``batch_id`` means every row of the batch; with both, the
     rows are read by batch (one query, any size) and filtered here.
     """
-    rows = await _ledger_rows(session, tenant_id, activity_ids, batch_id, LIVE_STATES)
+    rows = await _ledger_rows(session, tenant_id, activity_ids, batch_id, (*LIVE_STATES, "failed"))
     if not rows:
         return 0
     now = utcnow()
@@ -175,6 +175,7 @@ async def request_updates(
             .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "synced")
             .values(state="pending_update", updated_at=now)
         )
+    await _revive([r for r in rows if r.state == "failed"], session, now)
     await _insert_operations(
         session,
         tenant_id,
@@ -210,6 +211,7 @@ async def request_deletes(
             .where(ExternalEvent.id.in_(chunk))
             .values(state="pending_delete", updated_at=now)
         )
+    await _supersede_dead(session, [r.id for r in rows if r.state == "failed"], now)
     await _insert_operations(
         session,
         tenant_id,
@@ -221,6 +223,32 @@ async def request_deletes(
     return len(rows)
 
 
+async def _revive(rows: Sequence[_LedgerRow], session: AsyncSession, now: datetime) -> None:
+    """A row whose work died (``failed``) takes the change in hand with a fresh attempt
+    budget, instead of swallowing it and every later one until an operator retries: back to
+    ``pending_update`` (``pending_create`` if its event was never made)."""
+    for state, with_event in (("pending_update", True), ("pending_create", False)):
+        ids = [r.id for r in rows if (r.event_id is not None) == with_event]
+        for chunk in chunks(ids):
+            await session.execute(
+                update(ExternalEvent)
+                .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
+                .values(state=state, attempts=0, updated_at=now)
+            )
+    await _supersede_dead(session, [r.id for r in rows], now)
+
+
+async def _supersede_dead(session: AsyncSession, ledger_ids: Sequence[int], now: datetime) -> None:
+    """The dead operations of rows that a new operation now acts on: that one does their
+    work on fresh data, so they are no longer failures to retry."""
+    for chunk in chunks(ledger_ids):
+        await session.execute(
+            update(Operation)
+            .where(Operation.ledger_id.in_(chunk), Operation.state == "dead")
+            .values(state="done", last_error="superseded by a later change", updated_at=now)
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _LedgerRow:
     id: int
@@ -229,6 +257,7 @@ class _LedgerRow:
     provider: str
     calendar: str
     state: str
+    event_id: str | None
 
 
 async def _ledger_rows(
@@ -245,6 +274,7 @@ async def _ledger_rows(
         ExternalEvent.provider,
         ExternalEvent.calendar,
         ExternalEvent.state,
+        ExternalEvent.event_id,
     )
     base = select(*columns).where(ExternalEvent.tenant_id == tenant_id)
     if states is not None:

@@ -78,7 +78,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def xandikos_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a Xandikos server (no authentication) that lives for the whole session."""
-    pytest.importorskip("xandikos", reason="Xandikos (pip xandikos) is not installed")
     folder = tmp_path_factory.mktemp("xandikos")
     port = _free_port()
     log = folder / "xandikos.log"
