@@ -25,8 +25,9 @@ SECRET_KEY = "fleet-secret-key-" + "f" * 32
 #: How long the CRM keeps retrying one call (the API restarting, the database away).
 CALL_PATIENCE_S = 90.0
 RETRY_S = 0.25
-#: Statuses the CRM retries: the database away (503) and nothing else.
-RETRIED = frozenset({503})
+#: Statuses the CRM retries: the database away (503), and its tenant's quota spent (429,
+#: after the Retry-After it names).
+RETRIED = frozenset({503, 429})
 
 
 def fleet_env(env: dict[str, str], database_url: str, **more: str) -> dict[str, str]:
@@ -94,7 +95,7 @@ class Fleet:
     async def call(
         self, method: str, path: str, body: Any = None, *, patience_s: float = CALL_PATIENCE_S
     ) -> tuple[int, Any]:
-        """One CRM call; 503s and refused connections are retried until ``patience_s``."""
+        """One CRM call; 503s, 429s and refused connections are retried until ``patience_s``."""
         deadline = time.monotonic() + patience_s
         while True:
             assert self.api is not None
@@ -105,8 +106,13 @@ class Fleet:
                     data = await answer.json(content_type=None)
                     if answer.status not in RETRIED:
                         return answer.status, data
-                    assert answer.headers.get("Retry-After"), "a 503 says when to come back"
-                    assert data["error"]["code"] == "database_unavailable", data
+                    wait_s = answer.headers.get("Retry-After")
+                    assert wait_s, f"a {answer.status} says when to come back"
+                    if answer.status == 429:
+                        left = deadline - time.monotonic()
+                        await asyncio.sleep(max(0.0, min(float(wait_s), left)))
+                    else:
+                        assert data["error"]["code"] == "database_unavailable", data
             except (aiohttp.ClientConnectionError, TimeoutError):
                 pass  # the API is being restarted
             assert time.monotonic() < deadline, f"{method} {path} kept failing"
