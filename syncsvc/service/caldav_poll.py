@@ -29,7 +29,6 @@ The flow, per user whose connection is ``caldav``:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -37,7 +36,6 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Permanent, SyncTokenExpired
@@ -56,6 +54,7 @@ from syncsvc.service.changes import (
     apply_external_changes,
     refresh_days_off,
 )
+from syncsvc.service.push_checks import repeat
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
@@ -189,16 +188,9 @@ def _poll_operation(sub: Subscription, mailbox: str, now: datetime) -> Operation
 
 
 async def run_polls(db: Database, stop: asyncio.Event, interval_s: float) -> None:
-    """Queues due polls at once and then every tick until ``stop``; a database hiccup is
-    logged and the next tick tries again."""
+    """Queues due polls at once and then every tick until ``stop``."""
     tick_s = min(POLL_TICK_MAX_S, interval_s / 5)
-    while not stop.is_set():
-        try:
-            await enqueue_polls(db, interval_s)
-        except (OSError, SQLAlchemyError) as exc:
-            log.warning("event=caldav.poll.enqueue_failed error=%r", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), tick_s)
+    await repeat(stop, tick_s, "caldav_poll", lambda: enqueue_polls(db, interval_s))
 
 
 # --- caldav_poll ----------------------------------------------------------------------------

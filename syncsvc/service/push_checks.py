@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -60,12 +61,19 @@ async def run_checks(
     kind: str,
     mailbox_prefix: str,
 ) -> None:
-    """Queues the checks at once and every ``interval_s`` until ``stop``; a database hiccup is
+    """Queues the checks at once and every ``interval_s`` until ``stop``."""
+    await repeat(stop, interval_s, kind, lambda: enqueue_checks(db, provider, kind, mailbox_prefix))
+
+
+async def repeat(
+    stop: asyncio.Event, interval_s: float, what: str, step: Callable[[], Awaitable[object]]
+) -> None:
+    """Runs ``step`` at once and every ``interval_s`` until ``stop``; a database hiccup is
     logged and the next round tries again."""
     while not stop.is_set():
         try:
-            await enqueue_checks(db, provider, kind, mailbox_prefix)
+            await step()
         except (OSError, SQLAlchemyError) as exc:
-            log.warning("event=push.checks.enqueue_failed kind=%s error=%r", kind, exc)
+            log.warning("event=push.checks.enqueue_failed kind=%s error=%r", what, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
