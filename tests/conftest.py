@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.servers.postgres",
     "tests.servers.redis",
     "tests.servers.radicale",
+    "tests.servers.xandikos",
 ]

@@ -1,4 +1,5 @@
-"""Contract backend: ``CalDAVProvider`` against a real Radicale, a fresh collection per test.
+"""Contract backend: ``CalDAVProvider`` against a real Radicale, a fresh collection per test
+(``backend_xandikos.py`` runs the same harness against Xandikos).
 
 The harness reads the server with its own PROPFIND + GET and the ``icalendar`` package, not
 through the adapter or ``syncsvc.providers._ical``, so the suite checks what is really stored.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -122,11 +123,17 @@ class CalDAVHarness:
             return await response.read()
 
 
+#: Makes a fresh, empty collection on a server (its base URL) and returns the collection's URL.
+NewCalendar = Callable[[aiohttp.ClientSession, str], Awaitable[str]]
+
+
 @asynccontextmanager
-async def open_caldav_harness(radicale_url: str) -> AsyncIterator[CalDAVHarness]:
+async def open_caldav_harness(
+    base_url: str, new: NewCalendar = new_calendar
+) -> AsyncIterator[CalDAVHarness]:
     """A harness on a fresh collection, with its own session, closed on exit."""
     async with aiohttp.ClientSession() as session:
-        calendar_url = await new_calendar(session, radicale_url)
+        calendar_url = await new(session, base_url)
         provider = CalDAVProvider(calendar_url, RADICALE_USER, RADICALE_PASSWORD, session)
         try:
             yield CalDAVHarness(provider=provider, session=session, calendar_url=calendar_url)

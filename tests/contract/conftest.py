@@ -18,7 +18,7 @@ from tests.contract.harness import ProviderHarness
 
 BACKENDS = [
     n
-    for n in ("caldav", "graph", "google")
+    for n in ("caldav", "xandikos", "graph", "google")
     if importlib.util.find_spec(f"tests.contract.backend_{n}")
 ]
 

@@ -8,14 +8,8 @@ deletes another and adds a day off straight on the server, and one poll brings i
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -52,87 +46,15 @@ from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
+from tests.servers.xandikos import free_port, new_xandikos_calendar
 
 CPH = ZoneInfo("Europe/Copenhagen")
-XANDIKOS_START_TIMEOUT_S = 20.0
 SYNC_TIMEOUT_S = 60.0
 #: The worker's own poll loop is kept out of the way: these tests poll when they choose.
 QUIET_POLL_MINUTES = 24 * 60
 
-_MKCALENDAR_BODY = b"""<?xml version="1.0" encoding="utf-8"?>
-<C:mkcalendar xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav">
-  <D:set><D:prop><D:displayname>syncsvc poll test</D:displayname></D:prop></D:set>
-</C:mkcalendar>"""
-
 
 # --- Servers ---
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="session")
-def xandikos_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a Xandikos server (no authentication) that lives for the whole session."""
-    folder = tmp_path_factory.mktemp("xandikos")
-    port = _free_port()
-    log = folder / "xandikos.log"
-    with log.open("ab") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "xandikos",
-                "serve",
-                "-d",
-                str(folder / "data"),
-                "--autocreate",
-                "-l",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + XANDIKOS_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"xandikos exited: {log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1):
-                    break
-            except urllib.error.HTTPError:
-                break  # it answers HTTP: it is up
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-async def new_xandikos_calendar(session: aiohttp.ClientSession, base_url: str) -> str:
-    url = f"{base_url}user/calendars/{uuid.uuid4().hex}/"
-    async with session.request(
-        "MKCALENDAR",
-        url,
-        data=_MKCALENDAR_BODY,
-        headers={"Content-Type": "application/xml; charset=utf-8"},
-    ) as response:
-        assert response.status == 201, await response.text()
-    return url
 
 
 @pytest.fixture(params=["radicale", "xandikos"])
@@ -331,7 +253,7 @@ async def _without_sync_collection(upstream: str) -> AsyncIterator[str]:
         app.router.add_route("*", "/{tail:.*}", forward)
         runner = web.AppRunner(app)
         await runner.setup()
-        port = _free_port()
+        port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             yield f"http://127.0.0.1:{port}"
