@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
+from syncsvc.changes import caldav, google, graph
+from syncsvc.changes.apply import CALLBACK_KIND
 from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
 from syncsvc.scheduler import run_scheduler
-from syncsvc.service import caldav_poll, callbacks, connections, google_push, graph_push
-from syncsvc.service.changes import CALLBACK_KIND
+from syncsvc.service import callbacks, connections
 from syncsvc.service.connections import UserProviders
 from syncsvc.service.retention import RetentionPolicy, run_retention
 from syncsvc.store.crypto import SecretBox
@@ -30,12 +31,14 @@ log = logging.getLogger("syncsvc.runtime")
 #: (``payload``, ``tenant_id``, ``mailbox``) and raises ``syncsvc.errors`` to ask for a retry
 #: (``Throttled``, ``Transient``) or to give up (any other ``SyncSvcError``).
 TASK_HANDLERS: Mapping[str, TaskHandler] = {
-    google_push.GOOGLE_SYNC: google_push.google_sync,
-    google_push.GOOGLE_CHANNELS: google_push.google_channels,
-    graph_push.GRAPH_SYNC: graph_push.graph_sync,
-    graph_push.GRAPH_LIFECYCLE: graph_push.graph_lifecycle,
-    graph_push.GRAPH_SUBSCRIPTION_CHECK: graph_push.graph_subscription_check,
-    caldav_poll.CALDAV_POLL: caldav_poll.caldav_poll,
+    google.SYNC: google.google_sync,
+    google.SUBSCRIPTIONS: google.google_subscriptions,
+    google.LEGACY_SUBSCRIPTIONS: google.google_subscriptions,
+    graph.SYNC: graph.graph_sync,
+    graph.LIFECYCLE: graph.graph_lifecycle,
+    graph.SUBSCRIPTIONS: graph.graph_subscriptions,
+    graph.LEGACY_SUBSCRIPTIONS: graph.graph_subscriptions,
+    caldav.POLL: caldav.caldav_poll,
     CALLBACK_KIND: callbacks.deliver_callback,
 }
 
@@ -92,16 +95,16 @@ async def run_workers(settings: Settings, db: Database, stop: asyncio.Event) -> 
                 supervised("scheduler", lambda s: run_scheduler(settings, db, s), db, stop)
             )
             group.create_task(
-                supervised("channels", lambda s: google_push.run_channel_checks(db, s), db, stop)
+                supervised("channels", lambda s: google.run_channel_checks(db, s), db, stop)
             )
             group.create_task(
                 supervised(
-                    "subscriptions", lambda s: graph_push.run_subscription_checks(db, s), db, stop
+                    "subscriptions", lambda s: graph.run_subscription_checks(db, s), db, stop
                 )
             )
             poll_s = settings.caldav_poll_minutes * 60
             group.create_task(
-                supervised("caldav_polls", lambda s: caldav_poll.run_polls(db, s, poll_s), db, stop)
+                supervised("caldav_polls", lambda s: caldav.run_polls(db, s, poll_s), db, stop)
             )
             policy = RetentionPolicy.from_settings(settings)
             group.create_task(

@@ -1,7 +1,7 @@
 """``POST /webhooks/google``: Google Calendar push notifications.
 
 Google puts everything in headers (the body is empty). The handler reads them, lets
-:func:`syncsvc.service.google_push.record_notification` verify the channel and token and store
+:func:`syncsvc.changes.google.record_notification` verify the channel and token and store
 a sync operation, and answers ``200`` at once; the worker does the calendar work. A message
 for an unknown channel or with a wrong token is refused with ``403`` (the error middleware
 writes the envelope) and never processed. Google retries only failures, so a refused forgery
@@ -15,8 +15,8 @@ import logging
 from aiohttp import web
 
 from syncsvc.api._framework import DB
+from syncsvc.changes.google import WEBHOOK_PATH, Notification, record_notification
 from syncsvc.errors import BadRequest, ErrorDetail
-from syncsvc.service.google_push import WEBHOOK_PATH, Notification, record_notification
 
 log = logging.getLogger("syncsvc.webhooks.google")
 

@@ -5,7 +5,7 @@ Two kinds of request arrive here:
 - the **validation handshake**: when a subscription is created or renewed, Graph POSTs with
   ``?validationToken=…`` and needs ``200``, ``text/plain``, the token as the body, within 10 s;
 - **notifications**: ``{"value": [{"subscriptionId", "clientState", "changeType" | "lifecycleEvent",
-  …}]}``. :func:`syncsvc.service.graph_push.record_notifications` checks every item's
+  …}]}``. :func:`syncsvc.changes.graph.record_notifications` checks every item's
   ``clientState`` and stores the work; the answer is ``202`` at once (Graph wants it within
   3 s), or ``403`` when no item is valid. Forged items are never processed.
 """
@@ -21,13 +21,13 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from syncsvc.api._framework import DB
-from syncsvc.errors import BadRequest, ErrorDetail
-from syncsvc.service.graph_push import (
+from syncsvc.changes.graph import (
     LIFECYCLE_PATH,
     WEBHOOK_PATH,
     NotificationItem,
     record_notifications,
 )
+from syncsvc.errors import BadRequest, ErrorDetail
 
 log = logging.getLogger("syncsvc.webhooks.graph")
 

@@ -29,6 +29,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from syncsvc.changes.apply import callback_operation
 from syncsvc.config import Settings
 from syncsvc.errors import (
     BadRequest,
@@ -40,7 +41,6 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers.google import check_service_account_info
-from syncsvc.service.changes import callback_operation
 from syncsvc.service.mailboxes import normalized_domain
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database

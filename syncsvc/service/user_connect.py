@@ -19,6 +19,7 @@ from urllib.parse import urlencode, urlsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from syncsvc.changes.apply import callback_operation
 from syncsvc.config import Settings
 from syncsvc.errors import (
     BadRequest,
@@ -31,7 +32,6 @@ from syncsvc.errors import (
 )
 from syncsvc.providers import google_oauth, graph_oauth
 from syncsvc.queue.outbox import CALENDAR_KEY_BY_PROVIDER
-from syncsvc.service.changes import callback_operation
 from syncsvc.service.tenant_connections import (
     STATE_TTL,
     ConnectionState,

@@ -37,14 +37,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select, update
 
 from syncsvc.app import build_app
+from syncsvc.changes.apply import refresh_days_off
+from syncsvc.changes.google import enqueue_channel_checks
+from syncsvc.changes.graph import enqueue_subscription_checks
 from syncsvc.config import Settings
 from syncsvc.providers._ical import ParsedEvent, parse_events
 from syncsvc.providers.graph import CANCELLED_SUBJECT_PREFIX
 from syncsvc.runtime import run_workers
-from syncsvc.service.changes import refresh_days_off
 from syncsvc.service.connections import UserProviders
-from syncsvc.service.google_push import enqueue_channel_checks
-from syncsvc.service.graph_push import enqueue_subscription_checks
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database

@@ -27,20 +27,20 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select, update
 
 from syncsvc.app import build_app
+from syncsvc.changes.apply import CALLBACK_KIND
+from syncsvc.changes.caldav import (
+    POLL,
+    caldav_poll,
+    enqueue_polls,
+    next_due,
+    poll_offset_s,
+)
 from syncsvc.config import Settings
 from syncsvc.errors import SyncTokenExpired
 from syncsvc.providers.base import EventSpec
 from syncsvc.providers.caldav import CalDAVProvider
 from syncsvc.queue.worker import TaskContext
 from syncsvc.runtime import run_workers
-from syncsvc.service.caldav_poll import (
-    CALDAV_POLL,
-    caldav_poll,
-    enqueue_polls,
-    next_due,
-    poll_offset_s,
-)
-from syncsvc.service.changes import CALLBACK_KIND
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
@@ -399,7 +399,7 @@ async def _poll_through_the_worker(db: Database) -> None:
     async def finished() -> bool:
         async with db.session() as s:
             states = (
-                (await s.execute(select(Operation.state).where(Operation.kind == CALDAV_POLL)))
+                (await s.execute(select(Operation.state).where(Operation.kind == POLL)))
                 .scalars()
                 .all()
             )
@@ -408,7 +408,7 @@ async def _poll_through_the_worker(db: Database) -> None:
     await _wait_for(finished, "the polls did not finish")
     async with db.session() as s:
         states = (
-            (await s.execute(select(Operation.state).where(Operation.kind == CALDAV_POLL)))
+            (await s.execute(select(Operation.state).where(Operation.kind == POLL)))
             .scalars()
             .all()
         )
@@ -516,7 +516,12 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
         return provider
 
     del counted.requests[:]
-    op = Operation(tenant_id=sub.tenant_id, kind=CALDAV_POLL, payload={"subscription_id": sub.id})
+    op = Operation(
+        tenant_id=sub.tenant_id,
+        kind=POLL,
+        mailbox=f"caldav:{sub.calendar}",
+        payload={"subscription_id": sub.id},
+    )
     await caldav_poll(TaskContext(settings, db, providers), op)
     assert counted.requests == ["REPORT"]
 

@@ -23,6 +23,12 @@ from sqlalchemy import select, update
 from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
+from syncsvc.changes.google import (
+    RENEW_BEFORE_S,
+    SUBSCRIPTIONS,
+    enqueue_channel_checks,
+)
+from syncsvc.changes.google import SYNC as GOOGLE_SYNC
 from syncsvc.config import Settings
 from syncsvc.errors import Permanent, SyncTokenExpired
 from syncsvc.providers import google as google_module
@@ -32,7 +38,6 @@ from syncsvc.providers.google import (
     service_account_credentials,
 )
 from syncsvc.runtime import run_workers
-from syncsvc.service.google_push import GOOGLE_SYNC, RENEW_BEFORE_S, enqueue_channel_checks
 from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
@@ -568,6 +573,6 @@ async def test_one_users_refused_delegation_does_not_hold_back_the_others(
     sub = await _open_channel(svc, fake, email)
     assert [s.calendar for s in await _subscriptions(svc)] == [email]
     assert fake.channels(outsider) == []
-    [check] = await _ops(svc, "google_channels")
+    [check] = await _ops(svc, SUBSCRIPTIONS)
     assert check.state == "done"  # an auth failure is logged per user, not retried for all
     assert sub.resource_id is not None

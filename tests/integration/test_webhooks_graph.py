@@ -25,11 +25,12 @@ from sqlalchemy import func, select, update
 from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
+from syncsvc.changes.apply import ExternalChange, apply_external_changes
+from syncsvc.changes.graph import SYNC as GRAPH_SYNC
+from syncsvc.changes.graph import enqueue_subscription_checks
 from syncsvc.config import Settings
 from syncsvc.queue.worker import MAX_ATTEMPTS
 from syncsvc.runtime import run_workers
-from syncsvc.service.changes import ExternalChange, apply_external_changes
-from syncsvc.service.graph_push import GRAPH_SYNC, enqueue_subscription_checks
 from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.store.crypto import SecretBox, hash_token
 from syncsvc.store.db import Database
@@ -585,6 +586,10 @@ async def test_what_is_not_a_user_edit(service: Service, fake: FakeGraph) -> Non
         await s.execute(
             update(ExternalEvent).where(ExternalEvent.id == ledger.id).values(state="synced")
         )
+    # Read before our last write of the event (its ledger row changed since): left alone.
+    read_before = ledger.updated_at - timedelta(seconds=1)
+    early = change(start=later, etag="moved")
+    assert await apply_external_changes(svc.db, [early], read_at=read_before) == 0
     moved = change(start=later, end=later + timedelta(hours=1), etag="moved")
     assert await apply_external_changes(svc.db, [moved]) == 1
     assert await apply_external_changes(svc.db, [moved]) == 0  # the same notice again

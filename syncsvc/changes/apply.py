@@ -90,8 +90,13 @@ def callback_operation(
     )
 
 
-async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]) -> int:
+async def apply_external_changes(
+    db: Database, changes: Sequence[ExternalChange], *, read_at: datetime | None = None
+) -> int:
     """Applies the users' own changes of our events; returns how many activities changed.
+
+    ``read_at`` is when the changes were read: an event whose ledger row was written since
+    then is skipped, decided under the row's lock, since the read may predate our newer write.
 
     Unknown events (the user's own appointments), events we are deleting or deleted, and our
     own writes (same etag as the ledger, or the same start/end/subject as the activity) are
@@ -111,6 +116,8 @@ async def apply_external_changes(db: Database, changes: Sequence[ExternalChange]
         for key, change in latest.items():
             ledger = ledgers.get(key)
             if ledger is None or ledger.state in IGNORED_STATES:
+                continue
+            if read_at is not None and ledger.updated_at >= read_at:
                 continue
             activity = await session.get(Activity, ledger.activity_id)
             if activity is None or activity.deleted:

@@ -3,8 +3,9 @@
 
 The flow, per mailbox of a user whose connection is ``graph``:
 
-1. **Subscriptions** (``graph_subs_check``, one operation per tenant queued every
-   ``SUBSCRIPTIONS_CHECK_S`` by :func:`run_subscription_checks`): every mailbox gets one
+1. **Subscriptions** (``graph_subs``, one operation per tenant queued every
+   ``SUBSCRIPTIONS_CHECK_S`` by :func:`run_subscription_checks`, running
+   :func:`~syncsvc.changes.source.check_subscriptions`): every mailbox gets one
    subscription to ``/users/{m}/events``. Graph validates our webhook before it answers the
    create, so the row is stored after it, with the secret ``clientState`` kept only as its
    SHA-256. A subscription ending within :func:`renew_before_s` is renewed (``PATCH``); one
@@ -20,9 +21,10 @@ The flow, per mailbox of a user whose connection is ``graph``:
    renewal (``reauthorizationRequired``) or re-creation (``subscriptionRemoved``), or a full
    delta (``missed``). No provider call happens in the request, and requests arriving together
    share one transaction (group commit), each answered once its work is committed.
-3. **Sync** (``graph_sync``, :func:`graph_sync`): a ``calendarView/delta`` round from the stored
-   ``@odata.deltaLink``; events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
-   for :func:`~syncsvc.service.changes.apply_external_changes`; the new link is stored. A
+3. **Sync** (``graph_sync``, :func:`~syncsvc.changes.source.sync` with
+   :meth:`GraphSource.read`): a ``calendarView/delta`` round from the stored
+   ``@odata.deltaLink``; events become :class:`~syncsvc.changes.apply.ExternalChange`\\ s
+   for :func:`~syncsvc.changes.apply.apply_external_changes`; the new link is stored. A
    ``410`` starts over with a full delta: our untouched events carry the ``changeKey`` we
    recorded, so a full round reports no spurious edits. Out-of-office changes (or a full
    round, or removed events, whose ``showAs`` is unknown) refresh the user's days off.
@@ -45,6 +47,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from syncsvc.changes.apply import ExternalChange
+from syncsvc.changes.schedule import enqueue_checks, run_checks
+from syncsvc.changes.source import Round, check_subscriptions, sync
 from syncsvc.config import Settings
 from syncsvc.errors import (
     ErrorDetail,
@@ -52,10 +57,10 @@ from syncsvc.errors import (
     Permanent,
     ProviderError,
     ProviderNotFound,
-    SyncTokenExpired,
     Throttled,
     Transient,
 )
+from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.graph import CANCELLED_SUBJECT_PREFIX, GraphProvider
 from syncsvc.providers.graph_subscriptions import (
     SUBSCRIPTION_MAX_MIN,
@@ -65,23 +70,22 @@ from syncsvc.providers.graph_subscriptions import (
     subscribe,
     unsubscribe,
 )
-from syncsvc.queue.outbox import calendar_of
 from syncsvc.queue.worker import TaskContext
-from syncsvc.service.changes import ExternalChange, apply_external_changes, refresh_days_off
-from syncsvc.service.push_checks import enqueue_checks, run_checks
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Operation, Subscription, User
 from syncsvc.store.types import utcnow
 
-log = logging.getLogger("syncsvc.graph_push")
+log = logging.getLogger("syncsvc.changes.graph")
 
 PROVIDER = "graph"
 #: The per-tenant subscription checks' mailbox prefix (their rate-limit and fairness unit).
 SUBSCRIPTIONS_MAILBOX = f"{PROVIDER}:subscriptions"
-GRAPH_SYNC = "graph_sync"
-GRAPH_LIFECYCLE = "graph_lifecycle"
-GRAPH_SUBSCRIPTION_CHECK = "graph_subs_check"
+SYNC = "graph_sync"
+LIFECYCLE = "graph_lifecycle"
+SUBSCRIPTIONS = "graph_subs"
+#: What ``SUBSCRIPTIONS`` was called before; rows stored under it still run.
+LEGACY_SUBSCRIPTIONS = "graph_subs_check"
 WEBHOOK_PATH = "/webhooks/graph"
 LIFECYCLE_PATH = "/webhooks/graph/lifecycle"
 #: Renew a subscription this long before it ends (or at half its life, if that is shorter).
@@ -267,15 +271,15 @@ def _want(
     action: str,
 ) -> None:
     """Adds the operation ``action`` asks for (a full sync wins over an incremental one)."""
-    kind = GRAPH_LIFECYCLE if action in ("renew", "recreate") else GRAPH_SYNC
-    key = (kind if kind == GRAPH_SYNC else f"{kind}:{action}", sub.id)
+    kind = LIFECYCLE if action in ("renew", "recreate") else SYNC
+    key = (kind if kind == SYNC else f"{kind}:{action}", sub.id)
     full = action == "full_sync"
     if key in wanted:
-        if kind == GRAPH_SYNC and full:
+        if kind == SYNC and full:
             wanted[key]["full"] = True
         return
     payload: dict[str, Any] = {"subscription_id": sub.id}
-    if kind == GRAPH_LIFECYCLE:
+    if kind == LIFECYCLE:
         payload["action"] = action
     if full:
         payload["full"] = True
@@ -304,7 +308,7 @@ async def _store_work(
             await s.execute(
                 select(Operation).where(
                     Operation.mailbox.in_(mailboxes),
-                    Operation.kind.in_((GRAPH_SYNC, GRAPH_LIFECYCLE)),
+                    Operation.kind.in_((SYNC, LIFECYCLE)),
                     Operation.state == "pending",
                 )
             )
@@ -355,7 +359,7 @@ def _operation(
     )
 
 
-# --- graph_sync ---------------------------------------------------------------------------------
+# --- the source ---------------------------------------------------------------------------
 
 
 async def _graph_provider(ctx: TaskContext, user: User) -> GraphProvider:
@@ -365,46 +369,122 @@ async def _graph_provider(ctx: TaskContext, user: User) -> GraphProvider:
     return provider
 
 
-async def _subscription(ctx: TaskContext, op: Operation) -> tuple[Subscription, User] | None:
-    async with ctx.db.session() as s:
-        sub = await s.get(Subscription, int(op.payload["subscription_id"]))
-        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
-    if sub is None or user is None or user.calendar_provider != PROVIDER:
-        return None  # replaced or dropped meanwhile: nothing to follow any more
-    return sub, user
+class GraphSource:
+    """Graph's change detection: subscriptions, and ``calendarView/delta`` reads."""
 
+    provider = PROVIDER
 
-async def graph_sync(ctx: TaskContext, op: Operation) -> None:
-    """Task handler: applies what changed in one mailbox since the stored delta link."""
-    found = await _subscription(ctx, op)
-    if found is None:
-        return
-    sub, user = found
-    provider = await _graph_provider(ctx, user)
-    now = utcnow()
-    window = (now - timedelta(days=DELTA_PAST_DAYS), now + timedelta(days=DELTA_AHEAD_DAYS))
-    token = None if op.payload.get("full") else sub.sync_token
-    try:
-        result = await delta(provider, token, window)
-    except SyncTokenExpired:
-        log.info("event=graph.sync.full reason=token_expired mailbox=%s", sub.calendar)
-        result = await delta(provider, None, window)
-    applied = await apply_external_changes(ctx.db, external_changes(sub.calendar, result))
-    if result.full or any(e.removed or e.show_as == OUT_OF_OFFICE for e in result.events):
-        await refresh_days_off(ctx.db, user, provider)
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(
-            update(Subscription)
-            .where(Subscription.id == sub.id)
-            .values(sync_token=result.delta_link, updated_at=utcnow())
+    async def read(
+        self, ctx: TaskContext, sub: Subscription, calendar: CalendarProvider, token: str | None
+    ) -> Round:
+        if not isinstance(calendar, GraphProvider):
+            raise Permanent(f"{sub.calendar} is not a Graph mailbox")
+        now = utcnow()
+        window = (now - timedelta(days=DELTA_PAST_DAYS), now + timedelta(days=DELTA_AHEAD_DAYS))
+        result = await delta(calendar, token, window)
+        return Round(
+            token=result.delta_link,
+            full=result.full,
+            changes=external_changes(sub.calendar, result),
+            days_off=result.full
+            or any(e.removed or e.show_as == OUT_OF_OFFICE for e in result.events),
+            listed=len(result.events),
         )
-    log.info(
-        "event=graph.sync.done mailbox=%s listed=%d applied=%d full=%s",
-        sub.calendar,
-        len(result.events),
-        applied,
-        result.full,
-    )
+
+    def needs_renewal(self, ctx: TaskContext, sub: Subscription, now: datetime) -> bool:
+        return (sub.expires_at - now).total_seconds() < renew_before_s(ctx.settings)
+
+    async def open(
+        self, ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
+    ) -> Subscription:
+        """Creates the subscription at Graph (which first validates our webhook), stores it
+        and queues a sync from ``sync_token`` (``None``: a full delta)."""
+        provider = await _graph_provider(ctx, user)
+        secret = secrets.token_urlsafe(CLIENT_STATE_BYTES)
+        created = await subscribe(
+            provider,
+            notification_url=notification_url(ctx.settings),
+            lifecycle_url=lifecycle_url(ctx.settings),
+            client_state=secret,
+            expires_at=utcnow() + subscription_lifetime(ctx.settings),
+        )
+        sub = Subscription(
+            provider=PROVIDER,
+            tenant_id=user.tenant_id,
+            user_id=user.id,
+            calendar=calendar,
+            external_id=created.id,
+            client_state=hash_token(secret),
+            resource_id=created.resource,
+            sync_token=sync_token,
+            expires_at=created.expires_at,
+        )
+        async with ctx.db.session() as s, s.begin():
+            s.add(sub)
+            await s.flush()
+            s.add(
+                _operation(
+                    user.tenant_id, SYNC, _mailbox(calendar), {"subscription_id": sub.id}, utcnow()
+                )
+            )
+        log.info("event=graph.subscription.created mailbox=%s id=%s", calendar, created.id)
+        return sub
+
+    async def renew(self, ctx: TaskContext, user: User, sub: Subscription) -> None:
+        """``PATCH``es the expiry; a subscription Graph no longer knows is created again."""
+        provider = await _graph_provider(ctx, user)
+        try:
+            expires = await renew(
+                provider, sub.external_id, utcnow() + subscription_lifetime(ctx.settings)
+            )
+        except ProviderNotFound:
+            await self.recreate(ctx, user, sub)
+            return
+        async with ctx.db.session() as s, s.begin():
+            await s.execute(
+                update(Subscription)
+                .where(Subscription.id == sub.id)
+                .values(expires_at=expires, updated_at=utcnow())
+            )
+        log.info("event=graph.subscription.renewed mailbox=%s expires=%s", sub.calendar, expires)
+
+    async def recreate(self, ctx: TaskContext, user: User, old: Subscription) -> None:
+        """A new subscription replaces the old (best-effort deleted at Graph); its delta link
+        carries over and a sync catches up what may have been missed meanwhile."""
+        fresh = await self.open(ctx, user, old.calendar, sync_token=old.sync_token)
+        async with ctx.db.session() as s, s.begin():
+            await s.execute(delete(Subscription).where(Subscription.id == old.id))
+        with contextlib.suppress(ProviderError):
+            await unsubscribe(await _graph_provider(ctx, user), old.external_id)
+        log.info(
+            "event=graph.subscription.recreated mailbox=%s id=%s", old.calendar, fresh.external_id
+        )
+
+    async def close(
+        self, ctx: TaskContext, user: User | None, sub: Subscription, *, reason: str
+    ) -> None:
+        """Deletes a subscription nobody needs. Without credentials to reach Graph it simply
+        runs out, and without its row its notifications are refused."""
+        if user is not None and user.calendar_provider == PROVIDER:
+            try:
+                await unsubscribe(await _graph_provider(ctx, user), sub.external_id)
+            except (Throttled, Transient):
+                raise
+            except ProviderError as exc:
+                log.warning(
+                    "event=graph.subscription.delete_failed id=%s error=%s", sub.external_id, exc
+                )
+        async with ctx.db.session() as s, s.begin():
+            await s.execute(delete(Subscription).where(Subscription.id == sub.id))
+        log.info(
+            "event=graph.subscription.deleted mailbox=%s id=%s reason=%s",
+            sub.calendar,
+            sub.external_id,
+            reason,
+        )
+
+
+SOURCE = GraphSource()
 
 
 def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]:
@@ -426,184 +506,42 @@ def external_changes(calendar: str, result: DeltaResult) -> list[ExternalChange]
     ]
 
 
-# --- subscriptions ------------------------------------------------------------------------------
+# --- task handlers ------------------------------------------------------------------------------
+
+
+async def graph_sync(ctx: TaskContext, op: Operation) -> None:
+    """Applies what changed in one mailbox since the stored delta link (``full``: all)."""
+    await sync(ctx, SOURCE, op, full=bool(op.payload.get("full")))
 
 
 async def graph_lifecycle(ctx: TaskContext, op: Operation) -> None:
-    """Task handler for a lifecycle event: renew (``reauthorizationRequired``) or re-create
+    """A lifecycle event: renew (``reauthorizationRequired``) or re-create
     (``subscriptionRemoved``) one subscription."""
-    found = await _subscription(ctx, op)
-    if found is None:
-        return
-    sub, user = found
+    async with ctx.db.session() as s:
+        sub = await s.get(Subscription, int(op.payload["subscription_id"]))
+        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
+    if sub is None or user is None or user.calendar_provider != PROVIDER:
+        return  # replaced or dropped meanwhile: nothing to follow any more
     if op.payload.get("action") == "renew":
-        await _renew(ctx, user, sub)
+        await SOURCE.renew(ctx, user, sub)
     else:
-        await _recreate(ctx, user, sub)
+        await SOURCE.recreate(ctx, user, sub)
 
 
-async def _renew(ctx: TaskContext, user: User, sub: Subscription) -> None:
-    provider = await _graph_provider(ctx, user)
-    try:
-        expires = await renew(
-            provider, sub.external_id, utcnow() + subscription_lifetime(ctx.settings)
-        )
-    except ProviderNotFound:
-        await _recreate(ctx, user, sub)
-        return
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(
-            update(Subscription)
-            .where(Subscription.id == sub.id)
-            .values(expires_at=expires, updated_at=utcnow())
-        )
-    log.info("event=graph.subscription.renewed mailbox=%s expires=%s", sub.calendar, expires)
-
-
-async def _recreate(ctx: TaskContext, user: User, old: Subscription) -> None:
-    """A new subscription replaces the old (best-effort deleted at Graph); its delta link
-    carries over and a sync catches up what may have been missed meanwhile."""
-    fresh = await open_subscription(ctx, user, old.calendar, sync_token=old.sync_token)
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(delete(Subscription).where(Subscription.id == old.id))
-    with contextlib.suppress(ProviderError):
-        await unsubscribe(await _graph_provider(ctx, user), old.external_id)
-    log.info("event=graph.subscription.recreated mailbox=%s id=%s", old.calendar, fresh.external_id)
-
-
-async def open_subscription(
-    ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
-) -> Subscription:
-    """Creates the subscription at Graph (which first validates our webhook), stores it and
-    queues a sync from ``sync_token`` (``None``: a full delta)."""
-    provider = await _graph_provider(ctx, user)
-    secret = secrets.token_urlsafe(CLIENT_STATE_BYTES)
-    created = await subscribe(
-        provider,
-        notification_url=notification_url(ctx.settings),
-        lifecycle_url=lifecycle_url(ctx.settings),
-        client_state=secret,
-        expires_at=utcnow() + subscription_lifetime(ctx.settings),
-    )
-    sub = Subscription(
-        provider=PROVIDER,
-        tenant_id=user.tenant_id,
-        user_id=user.id,
-        calendar=calendar,
-        external_id=created.id,
-        client_state=hash_token(secret),
-        resource_id=created.resource,
-        sync_token=sync_token,
-        expires_at=created.expires_at,
-    )
-    async with ctx.db.session() as s, s.begin():
-        s.add(sub)
-        await s.flush()
-        s.add(
-            _operation(
-                user.tenant_id,
-                GRAPH_SYNC,
-                _mailbox(calendar),
-                {"subscription_id": sub.id},
-                utcnow(),
-            )
-        )
-    log.info("event=graph.subscription.created mailbox=%s id=%s", calendar, created.id)
-    return sub
-
-
-async def graph_subscription_check(ctx: TaskContext, op: Operation) -> None:
-    """Task handler: gives each of the tenant's Graph mailboxes one live subscription (create,
-    renew) and deletes the rest. One mailbox's failure does not hold back the others; a
-    throttled or transient one is raised at the end, so the (idempotent) check runs again."""
-    retry: ProviderError | None = None
-    async with ctx.db.session() as s:
-        users = (
-            (
-                await s.execute(
-                    select(User).where(
-                        User.tenant_id == op.tenant_id, User.calendar_provider == PROVIDER
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
-        subs = (
-            (
-                await s.execute(
-                    select(Subscription).where(
-                        Subscription.tenant_id == op.tenant_id, Subscription.provider == PROVIDER
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
-    by_user = {u.id: u for u in users}
-    kept: set[str] = set()
-    for sub in subs:
-        try:
-            user = by_user.get(sub.user_id)
-            calendar = calendar_of(user) if user is not None else None
-            if (
-                user is None
-                or calendar is None
-                or calendar.calendar != sub.calendar
-                or sub.user_id in kept
-            ):
-                await _close(ctx, sub)
-                continue
-            kept.add(sub.user_id)
-            if (sub.expires_at - utcnow()).total_seconds() < renew_before_s(ctx.settings):
-                await _renew(ctx, user, sub)
-        except (Throttled, Transient) as exc:
-            retry = retry or exc
-        except ProviderError as exc:
-            log.warning("event=graph.subscription.failed user=%s error=%s", sub.user_id, exc)
-    for user in users:
-        calendar = calendar_of(user)
-        if user.id in kept or calendar is None:
-            continue
-        try:
-            await open_subscription(ctx, user, calendar.calendar, sync_token=None)
-        except (Throttled, Transient) as exc:
-            retry = retry or exc
-        except ProviderError as exc:
-            log.warning("event=graph.subscription.failed user=%s error=%s", user.id, exc)
-    if retry is not None:
-        raise retry
-
-
-async def _close(ctx: TaskContext, sub: Subscription) -> None:
-    """Deletes a subscription nobody needs. Without credentials to reach Graph it simply runs
-    out, and without its row its notifications are refused."""
-    async with ctx.db.session() as s:
-        user = await s.get(User, (sub.tenant_id, sub.user_id))
-    if user is not None and user.calendar_provider == PROVIDER:
-        try:
-            await unsubscribe(await _graph_provider(ctx, user), sub.external_id)
-        except (Throttled, Transient):
-            raise
-        except ProviderError as exc:
-            log.warning(
-                "event=graph.subscription.delete_failed id=%s error=%s", sub.external_id, exc
-            )
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(delete(Subscription).where(Subscription.id == sub.id))
-    log.info("event=graph.subscription.deleted mailbox=%s id=%s", sub.calendar, sub.external_id)
+async def graph_subscriptions(ctx: TaskContext, op: Operation) -> None:
+    """Gives each of the tenant's Graph mailboxes one live subscription (see
+    :func:`~syncsvc.changes.source.check_subscriptions`)."""
+    await check_subscriptions(ctx, SOURCE, op.tenant_id)
 
 
 async def enqueue_subscription_checks(db: Database) -> int:
-    """One ``graph_subs_check`` operation per tenant with Graph users or subscriptions,
+    """One ``graph_subs`` operation per tenant with Graph users or subscriptions,
     unless one is waiting or running. Returns how many were stored."""
-    return await enqueue_checks(db, PROVIDER, GRAPH_SUBSCRIPTION_CHECK, SUBSCRIPTIONS_MAILBOX)
+    return await enqueue_checks(db, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
 
 
 async def run_subscription_checks(
     db: Database, stop: asyncio.Event, interval_s: float = SUBSCRIPTIONS_CHECK_S
 ) -> None:
     """Queues the subscription checks at start and every ``interval_s`` until ``stop``."""
-    await run_checks(
-        db, stop, interval_s, PROVIDER, GRAPH_SUBSCRIPTION_CHECK, SUBSCRIPTIONS_MAILBOX
-    )
+    await run_checks(db, stop, interval_s, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)

@@ -11,11 +11,12 @@ The flow, per user whose connection is ``caldav``:
    the calendar's rate limit covers polls too) unless one is waiting or running, or the last
    one gave up (``dead``) since the user's connection last changed. Rows of users who left
    CalDAV or moved to another collection are dropped.
-2. **Poll** (``caldav_poll``, :func:`caldav_poll`): ``CalDAVProvider.changes`` from the stored
+2. **Poll** (``caldav_poll``, :func:`~syncsvc.changes.source.sync` with
+   :meth:`CalDAVSource.read`): ``CalDAVProvider.changes`` from the stored
    state (``sync-collection`` or ``getctag``; one request when nothing changed, and then nothing
    is written). Changed resources whose etag differs from the ledger's are read back
-   (``calendar-multiget``); our events become :class:`~syncsvc.service.changes.ExternalChange`
-   values for :func:`~syncsvc.service.changes.apply_external_changes`, exactly as Graph and
+   (``calendar-multiget``); our events become :class:`~syncsvc.changes.apply.ExternalChange`
+   values for :func:`~syncsvc.changes.apply.apply_external_changes`, exactly as Graph and
    Google changes do. A removed resource, or one the user set ``CANCELLED``, cancels its
    activity, unless the activity is cancelled already (our own cancellation). When a change
    may touch days off (an all-day or out-of-office event not ours, a removed resource not
@@ -23,7 +24,7 @@ The flow, per user whose connection is ``caldav``:
    poll, or after the server forgot the token) cancels the activities of our events that the
    ledger had as synced before it began and that it no longer lists. Our own writes are told
    apart by etag, and an event whose ledger row changed while the poll ran is left to the
-   next poll.
+   next poll (``apply_external_changes(read_at=...)``, decided under the row's lock).
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.errors import Permanent, SyncTokenExpired
+from syncsvc.changes.apply import DELETED_STATUS, ExternalChange
+from syncsvc.changes.schedule import repeat
+from syncsvc.changes.source import Round, sync
+from syncsvc.errors import Permanent
 from syncsvc.providers._ical import ParsedEvent
+from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.caldav import (
     CalDAVProvider,
     CalendarObject,
@@ -48,21 +53,14 @@ from syncsvc.providers.caldav import (
 )
 from syncsvc.queue.outbox import Calendar, calendar_of, chunks
 from syncsvc.queue.worker import TaskContext
-from syncsvc.service.changes import (
-    DELETED_STATUS,
-    ExternalChange,
-    apply_external_changes,
-    refresh_days_off,
-)
-from syncsvc.service.push_checks import repeat
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
 
-log = logging.getLogger("syncsvc.caldav_poll")
+log = logging.getLogger("syncsvc.changes.caldav")
 
 PROVIDER = "caldav"
-CALDAV_POLL = "caldav_poll"
+POLL = "caldav_poll"
 #: ``Subscription.external_id`` prefix of a poll row (the rest is a hash of its calendar).
 POLL_ID_PREFIX = "poll:"
 #: The loop looks for due polls this often at most (less for short intervals).
@@ -144,7 +142,7 @@ async def enqueue_polls(db: Database, interval_s: float, now: datetime | None = 
             (
                 await s.execute(
                     select(Operation.tenant_id, Operation.mailbox).where(
-                        Operation.kind == CALDAV_POLL, Operation.state.in_(("pending", "running"))
+                        Operation.kind == POLL, Operation.state.in_(("pending", "running"))
                     )
                 )
             ).all()
@@ -168,7 +166,7 @@ async def _dead_polls(s: AsyncSession) -> dict[tuple[str, str], datetime]:
     interval, until its user's connection is changed (or the operation retried from ops)."""
     rows = await s.execute(
         select(Operation.tenant_id, Operation.mailbox, func.max(Operation.updated_at))
-        .where(Operation.kind == CALDAV_POLL, Operation.state == "dead")
+        .where(Operation.kind == POLL, Operation.state == "dead")
         .group_by(Operation.tenant_id, Operation.mailbox)
     )
     return {(tenant_id, mailbox): at for tenant_id, mailbox, at in rows}
@@ -177,7 +175,7 @@ async def _dead_polls(s: AsyncSession) -> dict[tuple[str, str], datetime]:
 def _poll_operation(sub: Subscription, mailbox: str, now: datetime) -> Operation:
     return Operation(
         tenant_id=sub.tenant_id,
-        kind=CALDAV_POLL,
+        kind=POLL,
         mailbox=mailbox,
         lane="interactive",
         state="pending",
@@ -193,69 +191,70 @@ async def run_polls(db: Database, stop: asyncio.Event, interval_s: float) -> Non
     await repeat(stop, tick_s, "caldav_poll", lambda: enqueue_polls(db, interval_s))
 
 
-# --- caldav_poll ----------------------------------------------------------------------------
+# --- the source ---------------------------------------------------------------------------
+
+
+class CalDAVSource:
+    """CalDAV's change detection: polls (see the module doc); nothing to subscribe to."""
+
+    provider = PROVIDER
+
+    async def read(
+        self, ctx: TaskContext, sub: Subscription, calendar: CalendarProvider, token: str | None
+    ) -> Round:
+        if not isinstance(calendar, CalDAVProvider):
+            raise Permanent(f"{sub.calendar} is not a CalDAV calendar")
+        read_at = utcnow()
+        # Before a full listing: our events synced by then and missing from it were deleted.
+        synced = await _synced_names(ctx.db, sub.calendar) if token is None else []
+        found = await calendar.changes(token)
+        if not found.changed and not found.removed and found.state == token:
+            return Round(token=token, full=False)
+        removed = [n for n in synced if n not in found.changed] if found.full else found.removed
+        ledger = await _ledger(ctx.db, sub.calendar, [*found.changed, *removed])
+        # A full listing only matters for our events the user changed; an incremental one also
+        # for the user's own events, which may be days off.
+        wanted = [
+            name
+            for name, etag in found.changed.items()
+            if (name in ledger and ledger[name][0] != etag)
+            or (name not in ledger and not found.full)
+        ]
+        fetched = await calendar.fetch(wanted) if wanted else []
+        changes = [
+            *(c for obj in fetched if (c := _change(sub.calendar, obj)) is not None),
+            *(
+                ExternalChange(PROVIDER, sub.calendar, name, deleted=True)
+                for name in removed
+                if name in ledger
+            ),
+        ]
+        log.info(
+            "event=caldav.poll.read calendar=%s method=%s changed=%d removed=%d",
+            sub.calendar,
+            found.method,
+            len(found.changed),
+            len(removed),
+        )
+        return Round(
+            token=found.state,
+            full=found.full,
+            # A removal of an activity cancelled already is our own cancellation.
+            changes=[
+                c for c in changes if not (c.deleted and ledger[c.event_id][1] == DELETED_STATUS)
+            ],
+            days_off=_days_off_may_change(found, removed, fetched, ledger),
+            listed=len(found.changed) + len(removed),
+            read_at=read_at,
+        )
+
+
+SOURCE = CalDAVSource()
 
 
 async def caldav_poll(ctx: TaskContext, op: Operation) -> None:
     """Task handler: applies what changed in one CalDAV calendar since the stored state."""
-    async with ctx.db.session() as s:
-        sub = await s.get(Subscription, int(op.payload.get("subscription_id", 0)))
-        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
-    calendar = None if user is None else calendar_of(user)
-    if sub is None or user is None or calendar != Calendar(PROVIDER, sub.calendar):
-        return  # the connection changed meanwhile: the next schedule drops the row
-    provider = await ctx.providers(user)
-    if not isinstance(provider, CalDAVProvider):
-        raise Permanent(f"user {user.id}'s calendar is not a CalDAV calendar")
-    listed_at = utcnow()
-    # Before a full listing: our events synced by then and missing from it were deleted.
-    synced = await _synced_names(ctx.db, sub.calendar) if sub.sync_token is None else []
-    try:
-        found = await provider.changes(sub.sync_token)
-    except SyncTokenExpired:
-        log.info("event=caldav.poll.full reason=token_expired calendar=%s", sub.calendar)
-        synced = await _synced_names(ctx.db, sub.calendar)
-        found = await provider.changes(None)
-    if not found.changed and not found.removed and found.state == sub.sync_token:
-        return
-    removed = [n for n in synced if n not in found.changed] if found.full else found.removed
-    ledger = await _ledger(ctx.db, sub.calendar, [*found.changed, *removed])
-    # A full listing only matters for our events the user changed; an incremental one also
-    # for the user's own events, which may be days off.
-    wanted = [
-        name
-        for name, etag in found.changed.items()
-        if (name in ledger and ledger[name][0] != etag) or (name not in ledger and not found.full)
-    ]
-    fetched = await provider.fetch(wanted) if wanted else []
-    changes = [
-        *(c for obj in fetched if (c := _change(sub.calendar, obj)) is not None),
-        *(
-            ExternalChange(PROVIDER, sub.calendar, name, deleted=True)
-            for name in removed
-            if name in ledger
-        ),
-    ]
-    changes = [c for c in changes if not (c.deleted and ledger[c.event_id][1] == DELETED_STATUS)]
-    # Our own write that finished while we listed would look like the user's older version.
-    rewritten = await _written_since(ctx.db, sub.calendar, [c.event_id for c in changes], listed_at)
-    changes = [c for c in changes if c.event_id not in rewritten]
-    applied = await apply_external_changes(ctx.db, changes) if changes else 0
-    if _days_off_may_change(found, removed, fetched, ledger):
-        await refresh_days_off(ctx.db, user, provider)
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(
-            update(Subscription).where(Subscription.id == sub.id).values(sync_token=found.state)
-        )
-    log.info(
-        "event=caldav.poll.done calendar=%s method=%s changed=%d removed=%d applied=%d full=%s",
-        sub.calendar,
-        found.method,
-        len(found.changed),
-        len(removed),
-        applied,
-        found.full,
-    )
+    await sync(ctx, SOURCE, op)
 
 
 async def _synced_names(db: Database, calendar: str) -> list[str]:
@@ -270,26 +269,6 @@ async def _synced_names(db: Database, calendar: str) -> list[str]:
             )
         )
         return [str(event_id) for (event_id,) in rows]
-
-
-async def _written_since(
-    db: Database, calendar: str, names: Sequence[str], since: datetime
-) -> set[str]:
-    """Our events among ``names`` whose ledger row changed at or after ``since``: what the
-    poll saw of them may predate our write, and the next poll sees them as they are."""
-    found: set[str] = set()
-    async with db.session() as s:
-        for chunk in chunks(sorted(set(names))):
-            rows = await s.execute(
-                select(ExternalEvent.event_id).where(
-                    ExternalEvent.provider == PROVIDER,
-                    ExternalEvent.calendar == calendar,
-                    ExternalEvent.event_id.in_(chunk),
-                    ExternalEvent.updated_at >= since,
-                )
-            )
-            found.update(str(event_id) for (event_id,) in rows)
-    return found
 
 
 async def _ledger(

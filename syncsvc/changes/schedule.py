@@ -1,7 +1,7 @@
 """The periodic check that keeps each tenant's push subscriptions alive, shared by providers.
 
 Google channels and Graph subscriptions both expire and both are looked after by one operation
-per tenant (``google_channels``, ``graph_subs_check``) that the worker runs under the usual
+per tenant (``google_subs``, ``graph_subs``) that the worker runs under the usual
 limits. This module queues those operations: one per tenant that has users on the provider or
 subscriptions left over, and never a second while one is waiting or running.
 """
@@ -20,7 +20,7 @@ from syncsvc.store.db import Database
 from syncsvc.store.models import Operation, Subscription, Tenant, User
 from syncsvc.store.types import utcnow
 
-log = logging.getLogger("syncsvc.push_checks")
+log = logging.getLogger("syncsvc.changes.schedule")
 
 
 async def enqueue_checks(db: Database, provider: str, kind: str, mailbox_prefix: str) -> int:

@@ -2,8 +2,9 @@
 
 The flow, per Google calendar of a user whose connection is ``google``:
 
-1. **Channels.** ``google_channels`` (one operation per tenant, queued every
-   ``CHANNELS_CHECK_S`` by :func:`run_channel_checks`) gives every such calendar one open
+1. **Channels.** ``google_subs`` (one operation per tenant, queued every
+   ``CHANNELS_CHECK_S`` by :func:`run_channel_checks`, running
+   :func:`~syncsvc.changes.source.check_subscriptions`) gives every such calendar one open
    channel: it stores the subscription row (channel id, a fresh secret token) *before* calling
    ``events.watch``, because Google's ``sync`` message may arrive before the call returns. A
    channel that ends within ``RENEW_BEFORE_S`` is renewed — new channel first, then
@@ -15,9 +16,10 @@ The flow, per Google calendar of a user whose connection is ``google``:
    be known and its token match (constant time); ``sync`` is acknowledged and nothing else;
    ``exists`` / ``not_exists`` store one ``google_sync`` operation for the calendar unless one
    is already waiting. No provider call happens in the request.
-3. **Sync** (``google_sync``, :func:`google_sync`): ``events.list`` from the stored sync token;
-   changed and cancelled events become :class:`~syncsvc.service.changes.ExternalChange`\\ s
-   for :func:`~syncsvc.service.changes.apply_external_changes`, which decides what was the
+3. **Sync** (``google_sync``, :func:`~syncsvc.changes.source.sync` with
+   :meth:`GoogleSource.read`): ``events.list`` from the stored sync token;
+   changed and cancelled events become :class:`~syncsvc.changes.apply.ExternalChange`\\ s
+   for :func:`~syncsvc.changes.apply.apply_external_changes`, which decides what was the
    user's doing and reports it to the CRM; the new token is stored. A ``410`` drops the token
    and lists everything again: events we wrote and nobody touched carry the etag we recorded,
    so the full list reports no spurious edits. When an ``outOfOffice`` event changed (or after a
@@ -31,45 +33,42 @@ import hmac
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import delete, select, update
 
+from syncsvc.changes.apply import DELETED_STATUS, ExternalChange
+from syncsvc.changes.schedule import enqueue_checks, run_checks
+from syncsvc.changes.source import Round, check_subscriptions, sync
 from syncsvc.config import Settings
 from syncsvc.errors import (
     ErrorDetail,
     Forbidden,
     Permanent,
     ProviderError,
-    SyncTokenExpired,
     Throttled,
     Transient,
 )
+from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.google import ChangeSet, GoogleProvider
-from syncsvc.queue.outbox import calendar_of, chunks
+from syncsvc.queue.outbox import chunks
 from syncsvc.queue.worker import TaskContext
-from syncsvc.service.changes import (
-    DELETED_STATUS,
-    ExternalChange,
-    apply_external_changes,
-    refresh_days_off,
-)
-from syncsvc.service.push_checks import enqueue_checks, run_checks
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
 
-log = logging.getLogger("syncsvc.google_push")
+log = logging.getLogger("syncsvc.changes.google")
 
 PROVIDER = "google"
-GOOGLE_SYNC = "google_sync"
-GOOGLE_CHANNELS = "google_channels"
-#: Mailbox prefix of the per-tenant channel checks (``google:channels:<tenant>``).
-CHANNELS_MAILBOX = "google:channels"
+SYNC = "google_sync"
+SUBSCRIPTIONS = "google_subs"
+#: What ``SUBSCRIPTIONS`` was called before; rows stored under it still run.
+LEGACY_SUBSCRIPTIONS = "google_channels"
+#: Mailbox prefix of the per-tenant channel checks (``google:subscriptions:<tenant>``).
+SUBSCRIPTIONS_MAILBOX = f"{PROVIDER}:subscriptions"
 WEBHOOK_PATH = "/webhooks/google"
 #: Lifetime asked for a new channel; Google may grant less (it caps channels at about a month).
 CHANNEL_TTL_S = 7 * 24 * 3600
@@ -147,7 +146,7 @@ async def record_notification(db: Database, note: Notification) -> Recorded:
                 select(Operation.id)
                 .where(
                     Operation.mailbox == mailbox,
-                    Operation.kind == GOOGLE_SYNC,
+                    Operation.kind == SYNC,
                     Operation.state == "pending",
                     Operation.tenant_id == sub.tenant_id,
                 )
@@ -164,7 +163,7 @@ def _sync_operation(tenant_id: str, mailbox: str, subscription_id: int) -> Opera
     now = utcnow()
     return Operation(
         tenant_id=tenant_id,
-        kind=GOOGLE_SYNC,
+        kind=SYNC,
         mailbox=mailbox,
         lane="interactive",
         state="pending",
@@ -174,7 +173,7 @@ def _sync_operation(tenant_id: str, mailbox: str, subscription_id: int) -> Opera
     )
 
 
-# --- google_sync ----------------------------------------------------------------------------
+# --- the source ---------------------------------------------------------------------------
 
 
 async def _google_provider(ctx: TaskContext, user: User) -> GoogleProvider:
@@ -184,59 +183,80 @@ async def _google_provider(ctx: TaskContext, user: User) -> GoogleProvider:
     return provider
 
 
-async def google_sync(ctx: TaskContext, op: Operation) -> None:
-    """Task handler: applies what changed in one Google calendar since the stored token.
+class GoogleSource:
+    """Google's change detection: push channels, and ``events.list`` with sync tokens."""
 
-    The calendar's newest channel is read, not the one that sent the message: a renewal may
-    have replaced that one since, and its change must not be lost with it.
-    """
-    calendar = op.mailbox.split(":", 1)[1]
-    async with ctx.db.session() as s:
-        sub = (
-            await s.execute(
-                select(Subscription)
-                .where(
-                    Subscription.provider == PROVIDER,
-                    Subscription.tenant_id == op.tenant_id,
-                    Subscription.calendar == calendar,
-                )
-                .order_by(Subscription.id.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        user = None if sub is None else await s.get(User, (sub.tenant_id, sub.user_id))
-    if sub is None or user is None or user.calendar_provider != PROVIDER:
-        return  # the channel was dropped meanwhile: nothing to follow any more
-    provider = await _google_provider(ctx, user)
-    try:
-        found = await provider.changes(sub.sync_token)
-    except SyncTokenExpired:
-        log.info("event=google.sync.full reason=token_expired calendar=%s", sub.calendar)
-        found = await provider.changes(None)
-    changes = await _without_our_cancellations(
-        ctx.db, sub.calendar, external_changes(sub.calendar, found)
-    )
-    applied = await apply_external_changes(ctx.db, changes) if changes else 0
-    if found.full or any(e.event_type == OUT_OF_OFFICE for e in found.events):
-        await refresh_days_off(ctx.db, user, provider)
-    async with ctx.db.session() as s, s.begin():
-        # Every channel of the calendar: one opened by a renewal meanwhile copied the old token.
-        await s.execute(
-            update(Subscription)
-            .where(
-                Subscription.provider == PROVIDER,
-                Subscription.tenant_id == sub.tenant_id,
-                Subscription.calendar == sub.calendar,
-            )
-            .values(sync_token=found.next_sync_token)
+    provider = PROVIDER
+
+    async def read(
+        self, ctx: TaskContext, sub: Subscription, calendar: CalendarProvider, token: str | None
+    ) -> Round:
+        if not isinstance(calendar, GoogleProvider):
+            raise Permanent(f"{sub.calendar} is not a Google calendar")
+        found = await calendar.changes(token)
+        changes = await _without_our_cancellations(
+            ctx.db, sub.calendar, external_changes(sub.calendar, found)
         )
-    log.info(
-        "event=google.sync.done calendar=%s listed=%d applied=%d full=%s",
-        sub.calendar,
-        len(found.events),
-        applied,
-        found.full,
-    )
+        return Round(
+            token=found.next_sync_token,
+            full=found.full,
+            changes=changes,
+            days_off=found.full or any(e.event_type == OUT_OF_OFFICE for e in found.events),
+            listed=len(found.events),
+        )
+
+    def needs_renewal(self, ctx: TaskContext, sub: Subscription, now: datetime) -> bool:
+        """A channel whose ``watch`` never answered has no resource id: it is opened anew."""
+        return not sub.resource_id or sub.expires_at <= now + timedelta(seconds=RENEW_BEFORE_S)
+
+    async def open(
+        self, ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
+    ) -> Subscription:
+        sub = await _watch(ctx, user, calendar, sync_token=sync_token)
+        async with ctx.db.session() as s, s.begin():
+            s.add(_sync_operation(user.tenant_id, f"{PROVIDER}:{calendar}", sub.id))
+        return sub
+
+    async def renew(self, ctx: TaskContext, user: User, sub: Subscription) -> None:
+        """Channels cannot be extended: a new one opens first, then the old one stops, so no
+        change falls between them. The new one carries the old one's token."""
+        await _watch(ctx, user, sub.calendar, sync_token=sub.sync_token)
+        await self.close(ctx, user, sub, reason="renewed")
+
+    async def close(
+        self, ctx: TaskContext, user: User | None, sub: Subscription, *, reason: str
+    ) -> None:
+        """Stops the channel where credentials still allow it, then forgets it.
+
+        A user still on Google stops it with their own connection; one who left Google can
+        still be reached through the service account's delegation (it needs only their
+        address). Otherwise the channel runs out at its expiration, and without its row its
+        messages are refused.
+        """
+        if sub.resource_id and user is not None:
+            try:
+                if user.calendar_provider == PROVIDER:
+                    await (await _google_provider(ctx, user)).stop(sub.external_id, sub.resource_id)
+                elif ctx.settings.google_service_account_file and user.email:
+                    delegated = GoogleProvider.with_service_account(
+                        ctx.settings, user.email, calendar_id=sub.calendar
+                    )
+                    try:
+                        await delegated.stop(sub.external_id, sub.resource_id)
+                    finally:
+                        await delegated.aclose()
+            except (Throttled, Transient):
+                raise
+            except ProviderError as exc:
+                log.warning(
+                    "event=google.channel.stop_failed channel=%s error=%s", sub.external_id, exc
+                )
+        async with ctx.db.session() as s, s.begin():
+            await s.execute(delete(Subscription).where(Subscription.id == sub.id))
+        log.info("event=google.channel.closed channel=%s reason=%s", sub.external_id, reason)
+
+
+SOURCE = GoogleSource()
 
 
 def external_changes(calendar: str, found: ChangeSet) -> list[ExternalChange]:
@@ -285,106 +305,7 @@ async def _without_our_cancellations(
     return [c for c in changes if not (c.deleted and c.event_id in known)]
 
 
-# --- google_channels ------------------------------------------------------------------------
-
-
-async def google_channels(ctx: TaskContext, op: Operation) -> None:
-    """Task handler: opens, renews and stops the tenant's Google channels (see the module doc).
-
-    Each calendar is handled on its own: one user's revoked credentials do not hold back the
-    others. A throttled or transient failure is raised after the rest are done, so the check
-    runs again later (it is idempotent).
-    """
-    retry: ProviderError | None = None
-    for user, subs in await _tenant_channels(ctx.db, op.tenant_id):
-        try:
-            await _reconcile_user(ctx, user, subs)
-        except (Throttled, Transient) as exc:
-            retry = retry or exc
-        except ProviderError as exc:
-            log.warning(
-                "event=google.channel.failed user=%s error=%s", user.id if user else "-", exc
-            )
-    if retry is not None:
-        raise retry
-
-
-async def _tenant_channels(
-    db: Database, tenant_id: str
-) -> list[tuple[User | None, list[Subscription]]]:
-    """Each Google user with their channels, then each channel whose user is gone."""
-    async with db.session() as s:
-        users = (
-            (
-                await s.execute(
-                    select(User).where(
-                        User.tenant_id == tenant_id, User.calendar_provider == PROVIDER
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
-        subs = (
-            (
-                await s.execute(
-                    select(Subscription)
-                    .where(Subscription.tenant_id == tenant_id, Subscription.provider == PROVIDER)
-                    .order_by(Subscription.id)
-                )
-            )
-            .scalars()
-            .all()
-        )
-        orphans_users = {
-            sub.user_id: await s.get(User, (tenant_id, sub.user_id))
-            for sub in subs
-            if sub.user_id not in {u.id for u in users}
-        }
-    by_user: dict[str, list[Subscription]] = {u.id: [] for u in users}
-    orphans: list[tuple[User | None, list[Subscription]]] = []
-    for sub in subs:
-        if sub.user_id in by_user:
-            by_user[sub.user_id].append(sub)
-        else:
-            orphans.append((orphans_users.get(sub.user_id), [sub]))
-    return [(u, by_user[u.id]) for u in users] + orphans
-
-
-async def _reconcile_user(
-    ctx: TaskContext, user: User | None, subs: Sequence[Subscription]
-) -> None:
-    calendar = None if user is None else calendar_of(user)
-    wanted = (
-        calendar.calendar
-        if user is not None and user.calendar_provider == PROVIDER and calendar
-        else None
-    )
-    now = utcnow()
-    keep = [s for s in subs if s.calendar == wanted]
-    for sub in subs:
-        if sub not in keep:
-            await _close(ctx, user, sub, reason="connection_changed")
-    if wanted is None or user is None:
-        return
-    live = max(keep, key=lambda s: s.expires_at or now, default=None)
-    for sub in keep:
-        if sub is not live:
-            await _close(ctx, user, sub, reason="duplicate")
-    renew_at = now + timedelta(seconds=RENEW_BEFORE_S)
-    if live is not None and live.resource_id and live.expires_at and live.expires_at > renew_at:
-        return
-    fresh = await open_channel(
-        ctx, user, wanted, sync_token=None if live is None else live.sync_token
-    )
-    if live is not None:
-        await _close(ctx, user, live, reason="renewed")
-    else:
-        async with ctx.db.session() as s, s.begin():
-            s.add(_sync_operation(user.tenant_id, f"{PROVIDER}:{wanted}", fresh.id))
-
-
-async def open_channel(
+async def _watch(
     ctx: TaskContext, user: User, calendar: str, *, sync_token: str | None
 ) -> Subscription:
     """Stores the channel, then opens it at Google; the row goes again if Google refuses.
@@ -430,44 +351,28 @@ async def open_channel(
     return sub
 
 
-async def _close(ctx: TaskContext, user: User | None, sub: Subscription, *, reason: str) -> None:
-    """Stops the channel where credentials still allow it, then forgets it.
+# --- task handlers ------------------------------------------------------------------------
 
-    A user still on Google stops it with their own connection; one who left Google can still be
-    reached through the service account's delegation (it needs only their address). Otherwise
-    the channel runs out at its expiration, and without its row its messages are refused.
-    """
-    if sub.resource_id and user is not None:
-        try:
-            if user.calendar_provider == PROVIDER:
-                await (await _google_provider(ctx, user)).stop(sub.external_id, sub.resource_id)
-            elif ctx.settings.google_service_account_file and user.email:
-                delegated = GoogleProvider.with_service_account(
-                    ctx.settings, user.email, calendar_id=sub.calendar
-                )
-                try:
-                    await delegated.stop(sub.external_id, sub.resource_id)
-                finally:
-                    await delegated.aclose()
-        except (Throttled, Transient):
-            raise
-        except ProviderError as exc:
-            log.warning(
-                "event=google.channel.stop_failed channel=%s error=%s", sub.external_id, exc
-            )
-    async with ctx.db.session() as s, s.begin():
-        await s.execute(delete(Subscription).where(Subscription.id == sub.id))
-    log.info("event=google.channel.closed channel=%s reason=%s", sub.external_id, reason)
+
+async def google_sync(ctx: TaskContext, op: Operation) -> None:
+    """Applies what changed in one Google calendar since the stored sync token."""
+    await sync(ctx, SOURCE, op)
+
+
+async def google_subscriptions(ctx: TaskContext, op: Operation) -> None:
+    """Opens, renews and stops the tenant's Google channels (see
+    :func:`~syncsvc.changes.source.check_subscriptions`)."""
+    await check_subscriptions(ctx, SOURCE, op.tenant_id)
 
 
 async def enqueue_channel_checks(db: Database) -> int:
-    """One ``google_channels`` operation per tenant with Google users or channels, unless one
-    is waiting or running already. Returns how many were stored."""
-    return await enqueue_checks(db, PROVIDER, GOOGLE_CHANNELS, CHANNELS_MAILBOX)
+    """One ``google_subs`` operation per tenant with Google users or channels, unless
+    one is waiting or running already. Returns how many were stored."""
+    return await enqueue_checks(db, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
 
 
 async def run_channel_checks(
     db: Database, stop: asyncio.Event, interval_s: float = CHANNELS_CHECK_S
 ) -> None:
     """Queues the channel checks at start and every ``interval_s`` until ``stop``."""
-    await run_checks(db, stop, interval_s, PROVIDER, GOOGLE_CHANNELS, CHANNELS_MAILBOX)
+    await run_checks(db, stop, interval_s, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
