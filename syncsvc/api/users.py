@@ -7,10 +7,18 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.api._framework import Ctx, Routes
+from syncsvc.api.connections import PROVIDERS
 from syncsvc.api.pagination import ExportQuery, Page, csv_response, decode_cursor, page
 from syncsvc.api.plan_schemas import single_line
 from syncsvc.service import users as service
@@ -62,15 +70,36 @@ class GoogleCalendar(BaseModel):
 
 
 class CaldavCalendar(BaseModel):
+    """The calendar collection's ``url``, or the server's ``server_url`` to discover it from."""
+
     provider: Literal["caldav"]
-    url: str = Field(min_length=1, max_length=ADDRESS_MAX_CHARS, description="The collection URL.")
+    url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ADDRESS_MAX_CHARS,
+        description="The calendar collection URL, used as given.",
+    )
+    server_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ADDRESS_MAX_CHARS,
+        description="The server's URL (e.g. https://caldav.example.com/): the calendar is "
+        "discovered from it (RFC 6764 well-known URL, principal, calendar home) when the "
+        "user is stored, and answered as url; a server where none is found is a 422.",
+    )
     username: Annotated[str, AfterValidator(single_line)] = Field(max_length=EMAIL_MAX_CHARS)
     password: str = Field(max_length=SECRET_MAX_CHARS, description="Stored encrypted.")
 
-    @field_validator("url")
+    @field_validator("url", "server_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        return check_http_url(value)
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @model_validator(mode="after")
+    def _one_address(self) -> CaldavCalendar:
+        if (self.url is None) == (self.server_url is None):
+            raise ValueError("give exactly one of url (the calendar) and server_url")
+        return self
 
 
 class NoCalendar(BaseModel):
@@ -143,7 +172,8 @@ class GoogleCalendarOut(BaseModel):
 
 class CaldavCalendarOut(BaseModel):
     provider: Literal["caldav"]
-    url: str
+    url: str = Field(description="The calendar collection, as given or as discovered.")
+    server_url: str | None = Field(default=None, description="The server URL discovered from.")
     username: str
     password_set: bool
 
@@ -230,6 +260,7 @@ def _calendar_out(
             return CaldavCalendarOut(
                 provider="caldav",
                 url=str(config.get("url", "")),
+                server_url=config.get("server_url"),
                 username=str(config.get("username", "")),
                 password_set=has_secret,
             )
@@ -273,6 +304,15 @@ def user_out(user: User) -> UserOut:
 )
 async def put_user(ctx: Ctx, path: UserPath, body: UserIn) -> UserOut:
     """Replaces every field; the calendar's secrets are stored encrypted and never returned."""
+    async with ctx.session() as session:
+        calendar = await service.resolve_calendar(
+            session,
+            ctx.box,
+            ctx.tenant_id,
+            path.user_id,
+            body.calendar.model_dump(mode="json"),
+            ctx.request.app[PROVIDERS].discover_caldav,
+        )
     spec = service.UserSpec(
         name=body.name,
         email=body.email,
@@ -281,7 +321,7 @@ async def put_user(ctx: Ctx, path: UserPath, body: UserIn) -> UserOut:
         country=body.country,
         subdivision=body.subdivision,
         days_off=body.days_off,
-        calendar=body.calendar.model_dump(mode="json"),
+        calendar=calendar,
     )
     async with ctx.session() as session, session.begin():
         user, _ = await service.put_user(session, ctx.box, ctx.tenant_id, path.user_id, spec)

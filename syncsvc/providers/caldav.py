@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import NoReturn
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 from xml.sax.saxutils import escape
 
 import aiohttp
@@ -49,6 +49,7 @@ from syncsvc.errors import (
     Transient,
     Unreachable,
 )
+from syncsvc.providers._adaptive import AdaptiveGate
 from syncsvc.providers._http import error_for_status, parse_retry_after
 from syncsvc.providers._ical import (
     BATCH_PROPERTY,
@@ -67,6 +68,14 @@ CALDAV_BATCH_MAX = 1
 #: Creates run concurrently in ``create_many``; CalDAV servers serialise writes per
 #: collection (Radicale takes a write lock), so more buys little.
 CALDAV_CREATE_CONCURRENCY = 4
+#: The most writes (PUT, DELETE) in flight to one calendar; the worker's mailbox concurrency
+#: is usually the tighter bound. A lock answer narrows it to one (``_adaptive.py``).
+CALDAV_WRITES_MAX = 16
+#: Times a write answered with a lock is sent again, alone, before it fails as ``Transient``.
+CALDAV_LOCKED_RETRIES = 3
+#: Redirects followed per request, on the URL's own origin only.
+CALDAV_REDIRECTS_MAX = 5
+_REDIRECTS = frozenset({301, 302, 307, 308})
 CALDAV_TIMEOUT_S = 30.0
 RESOURCE_SUFFIX = ".ics"
 #: Keys made only of these characters name the resource as they are; others are hashed.
@@ -100,6 +109,8 @@ class _Response:
     status: int
     headers: CIMultiDict[str]
     body: bytes
+    #: Where the answer came from, after redirects: relative hrefs in it resolve against this.
+    url: str = ""
 
     @property
     def etag(self) -> str | None:
@@ -228,9 +239,87 @@ def _sync_collection_query(token: str) -> bytes:
 def _propfind(prop_xml: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="utf-8"?>'
-        f'<D:propfind xmlns:D="{_DAV}" xmlns:CS="{_CALSERVER}"><D:prop>{prop_xml}</D:prop>'
+        f'<D:propfind xmlns:D="{_DAV}" xmlns:C="{_CALDAV}" xmlns:CS="{_CALSERVER}">'
+        f"<D:prop>{prop_xml}</D:prop>"
         "</D:propfind>"
     ).encode()
+
+
+class NoCalendarFound(Permanent):
+    """Discovery found no calendar for events from the URL given; ``tried`` says where it
+    looked and what each step answered."""
+
+    code = "no_calendar_found"
+
+    def __init__(self, start: str, tried: Sequence[str]) -> None:
+        super().__init__(f"no CalDAV calendar for events found from {start}: {'; '.join(tried)}")
+        self.tried = tuple(tried)
+
+
+@dataclass(frozen=True, slots=True)
+class _Collection:
+    """What discovery reads of one WebDAV resource (RFC 4791 §6.2.1, RFC 5397)."""
+
+    url: str
+    name: str
+    calendar: bool
+    #: Takes VEVENT: listed in supported-calendar-component-set, or the set is absent (all).
+    events: bool
+    principal: str | None
+    home: str | None
+
+
+_DISCOVERY_PROPS = _propfind(
+    "<D:resourcetype/><D:displayname/><D:current-user-principal/><C:calendar-home-set/>"
+    "<C:supported-calendar-component-set/>"
+)
+
+
+def _collections(response: _Response) -> list[_Collection]:
+    """The resources of a discovery PROPFIND, their hrefs made absolute."""
+    try:
+        root = ET.fromstring(response.body)
+    except ET.ParseError as exc:
+        raise Permanent(f"CalDAV server sent malformed XML: {exc}") from exc
+    found = []
+    for item in root.iter(f"{{{_DAV}}}response"):
+        prop = ET.Element("prop")
+        for propstat in item.iter(f"{{{_DAV}}}propstat"):
+            if " 200 " in (propstat.findtext(f"{{{_DAV}}}status") or "") + " ":
+                for child in propstat.iterfind(f"{{{_DAV}}}prop"):
+                    prop.extend(child)
+        kinds = prop.find(f"{{{_DAV}}}resourcetype")
+        components = prop.find(f"{{{_CALDAV}}}supported-calendar-component-set")
+        principal = prop.findtext(f"{{{_DAV}}}current-user-principal/{{{_DAV}}}href")
+        home = prop.findtext(f"{{{_CALDAV}}}calendar-home-set/{{{_DAV}}}href")
+        url = urljoin(response.url, (item.findtext(f"{{{_DAV}}}href") or "").strip())
+        found.append(
+            _Collection(
+                url=url,
+                name=(prop.findtext(f"{{{_DAV}}}displayname") or "").strip(),
+                calendar=kinds is not None and kinds.find(f"{{{_CALDAV}}}calendar") is not None,
+                events=components is None
+                or any(c.get("name", "").upper() == "VEVENT" for c in components),
+                principal=urljoin(response.url, principal.strip()) if principal else None,
+                home=urljoin(response.url, home.strip()) if home else None,
+            )
+        )
+    return found
+
+
+def _same_path(a: str, b: str) -> bool:
+    return urlsplit(a).path.rstrip("/") == urlsplit(b).path.rstrip("/")
+
+
+def _default_calendar(calendars: Sequence[_Collection]) -> _Collection:
+    """The one named ``default`` (by its last path segment or display name), else the first by
+    href: servers list in no fixed order, and the choice must not change between looks."""
+    ordered = sorted(calendars, key=lambda c: c.url)
+    for calendar in ordered:
+        segment = unquote(urlsplit(calendar.url).path.rstrip("/").rsplit("/", 1)[-1])
+        if "default" in (segment.lower(), calendar.name.lower()):
+            return calendar
+    return ordered[0]
 
 
 def _multiget(hrefs: Sequence[str]) -> bytes:
@@ -272,6 +361,17 @@ def _is_day_off(event: ParsedEvent) -> bool:
     return event.busy_status == "OOF" or (event.all_day and not event.transparent)
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+def _is_lock(response: _Response) -> bool:
+    """The server refused because the collection is locked: 423, or a 409 naming a lock."""
+    return response.status == 423 or (response.status == 409 and b"lock" in response.body.lower())
+
+
 def touches_days_off(event: ParsedEvent) -> bool:
     """Whether a change of this event (not ours) may change the user's days off: it is, or
     was until cancelled, an out-of-office or all-day blocking event."""
@@ -306,6 +406,7 @@ class CalDAVProvider:
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._create_concurrency = create_concurrency
+        self._writes = AdaptiveGate(CALDAV_WRITES_MAX)
         self._clock = clock
 
     # --- HTTP ---
@@ -314,6 +415,31 @@ class CalDAVProvider:
         return self._url + quote(name, safe="")
 
     async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> _Response:
+        """One request, following redirects on its own origin with the same method and body
+        (servers move collection URLs, e.g. one without its trailing slash); a redirect to
+        another origin is refused, since the credentials must not follow it there."""
+        for _ in range(CALDAV_REDIRECTS_MAX + 1):
+            response = await self._send_once(method, url, headers=headers, body=body)
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECTS or not location:
+                return response
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                raise Permanent(
+                    f"CalDAV {method} {url} was redirected to another origin ({target}), "
+                    "which is not followed; configure that URL instead"
+                )
+            url = target
+        raise Permanent(f"CalDAV {method}: more than {CALDAV_REDIRECTS_MAX} redirects, to {url}")
+
+    async def _send_once(
         self,
         method: str,
         url: str,
@@ -333,7 +459,7 @@ class CalDAVProvider:
                 allow_redirects=False,
             ) as response:
                 content = await read_bounded(response)
-                return _Response(response.status, CIMultiDict(response.headers), content)
+                return _Response(response.status, CIMultiDict(response.headers), content, url)
         except aiohttp.InvalidURL as exc:
             raise Permanent(f"CalDAV {method}: invalid URL {url!r}") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -348,6 +474,25 @@ class CalDAVProvider:
                 raise Unreachable(f"CalDAV {method} failed: {exc}") from exc
             raise Transient(f"CalDAV {method} failed: {exc}") from exc
 
+    async def _write(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> _Response:
+        """A PUT or DELETE through the calendar's adaptive window. A lock answer means our
+        own writes overlap: the window closes to one and the write is sent again once it has
+        the calendar to itself, so the lock costs the operation no attempt."""
+        for _ in range(CALDAV_LOCKED_RETRIES + 1):
+            async with self._writes.slot():  # the outcome is counted before the slot frees
+                response = await self._send(method, url, headers=headers, body=body)
+                locked = _is_lock(response)
+                if locked:
+                    self._writes.window.locked()
+                else:
+                    self._writes.window.succeeded()
+            if not locked:
+                return response
+            log.info("event=caldav.locked method=%s calendar=%s", method, self._url)
+        return response
+
     def _raise_for(self, method: str, response: _Response) -> NoReturn:
         """Map an unexpected status onto the provider error vocabulary."""
         status = response.status
@@ -358,8 +503,9 @@ class CalDAVProvider:
         if 300 <= status < 400:
             location = response.headers.get("Location", "?")
             raise Permanent(f"{message}: redirected to {location}; configure that calendar URL")
-        locked = status == 409 and b"lock" in response.body.lower()
-        raise error_for_status(status, message, retry_after_s=retry_after, locked=locked)
+        raise error_for_status(
+            status, message, retry_after_s=retry_after, locked=_is_lock(response)
+        )
 
     async def _get(self, name: str) -> tuple[EventRef, bytes] | None:
         response = await self._send("GET", self._resource_url(name))
@@ -375,7 +521,7 @@ class CalDAVProvider:
         except UnrenderableEvent as exc:
             raise Permanent(f"event {spec.key!r} cannot be written: {exc}") from exc
         headers = {"Content-Type": _ICS_CONTENT_TYPE, **condition}
-        return await self._send("PUT", self._resource_url(name), headers=headers, body=body)
+        return await self._write("PUT", self._resource_url(name), headers, body)
 
     async def _stored_ref(self, name: str, response: _Response) -> EventRef:
         """The ref after a successful PUT; servers that rewrote the data send no ETag (RFC 4791)."""
@@ -391,6 +537,65 @@ class CalDAVProvider:
         if response.status != 207:
             self._raise_for("REPORT", response)
         return _parse_multistatus(response.body)
+
+    # --- Discovery ---
+
+    async def discover(self) -> str:
+        """The URL of the calendar to write to, found from the URL the user knows (their
+        server's root, a principal, a calendar home, or the calendar itself): the URL, then
+        ``/.well-known/caldav`` (RFC 6764), each followed through ``current-user-principal``
+        to ``calendar-home-set`` (RFC 4791 §6.2.1) and the calendars for events in it.
+        Raises ``NoCalendarFound`` listing what was tried, ``AuthFailed`` for refused
+        credentials."""
+        tried: list[str] = []
+        for start in dict.fromkeys([self._url, urljoin(self._url, "/.well-known/caldav")]):
+            steps: list[str] = []
+            found = await self._discover_from(start, steps)
+            if found is not None:
+                return found
+            tried.append(f"from {start}: {', '.join(steps) or 'nothing'}")
+        raise NoCalendarFound(self._url, tried)
+
+    async def _discover_from(self, url: str, tried: list[str]) -> str | None:
+        here = await self._look(url, "0", tried)
+        if not here:
+            return None
+        first = here[0]  # Depth 0: the resource itself
+        if first.calendar:
+            if first.events:
+                return first.url
+            tried.append(f"{first.url} is a calendar without events (VEVENT)")
+            return None
+        home = first.home
+        if home is None and first.principal is not None:
+            principal = await self._look(first.principal, "0", tried)
+            home = principal[0].home if principal else None
+        # Without a home set, the URL given may be the home itself.
+        for candidate in dict.fromkeys([home or first.url, first.url]):
+            listed = await self._look(candidate, "1", tried)
+            calendars = [
+                c for c in listed if c.calendar and c.events and not _same_path(c.url, candidate)
+            ]
+            if calendars:
+                return _default_calendar(calendars).url
+            tried.append(f"{candidate} holds no calendar for events")
+        return None
+
+    async def _look(self, url: str, depth: str, tried: list[str]) -> list[_Collection]:
+        """One discovery PROPFIND; an answer that is not a listing is noted in ``tried``."""
+        try:
+            response = await self._send(
+                "PROPFIND", url, headers={**_XML_TYPE, "Depth": depth}, body=_DISCOVERY_PROPS
+            )
+        except Permanent as exc:  # e.g. a redirect to another origin
+            tried.append(str(exc))
+            return []
+        if response.status in (401, 403):
+            self._raise_for("PROPFIND", response)
+        if response.status != 207:
+            tried.append(f"PROPFIND {url} answered {response.status}")
+            return []
+        return _collections(response)
 
     # --- Change detection ---
 
@@ -528,7 +733,7 @@ class CalDAVProvider:
         self._raise_for("PUT", response)
 
     async def delete(self, ref: EventRef) -> None:
-        response = await self._send("DELETE", self._resource_url(ref.event_id))
+        response = await self._write("DELETE", self._resource_url(ref.event_id), {})
         if response.status in (200, 202, 204, 404, 410):
             return
         self._raise_for("DELETE", response)

@@ -72,17 +72,25 @@ class ProviderRegistry:
             self._providers[cache_key] = provider
         return provider
 
+    def _caldav_session(self) -> aiohttp.ClientSession:
+        """The one session of every CalDAV request, through the egress policy."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=GuardedConnector(self.settings.egress, ssl=ssl_context())
+            )
+        return self._session
+
+    async def discover_caldav(self, url: str, username: str, password: str) -> str:
+        """The calendar collection found from a CalDAV server URL (``CalDAVProvider.discover``)."""
+        return await CalDAVProvider(url, username, password, self._caldav_session()).discover()
+
     def _build(self, c: Connection) -> CalendarProvider:
         if c.provider == "caldav":
-            if self._session is None:
-                self._session = aiohttp.ClientSession(
-                    connector=GuardedConnector(self.settings.egress, ssl=ssl_context())
-                )
             return CalDAVProvider(
                 c.account,
                 str(c.settings.get("username", "")),
                 str(c.credentials.get("password", "")),
-                self._session,
+                self._caldav_session(),
             )
         if c.provider == "graph":
             return self.graph(c.directory).mailbox(c.account, c.timezone)

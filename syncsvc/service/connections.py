@@ -119,5 +119,8 @@ class UserProviders:
         finally:
             await client.aclose()
 
+    async def discover_caldav(self, url: str, username: str, password: str) -> str:
+        return await self.registry.discover_caldav(url, username, password)
+
     async def aclose(self) -> None:
         await self.registry.aclose()

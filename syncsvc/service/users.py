@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import zoneinfo
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -18,8 +18,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
+from syncsvc.errors import (
+    AuthFailed,
+    Conflict,
+    ErrorDetail,
+    NotFound,
+    ProviderError,
+    ValidationError,
+)
 from syncsvc.providers import egress
+from syncsvc.providers.caldav import NoCalendarFound
 from syncsvc.service import mailboxes
 from syncsvc.service.tenant_connections import ConnectionState
 from syncsvc.store.crypto import SecretBox
@@ -82,6 +90,53 @@ def check_subdivision(country: str, subdivision: str) -> str:
         hint = ", ".join(known[:10]) if known else "none"
         raise ValueError(f"unknown subdivision {subdivision!r} of {country} (known: {hint})")
     return subdivision
+
+
+#: Finds the calendar collection from a CalDAV server's URL: (URL, username, password) → URL.
+DiscoverCalendar = Callable[[str, str, str], Awaitable[str]]
+
+
+async def resolve_calendar(
+    session: AsyncSession,
+    box: SecretBox,
+    tenant_id: str,
+    user_id: str,
+    calendar: Mapping[str, Any],
+    discover: DiscoverCalendar,
+) -> dict[str, Any]:
+    """The connection to store: a CalDAV connection given by its ``server_url`` gets the
+    ``url`` of its calendar, discovered now (so the CRM sees it in the answer and syncs never
+    look for it), or kept from the stored connection when server, username and password are
+    the same. A server where no calendar is found, or that refuses, is a 422 saying why."""
+    resolved = {k: v for k, v in calendar.items() if v is not None}
+    server_url = resolved.get("server_url")
+    if resolved.get("provider") != "caldav" or server_url is None:
+        return resolved
+    username, password = str(resolved.get("username", "")), str(resolved.get("password", ""))
+    user = await session.get(User, (tenant_id, user_id))
+    if user is not None and user.calendar_provider == "caldav" and user.calendar_secret:
+        stored = user.calendar_config
+        same = stored.get("server_url") == server_url and stored.get("username") == username
+        if same and box.decrypt(user.calendar_secret).get("password") == password:
+            return {**resolved, "url": stored["url"]}
+    loc = ("body", "calendar", "server_url")
+    try:
+        url = await discover(server_url, username, password)
+    except NoCalendarFound as exc:
+        raise ValidationError(
+            f"no calendar for events found on {server_url}",
+            [ErrorDetail(loc, tried) for tried in exc.tried],
+        ) from exc
+    except AuthFailed as exc:
+        raise ValidationError(
+            f"{server_url} refused the username or password",
+            [ErrorDetail(("body", "calendar", "password"), str(exc))],
+        ) from exc
+    except ProviderError as exc:
+        raise ValidationError(
+            f"the calendar could not be looked up on {server_url}", [ErrorDetail(loc, str(exc))]
+        ) from exc
+    return {**resolved, "url": check_http_url(url)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,7 @@ async def test_secrets_are_stored_encrypted_and_never_shown(
     assert json.loads(answers[0])["calendar"] == {
         "provider": "caldav",
         "url": "https://dav.example.com/ck/cal/",
+        "server_url": None,
         "username": "ck",
         "password_set": True,
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -45,8 +44,9 @@ from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
+from tests.servers.proxy import caldav_proxy
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
-from tests.servers.xandikos import free_port, new_xandikos_calendar
+from tests.servers.xandikos import new_xandikos_calendar
 
 CPH = ZoneInfo("Europe/Copenhagen")
 SYNC_TIMEOUT_S = 60.0
@@ -227,45 +227,18 @@ async def test_the_ctag_fallback_costs_one_request_unchanged_and_lists_what_move
     assert later.method == "ctag" and not later.full
 
 
-@asynccontextmanager
-async def _without_sync_collection(upstream: str) -> AsyncIterator[str]:
-    """The real server behind a proxy that answers 501 to ``sync-collection``, like a server
-    without RFC 6578; everything else reaches the server as sent."""
-    async with aiohttp.ClientSession() as session:
-
-        async def forward(request: web.Request) -> web.Response:
-            body = await request.read()
-            if request.method == "REPORT" and b"sync-collection" in body:
-                return web.Response(status=501, text="REPORT sync-collection not implemented")
-            passed = ("authorization", "content-type", "depth", "if-match", "if-none-match")
-            headers = {k: v for k, v in request.headers.items() if k.lower() in passed}
-            async with session.request(
-                request.method, upstream + request.path_qs, data=body, headers=headers
-            ) as answer:
-                kept = {k: v for k, v in answer.headers.items() if k.lower() in ("etag",)}
-                return web.Response(
-                    status=answer.status,
-                    body=await answer.read(),
-                    headers={**kept, "Content-Type": answer.headers.get("Content-Type", "")},
-                )
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+async def _no_sync_collection(request: web.Request, body: bytes) -> web.Response | None:
+    """501 to ``sync-collection``, like a server without RFC 6578; the rest passes."""
+    if request.method == "REPORT" and b"sync-collection" in body:
+        return web.Response(status=501, text="REPORT sync-collection not implemented")
+    return None
 
 
 async def test_a_server_without_sync_collection_is_polled_by_ctag(
     server: Callable[[aiohttp.ClientSession], Awaitable[str]], counted: Counted
 ) -> None:
     url = urlsplit(await server(counted.session))
-    async with _without_sync_collection(f"{url.scheme}://{url.netloc}") as proxy:
+    async with caldav_proxy(f"{url.scheme}://{url.netloc}", _no_sync_collection) as proxy:
         provider = CalDAVProvider(
             proxy + url.path, RADICALE_USER, RADICALE_PASSWORD, counted.session
         )
@@ -408,9 +381,7 @@ async def _poll_through_the_worker(db: Database) -> None:
     await _wait_for(finished, "the polls did not finish")
     async with db.session() as s:
         states = (
-            (await s.execute(select(Operation.state).where(Operation.kind == POLL)))
-            .scalars()
-            .all()
+            (await s.execute(select(Operation.state).where(Operation.kind == POLL))).scalars().all()
         )
     assert set(states) == {"done"}
 

@@ -2,7 +2,7 @@
 
 Xandikos is the second, independent CalDAV server every CalDAV test runs against next to
 Radicale. It has no authentication (the Basic credentials tests send are ignored) and, unlike
-Radicale, answers ``423 Locked`` to overlapping writes in one collection. ``--autocreate``
+Radicale, answers ``423 Locked`` to overlapping writes in one collection. ``--defaults``
 makes the principal ``/user/`` with its calendar home ``/user/calendars/`` and a ``calendar``
 collection in it, so discovery from the root finds a calendar as on a fresh install.
 """
@@ -52,7 +52,7 @@ def xandikos_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "serve",
                 "-d",
                 str(folder / "data"),
-                "--autocreate",
+                "--defaults",
                 "-l",
                 "127.0.0.1",
                 "-p",
