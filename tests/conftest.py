@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.servers.redis",
     "tests.servers.radicale",
     "tests.servers.xandikos",
+    "tests.servers.caldav",
 ]

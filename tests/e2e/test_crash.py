@@ -1,11 +1,11 @@
 """``kill -9`` of ``syncsvc serve`` mid-sync loses nothing and duplicates nothing.
 
 The service runs as an operator runs it (one process on a SQLite file) against real CalDAV
-calendars in Radicale. A 150-activity batch is committed over HTTP; the process is killed at
-seeded random moments while the events are being created, restarted each time, and then left
-to finish: each calendar holds exactly its share of the batch, once (by UID and by summary),
-next to the user's own event. Deleting the batch and killing the process mid-delete still ends
-with none of our events and every one of the user's own.
+calendars in Radicale and in Xandikos. A 150-activity batch is committed over HTTP; the process
+is killed at seeded random moments while the events are being created, restarted each time,
+and then left to finish: each calendar holds exactly its share of the batch, once (by UID and
+by summary), next to the user's own event. Deleting the batch and killing the process
+mid-delete still ends with none of our events and every one of the user's own.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 from tests.e2e.fleet import own_event
 from tests.integration.test_cli import KEY_RE, Launcher, Served
 from tests.integration.test_sync_caldav import _events as calendar_events
-from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
+from tests.servers.caldav import NewCalendar
+from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER
 
 EVENTS = 150
 USERS = 3
@@ -89,7 +90,7 @@ class Service:
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_kill_9_mid_create_and_mid_delete_leaves_exactly_the_batch(
-    seed: int, radicale_url: str, tmp_path: Path
+    seed: int, caldav_server: NewCalendar, tmp_path: Path
 ) -> None:
     rng = random.Random(seed)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCSVC_")}
@@ -105,7 +106,7 @@ async def test_kill_9_mid_create_and_mid_delete_leaves_exactly_the_batch(
         try:
             await service.start()
             assert service.headers, "the first start prints the dev tenant's key"
-            calendars = [await new_calendar(http, radicale_url) for _ in range(USERS)]
+            calendars = [await caldav_server(http) for _ in range(USERS)]
             for n, url in enumerate(calendars):
                 async with http.put(
                     f"{url}own-{n}.ics", data=own_event(f"own-{n}"), headers=auth

@@ -44,9 +44,9 @@ from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
 from syncsvc.store.types import utcnow
+from tests.servers.caldav import NewCalendar
 from tests.servers.proxy import caldav_proxy
-from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
-from tests.servers.xandikos import new_xandikos_calendar
+from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER
 
 CPH = ZoneInfo("Europe/Copenhagen")
 SYNC_TIMEOUT_S = 60.0
@@ -55,16 +55,6 @@ QUIET_POLL_MINUTES = 24 * 60
 
 
 # --- Servers ---
-
-
-@pytest.fixture(params=["radicale", "xandikos"])
-def server(request: pytest.FixtureRequest) -> Callable[[aiohttp.ClientSession], Awaitable[str]]:
-    """A factory of fresh, empty calendar collections on each real server in turn."""
-    if request.param == "radicale":
-        base = request.getfixturevalue("radicale_url")
-        return lambda session: new_calendar(session, base)
-    base = request.getfixturevalue("xandikos_url")
-    return lambda session: new_xandikos_calendar(session, base)
 
 
 AUTH = {"Authorization": aiohttp.encode_basic_auth(RADICALE_USER, RADICALE_PASSWORD)}
@@ -159,9 +149,9 @@ def _day_off(uid: str, day: date) -> bytes:
 
 
 async def test_sync_collection_sees_an_edit_and_a_delete_and_nothing_else(
-    server: Callable[[aiohttp.ClientSession], Awaitable[str]], counted: Counted
+    caldav_server: NewCalendar, counted: Counted
 ) -> None:
-    url = await server(counted.session)
+    url = await caldav_server(counted.session)
     provider = CalDAVProvider(url, RADICALE_USER, RADICALE_PASSWORD, counted.session)
     start = datetime(2027, 6, 14, 9, 0, tzinfo=CPH)
     kept = await provider.create(_spec("kept", start))
@@ -191,9 +181,9 @@ async def test_sync_collection_sees_an_edit_and_a_delete_and_nothing_else(
 
 
 async def test_a_forgotten_sync_token_asks_for_a_full_listing(
-    server: Callable[[aiohttp.ClientSession], Awaitable[str]], counted: Counted
+    caldav_server: NewCalendar, counted: Counted
 ) -> None:
-    url = await server(counted.session)
+    url = await caldav_server(counted.session)
     provider = CalDAVProvider(url, RADICALE_USER, RADICALE_PASSWORD, counted.session)
     first = await provider.changes(None)
     bogus = first.state.replace('"}', 'x-forgotten"}')
@@ -203,9 +193,9 @@ async def test_a_forgotten_sync_token_asks_for_a_full_listing(
 
 
 async def test_the_ctag_fallback_costs_one_request_unchanged_and_lists_what_moved(
-    server: Callable[[aiohttp.ClientSession], Awaitable[str]], counted: Counted
+    caldav_server: NewCalendar, counted: Counted
 ) -> None:
-    url = await server(counted.session)
+    url = await caldav_server(counted.session)
     provider = CalDAVProvider(url, RADICALE_USER, RADICALE_PASSWORD, counted.session)
     start = datetime(2027, 6, 14, 9, 0, tzinfo=CPH)
     edited = await provider.create(_spec("edited", start))
@@ -235,9 +225,9 @@ async def _no_sync_collection(request: web.Request, body: bytes) -> web.Response
 
 
 async def test_a_server_without_sync_collection_is_polled_by_ctag(
-    server: Callable[[aiohttp.ClientSession], Awaitable[str]], counted: Counted
+    caldav_server: NewCalendar, counted: Counted
 ) -> None:
-    url = urlsplit(await server(counted.session))
+    url = urlsplit(await caldav_server(counted.session))
     async with caldav_proxy(f"{url.scheme}://{url.netloc}", _no_sync_collection) as proxy:
         provider = CalDAVProvider(
             proxy + url.path, RADICALE_USER, RADICALE_PASSWORD, counted.session
@@ -389,12 +379,12 @@ async def _poll_through_the_worker(db: Database) -> None:
 @pytest.mark.timeout(180)
 async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
     service: tuple[TestClient[Any, Any], Database, dict[str, str], Settings],
-    server: Callable[[aiohttp.ClientSession], Awaitable[str]],
+    caldav_server: NewCalendar,
     counted: Counted,
 ) -> None:
     client, db, headers, settings = service
     http = counted.session
-    url = await server(http)
+    url = await caldav_server(http)
     answer = await client.put(
         "/v1/users/u0",
         headers=headers,

@@ -1,5 +1,5 @@
-"""A batch lands in real CalDAV calendars (Radicale) through the worker, follows edits and
-cancellations, and deleting it removes exactly its events."""
+"""A batch lands in real CalDAV calendars (Radicale and Xandikos) through the worker, follows
+edits and cancellations, and deleting it removes exactly its events."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, SyncCycle
 from syncsvc.store.types import utcnow
+from tests.servers.caldav import NewCalendar
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, RadicaleServer, new_calendar
 
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -52,7 +53,7 @@ async def service(
 
 
 async def _events(session: aiohttp.ClientSession, url: str) -> list[Any]:
-    """Every event in the collection, read straight from Radicale."""
+    """Every event in the collection, read straight from the server."""
     auth = {"Authorization": aiohttp.encode_basic_auth(RADICALE_USER, RADICALE_PASSWORD)}
     body = (
         '<?xml version="1.0"?><C:calendar-query xmlns:D="DAV:" '
@@ -87,11 +88,11 @@ async def _wait_state(
 
 @pytest.mark.timeout(120)
 async def test_batch_lands_follows_edits_and_is_deleted(
-    service: tuple[TestClient[Any, Any], Database, dict[str, str]], radicale_url: str
+    service: tuple[TestClient[Any, Any], Database, dict[str, str]], caldav_server: NewCalendar
 ) -> None:
     client, _db, headers = service
     async with aiohttp.ClientSession() as http:
-        calendars = [await new_calendar(http, radicale_url) for _ in range(3)]
+        calendars = [await caldav_server(http) for _ in range(3)]
         for n, url in enumerate(calendars):
             answer = await client.put(
                 f"/v1/users/u{n}",
