@@ -136,7 +136,12 @@ async def resolve_calendar(
         raise ValidationError(
             f"the calendar could not be looked up on {server_url}", [ErrorDetail(loc, str(exc))]
         ) from exc
-    return {**resolved, "url": check_http_url(url)}
+    try:
+        return {**resolved, "url": check_http_url(url)}
+    except ValueError as exc:  # the server named a calendar elsewhere that we may not call
+        raise ValidationError(
+            f"the calendar found on {server_url} is at {url}", [ErrorDetail(loc, str(exc))]
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

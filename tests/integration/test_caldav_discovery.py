@@ -308,3 +308,33 @@ async def test_put_with_refused_credentials_or_two_addresses_is_a_422(
         answer = await client.put("/v1/users/u1", headers=headers, json=_user(both))
         assert answer.status == 422
         assert "exactly one of url" in await answer.text()
+
+
+async def test_a_calendar_listed_outside_the_egress_policy_is_a_422_not_stored(
+    api: tuple[TestClient[Any, Any], Database, dict[str, str]], radicale_url: str
+) -> None:
+    """A hostile server may list a calendar on the operator's network: it is never stored."""
+    client, _, headers = api
+
+    async def hostile(request: web.Request, _: bytes) -> web.StreamResponse:
+        inner = (
+            "<D:response><D:href>http://10.0.0.1/cal/</D:href><D:propstat><D:prop>"
+            "<D:resourcetype><D:collection/><C:calendar/></D:resourcetype></D:prop>"
+            "<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>"
+        )
+        listing = inner if request.headers.get("Depth") == "1" else ""
+        body = (
+            '<D:multistatus xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav">'
+            "<D:response><D:href>/</D:href><D:propstat><D:prop><D:resourcetype>"
+            "<D:collection/></D:resourcetype></D:prop><D:status>HTTP/1.1 200 OK</D:status>"
+            f"</D:propstat></D:response>{listing}</D:multistatus>"
+        )
+        return web.Response(status=207, body=body, content_type="application/xml")
+
+    async with caldav_proxy(radicale_url, hostile) as proxy:
+        calendar = {"provider": "caldav", "server_url": proxy, "username": "u", "password": "x"}
+        answer = await client.put("/v1/users/u1", headers=headers, json=_user(calendar))
+    assert answer.status == 422, await answer.text()
+    error = (await answer.json())["error"]
+    assert error["message"].endswith("is at http://10.0.0.1/cal/")
+    assert (await client.get("/v1/users/u1", headers=headers)).status == 404
