@@ -17,17 +17,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 
-from syncsvc.app import build_app
 from syncsvc.config import Settings
 from syncsvc.limits import DEFAULT_LIMITS, RateLimit
-from syncsvc.runtime import run_workers
-from syncsvc.service.tenants import create_tenant
-from syncsvc.store.db import Database
 from syncsvc.store.models import Operation
-from tests.integration.test_sync_caldav import _events, _wait_state
+from tests.integration.test_sync_caldav import Service, _events, _wait_state, serving
 from tests.servers.proxy import caldav_proxy
 from tests.servers.radicale import RADICALE_PASSWORD, RADICALE_USER, new_calendar
 
@@ -38,24 +33,14 @@ FAST_CALDAV = RateLimit(1000, 1.0, 4)
 
 
 @pytest_asyncio.fixture
-async def service(
-    tmp_path: Path,
-) -> AsyncIterator[tuple[TestClient[Any, Any], Database, dict[str, str]]]:
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'sync.db'}",
         secret_key="k" * 40,
         limits={**DEFAULT_LIMITS, "caldav": FAST_CALDAV},
     )
-    db = Database(settings.database_url)
-    await db.migrate()
-    _, key = await create_tenant(db, "acme")
-    stop = asyncio.Event()
-    worker = asyncio.create_task(run_workers(settings, db, stop))
-    async with TestClient(TestServer(build_app(settings, db))) as client:
-        yield client, db, {"Authorization": f"Bearer {key}"}
-    stop.set()
-    await worker
-    await db.aclose()
+    async with serving(settings) as running:
+        yield running
 
 
 async def _until(what: Any, message: Any) -> None:
@@ -67,7 +52,7 @@ async def _until(what: Any, message: Any) -> None:
 
 @pytest.mark.timeout(150)
 async def test_a_423_storm_lands_every_operation_once_and_none_dies(
-    service: tuple[TestClient[Any, Any], Database, dict[str, str]], radicale_url: str
+    service: Service, radicale_url: str
 ) -> None:
     client, db, headers = service
     in_flight: Counter[str] = Counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,12 @@ CPH = ZoneInfo("Europe/Copenhagen")
 SYNC_TIMEOUT_S = 60.0
 
 
-@pytest_asyncio.fixture
-async def service(
-    tmp_path: Any,
-) -> AsyncIterator[tuple[TestClient[Any, Any], Database, dict[str, str]]]:
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'sync.db'}",
-        secret_key="k" * 40,
-    )
+Service = tuple[TestClient[Any, Any], Database, dict[str, str]]
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Service]:
+    """The API and the worker on ``settings``' database, with a tenant and its key."""
     db = Database(settings.database_url)
     await db.migrate()
     _, key = await create_tenant(db, "acme")
@@ -50,6 +49,13 @@ async def service(
     stop.set()
     await worker
     await db.aclose()
+
+
+@pytest_asyncio.fixture
+async def service(tmp_path: Any) -> AsyncIterator[Service]:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'sync.db'}", secret_key="k" * 40)
+    async with serving(settings) as running:
+        yield running
 
 
 async def _events(session: aiohttp.ClientSession, url: str) -> list[Any]:
