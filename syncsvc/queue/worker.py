@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import RetryCallState, wait_exponential_jitter
 
@@ -49,6 +49,8 @@ from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
 from syncsvc.metrics import SYNC_OPERATIONS
 from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
+from syncsvc.queue import due as queue_due
+from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
 from syncsvc.queue.outbox import LEDGER_TABLE, chunks
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
@@ -98,15 +100,6 @@ ProviderFactory = Callable[[User], Awaitable[CalendarProvider]]
 #: Whether the running cycle serves a single change: its database work then skips the queue
 #: of bulk work for a connection (``Database.session(urgent=True)``).
 _URGENT: ContextVar[bool] = ContextVar("urgent", default=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """A tenant's mailbox with operations due, and whether a single change is among them."""
-
-    tenant: str
-    mailbox: str
-    interactive: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +213,13 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         if self.embedded:
             await self._free_all_claims()
-        heartbeat = asyncio.create_task(self._heartbeat(stop))
-        self._background.add(heartbeat)
-        heartbeat.add_done_callback(self._background.discard)
+        background = [self._heartbeat(stop)]
+        if self.db.dialect == "postgresql":
+            background.append(self._sweep(stop))
+        for job in background:
+            task = asyncio.create_task(job)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         try:
             while not stop.is_set():
                 self._adapt_limit(await _loop_turn_s())
@@ -359,27 +356,35 @@ class Worker:
     async def _due_mailboxes(self) -> list[Due]:
         """(tenant, mailbox) with due operations: per tenant, those with interactive work
         first, then the longest waiting, at most a slot count each (so that one tenant's
-        thousands of mailboxes never hide another's one)."""
-        now = utcnow()
-        lane = func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1))
-        rank = (
-            func.row_number()
-            .over(partition_by=Operation.tenant_id, order_by=(lane, func.min(Operation.not_before)))
-            .label("rank")
-        )
-        ranked = (
-            select(Operation.tenant_id, Operation.mailbox, lane.label("lane_rank"), rank)
-            .where(Operation.state.in_(("pending", "running")), Operation.not_before <= now)
-            .group_by(Operation.tenant_id, Operation.mailbox)
-            .subquery()
-        )
+        thousands of mailboxes never hide another's one). See ``queue/due.py``."""
+        find = queue_due.by_table if self.db.dialect == "postgresql" else queue_due.by_grouping
         async with self.db.session(urgent=True) as s:
-            rows = await s.execute(
-                select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
-                .where(ranked.c.rank <= self.slots)
-                .order_by(ranked.c.tenant_id, ranked.c.rank)
-            )
-            return [Due(tenant, mailbox, lane == 0) for tenant, mailbox, lane in rows]
+            return await find(s, utcnow(), self.slots)
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        """PostgreSQL: repeats the full grouping of ``queue/due.py`` now and then."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), queue_due.SWEEP_S)
+            if stop.is_set():
+                return
+            try:
+                async with self.db.session() as s, s.begin():
+                    await queue_due.sweep(s)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+
+    async def _settle(self, tenant: str, mailbox: str) -> None:
+        """PostgreSQL: the mailbox's next due time, now that its cycle is over."""
+        if self.db.dialect != "postgresql":
+            return
+        try:
+            async with self._session() as s, s.begin():
+                await queue_due.settle(s, tenant, mailbox)
+        except Exception as exc:  # it stays due earlier: a later cycle settles it
+            if not is_unavailable(exc):
+                raise
 
     async def _claim(self, tenant: str, mailbox: str, n: int) -> list[_Claimed]:
         now = utcnow()
@@ -510,6 +515,7 @@ class Worker:
                 except Exception as exc:  # the leases run out instead; the dispatcher says so
                     if not is_unavailable(exc):
                         raise
+                await self._settle(tenant, mailbox)
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -217,6 +218,15 @@ class Operation(Base):
     __table_args__ = (
         Index("ix_operations_due", "state", "mailbox", "lane", "not_before", "id"),
         Index("ix_operations_ledger", "ledger_id"),
+        # A mailbox's next due operation in one probe (``queue/due.py`` settles by it).
+        Index(
+            "ix_operations_open",
+            "tenant_id",
+            "mailbox",
+            "not_before",
+            postgresql_where=text("state IN ('pending', 'running')"),
+            sqlite_where=text("state IN ('pending', 'running')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -234,6 +244,24 @@ class Operation(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class QueueMailbox(Base):
+    """When a mailbox may next have due work: what the PostgreSQL dispatcher reads instead of
+    grouping the whole outbox (``queue/due.py``). A trigger on ``operations`` lowers
+    ``due_at`` and raises ``version`` whenever an operation becomes due earlier; the worker
+    raises ``due_at`` after a cycle only if ``version`` is unchanged. So ``due_at`` is never
+    later than the mailbox's earliest open operation."""
+
+    __tablename__ = "queue_mailboxes"
+    __table_args__ = (Index("ix_queue_mailboxes_due", "due_at"),)
+
+    tenant_id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(Text, primary_key=True)
+    due_at: Mapped[datetime] = mapped_column()
+    #: The earliest open interactive operation, if any.
+    interactive_at: Mapped[datetime | None] = mapped_column()
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class IdempotencyKey(Base):

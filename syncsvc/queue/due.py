@@ -1,0 +1,156 @@
+"""Which mailboxes have due work, without grouping the whole outbox (PostgreSQL).
+
+Grouping a million pending operations by mailbox takes seconds, and every worker asked five
+times a second (``bench/queue_scale.py``). On PostgreSQL the dispatcher reads
+``queue_mailboxes`` instead, one row per mailbox with open work. That table is a lower bound:
+
+* a statement trigger on ``operations`` (migration 0007) *lowers* a mailbox's ``due_at`` and
+  raises its ``version`` whenever an operation becomes open or due earlier;
+* after a cycle, :func:`settle` *raises* ``due_at`` to the mailbox's earliest open operation,
+  with compare-and-set on ``version``. Work stored meanwhile has either bumped the version
+  (the settle then changes nothing) or runs its trigger after the settle (and lowers it again).
+
+So ``due_at`` is never later than the earliest open operation: at worst a mailbox looks due
+when it is not, a cycle claims nothing and settles it. :func:`sweep` repeats the grouping now
+and then (lowering only) as a safety net, should anything write operations past the trigger.
+SQLite has no statement triggers; its dispatcher groups the outbox, which is small there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.store.models import Operation, QueueMailbox
+
+OPEN_STATES = ("pending", "running")
+LANE_INTERACTIVE = "interactive"
+#: How often each worker repeats the full grouping (seconds).
+SWEEP_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    tenant: str
+    mailbox: str
+    #: Whether interactive work is due (its cycle takes connections from the urgent pool).
+    interactive: bool
+
+
+def _ranked_rows(rows: Sequence[tuple[str, str, int]]) -> list[Due]:
+    return [Due(tenant, mailbox, lane == 0) for tenant, mailbox, lane in rows]
+
+
+async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int) -> list[Due]:
+    """Per tenant, mailboxes with interactive work first, then the longest waiting, at most
+    ``per_tenant`` each, by grouping the open operations (SQLite)."""
+    lane = func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1))
+    rank = (
+        func.row_number()
+        .over(partition_by=Operation.tenant_id, order_by=(lane, func.min(Operation.not_before)))
+        .label("rank")
+    )
+    ranked = (
+        select(Operation.tenant_id, Operation.mailbox, lane.label("lane_rank"), rank)
+        .where(Operation.state.in_(OPEN_STATES), Operation.not_before <= now)
+        .group_by(Operation.tenant_id, Operation.mailbox)
+        .subquery()
+    )
+    rows = await s.execute(
+        select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.tenant_id, ranked.c.rank)
+    )
+    return _ranked_rows([(t, m, lane) for t, m, lane in rows])
+
+
+async def by_table(s: AsyncSession, now: datetime, per_tenant: int) -> list[Due]:
+    """The same answer from ``queue_mailboxes`` (PostgreSQL): one row per mailbox."""
+    q = QueueMailbox
+    lane = case((q.interactive_at <= now, 0), else_=1)
+    rank = func.row_number().over(partition_by=q.tenant_id, order_by=(lane, q.due_at)).label("rank")
+    ranked = (
+        select(q.tenant_id, q.mailbox, lane.label("lane_rank"), rank)
+        .where(q.due_at <= now)
+        .subquery()
+    )
+    rows = await s.execute(
+        select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.tenant_id, ranked.c.rank)
+    )
+    return _ranked_rows([(t, m, lane) for t, m, lane in rows])
+
+
+async def settle(s: AsyncSession, tenant: str, mailbox: str) -> None:
+    """Raises the mailbox's ``due_at`` to its earliest open operation (or drops its row when it
+    has none), unless work was stored since ``version`` was read (see the module doc)."""
+    version = await s.scalar(
+        select(QueueMailbox.version).where(
+            QueueMailbox.tenant_id == tenant, QueueMailbox.mailbox == mailbox
+        )
+    )
+    if version is None:
+        return
+    open_ops = (
+        Operation.tenant_id == tenant,
+        Operation.mailbox == mailbox,
+        Operation.state.in_(OPEN_STATES),
+    )
+    first = await s.scalar(
+        select(Operation.not_before).where(*open_ops).order_by(Operation.not_before).limit(1)
+    )
+    same = (
+        QueueMailbox.tenant_id == tenant,
+        QueueMailbox.mailbox == mailbox,
+        QueueMailbox.version == version,
+    )
+    if first is None:
+        await s.execute(delete(QueueMailbox).where(*same))
+        return
+    interactive = await s.scalar(
+        select(func.min(Operation.not_before)).where(*open_ops, Operation.lane == LANE_INTERACTIVE)
+    )
+    await s.execute(
+        update(QueueMailbox).where(*same).values(due_at=first, interactive_at=interactive)
+    )
+
+
+async def sweep(s: AsyncSession) -> None:
+    """Lowers every mailbox's ``due_at`` to what grouping the outbox says (never raises it)."""
+    found = (
+        select(
+            Operation.tenant_id,
+            Operation.mailbox,
+            func.min(Operation.not_before).label("due_at"),
+            func.min(Operation.not_before)
+            .filter(Operation.lane == LANE_INTERACTIVE)
+            .label("interactive_at"),
+        )
+        .where(Operation.state.in_(OPEN_STATES))
+        .group_by(Operation.tenant_id, Operation.mailbox)
+    )
+    stmt = pg_insert(QueueMailbox).from_select(
+        ["tenant_id", "mailbox", "due_at", "interactive_at"], found
+    )
+    q = QueueMailbox.__table__.c
+    await s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[q.tenant_id, q.mailbox],
+            set_={
+                "due_at": func.least(q.due_at, stmt.excluded.due_at),
+                "interactive_at": func.least(q.interactive_at, stmt.excluded.interactive_at),
+                "version": q.version + 1,
+            },
+            where=(stmt.excluded.due_at < q.due_at)
+            | (
+                stmt.excluded.interactive_at.is_not(None)
+                & (q.interactive_at.is_(None) | (stmt.excluded.interactive_at < q.interactive_at))
+            ),
+        )
+    )
