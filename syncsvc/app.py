@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from syncsvc import tracing
+from syncsvc.api import batches as batches_api
 from syncsvc.api._framework import BODY_POOL, DB, METRICS, OPENAPI, SECRET_BOX, SETTINGS, Routes
 from syncsvc.api._framework import openapi_document as _openapi_document
 from syncsvc.api.bodies import BodyPool
@@ -93,6 +94,9 @@ def build_app(settings: Settings, db: Database) -> web.Application:
         await asyncio.to_thread(app[BODY_POOL].close)
 
     app.on_cleanup.append(close_stores)
+    app[batches_api.COMMITS] = set()
+    app.on_startup.append(batches_api.recover_commits)
+    app.on_shutdown.append(batches_api.stop_commits)
     endpoints = [ep for table in api_routes() for ep in table.endpoints]
     for ep in endpoints:
         app.router.add_route(ep.method, ep.path, ep.handle)

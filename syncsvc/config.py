@@ -62,6 +62,9 @@ class Settings:
     max_contacts: int = 200  # per target
     max_plan_users: int = 1_000
     max_exclude: int = 100_000
+    #: A batch with more activities than this answers 202 ``committing`` and is written in
+    #: the background (``GET /v1/batches/{id}`` shows progress); smaller ones answer 201.
+    commit_async_activities: int = 20_000
     graph_api_url: str = "https://graph.microsoft.com/v1.0"
     graph_authority_url: str = "https://login.microsoftonline.com"
     graph_client_id: str | None = None
@@ -150,6 +153,7 @@ class Settings:
             "api_heavy_concurrency",
             "api_parse_processes",
             "max_targets",
+            "commit_async_activities",
             "max_contacts",
             "max_plan_users",
             "max_exclude",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import datetime
+from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, Field
 
-from syncsvc.api._framework import Ctx, Routes, json_response
+from syncsvc.api._framework import DB, Ctx, Routes, json_response
 from syncsvc.api.pagination import PageQuery, cursor_key, encode_cursor
 from syncsvc.api.plan_schemas import (
     BatchCreatedOut,
@@ -16,6 +19,7 @@ from syncsvc.api.plan_schemas import (
     BatchPatch,
     BatchPatchedOut,
     PlanBody,
+    ProgressOut,
     SyncCountsOut,
     check_sizes,
     instant,
@@ -52,6 +56,10 @@ def _fields(view: BatchView) -> dict[str, object]:
             deleting=s.deleting,
             deleted=s.deleted,
         ),
+        "progress": ProgressOut(done=view.progress.done, total=view.progress.total)
+        if view.progress
+        else None,
+        "error": view.error,
     }
 
 
@@ -63,17 +71,29 @@ def _fields(view: BatchView) -> dict[str, object]:
     status=201,
     summary="Commit a plan as a batch",
     heavy=True,
+    other_successes=((202, None),),
 )
-async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
+async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut | web.Response:
     """Plans like ``POST /v1/plans`` and stores the batch, its activities and their external
-    operations in one transaction; the calendars follow asynchronously."""
+    operations in one transaction (201); the calendars follow asynchronously. A batch of more
+    than ``SYNCSVC_COMMIT_ASYNC_ACTIVITIES`` activities answers 202 with ``state``
+    ``committing`` and ``progress`` instead: its rows are written in one background
+    transaction, invisible (no activities, feeds or pushes) until ``GET /v1/batches/{id}``
+    shows ``syncing``; if that fails the batch is ``failed`` with an ``error`` and the same
+    Idempotency-Key may be retried."""
     key = ctx.request.headers.get("Idempotency-Key")
     check_sizes(body, ctx.settings)
     with body_errors(PlanBody):
         spec = await asyncio.to_thread(body.to_spec)
         async with ctx.session() as session, session.begin():
-            created = await service.commit(
-                session, ctx.tenant_id, spec, clock_of(ctx)(), calendars_of(ctx)
+            created, deferred = await service.commit(
+                session,
+                ctx.tenant_id,
+                spec,
+                clock_of(ctx)(),
+                calendars_of(ctx),
+                defer_over=ctx.settings.commit_async_activities,
+                idempotency_key=key,
             )
             out = BatchCreatedOut(
                 id=created.id,
@@ -81,9 +101,12 @@ async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
                 state=created.state,
                 total=created.total,
                 users=users_out(created.users),
+                progress=ProgressOut(done=created.progress.done, total=created.progress.total)
+                if created.progress
+                else None,
             )
+            answer = json_response(out, 202 if deferred else 201)
             if key is not None:  # the replay commits with the batch (see idempotency.py)
-                answer = json_response(out, 201)
                 await idempotency.answer_within(
                     session,
                     ctx.tenant_id,
@@ -92,7 +115,40 @@ async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut:
                     answer.content_type,
                     answer.text,
                 )
-    return out
+    if deferred is None:
+        return out
+    _start(ctx.request.app, service.finish_commit(ctx.db, deferred))
+    return answer
+
+
+#: The deferred commits this application runs (``finish_commit``), awaited at shutdown.
+COMMITS = web.AppKey("commits", set[asyncio.Task[None]])
+#: At shutdown a deferred commit may finish for this long; then it is cancelled (failed).
+SHUTDOWN_WAIT_S = 30.0
+
+
+def _start(app: web.Application, work: Coroutine[Any, Any, None]) -> None:
+    tasks = app[COMMITS]
+    task = asyncio.get_running_loop().create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def recover_commits(app: web.Application) -> None:
+    """On start: batches a stopped process left ``committing`` turn ``failed``."""
+    await service.recover_interrupted(app[DB])
+
+
+async def stop_commits(app: web.Application) -> None:
+    """On shutdown: running deferred commits finish, or are cancelled after a while (their
+    batches then turn ``failed``, with nothing written)."""
+    tasks = app[COMMITS].copy()
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_WAIT_S)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
 
 
 @routes.endpoint(

@@ -312,12 +312,21 @@ class PreviewOut(BaseModel):
 # --- Batches -------------------------------------------------------------------------------
 
 
+class ProgressOut(BaseModel):
+    """Activities written so far of a ``committing`` batch."""
+
+    done: int
+    total: int
+
+
 class BatchCreatedOut(BaseModel):
     id: str
     created_by: str
     state: str
     total: int
     users: list[UserSummaryOut]
+    #: Only on a 202 (``committing``); poll ``GET /v1/batches/{id}``.
+    progress: ProgressOut | None = None
 
 
 class SyncCountsOut(BaseModel):
@@ -330,12 +339,16 @@ class SyncCountsOut(BaseModel):
 
 class BatchOut(BaseModel):
     id: str
-    state: Literal["syncing", "synced", "failed", "deleting", "deleted"]
+    state: Literal["committing", "syncing", "synced", "failed", "deleting", "deleted"]
     total: int
     created_at: str
     created_by: str
     targetgroup_name: str
     sync: SyncCountsOut
+    #: While ``committing``: how many of ``total`` activities are written.
+    progress: ProgressOut | None = None
+    #: Why the commit failed (``state`` ``failed``, no activities); retry with the same key.
+    error: str | None = None
 
 
 class BatchListOut(BaseModel):

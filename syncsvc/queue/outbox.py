@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.store.models import ExternalEvent, Operation, User
-from syncsvc.store.types import utcnow
+from syncsvc.store.types import UTCDateTime, utcnow
 from syncsvc.tracing import current_traceparent
 
 Lane = Literal["interactive", "bulk"]
@@ -325,3 +325,49 @@ async def _insert_operations(
     ]
     for chunk in chunks(rows):
         await session.execute(insert(OPERATIONS_TABLE), chunk)
+
+
+async def add_batch_creates(
+    session: AsyncSession, tenant_id: str, batch_id: str, lane: Lane, now: datetime
+) -> None:
+    """A ``create`` operation for each ledger row of the batch, in one ``INSERT … SELECT``: the
+    database pairs each row's id with its operation, so no id is read back."""
+    ledger = LEDGER_TABLE.c
+    dialect = (await session.connection()).dialect.name
+    build = func.json_object if dialect == "sqlite" else func.json_build_object
+    tp = current_traceparent()
+    traced: tuple[Any, ...] = ("traceparent", literal(tp)) if tp else ()
+    stamp = literal(now, UTCDateTime())
+    source = (
+        select(
+            ledger.tenant_id,
+            literal("create"),
+            ledger.id,
+            ledger.batch_id,
+            ledger.provider.concat(":").concat(ledger.calendar),
+            literal(lane),
+            literal("pending"),
+            literal(0),
+            stamp,
+            build("activity_id", ledger.activity_id, *traced),
+            stamp,
+            stamp,
+        )
+        .where(ledger.tenant_id == tenant_id, ledger.batch_id == batch_id)
+        .order_by(ledger.id)
+    )
+    columns = (
+        "tenant_id",
+        "kind",
+        "ledger_id",
+        "batch_id",
+        "mailbox",
+        "lane",
+        "state",
+        "attempts",
+        "not_before",
+        "payload",
+        "created_at",
+        "updated_at",
+    )
+    await session.execute(insert(OPERATIONS_TABLE).from_select(columns, source))

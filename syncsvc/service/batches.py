@@ -9,28 +9,30 @@ rows when read, so it can never disagree with them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.model import PlanUser, Target, UserSummary
 from syncsvc.planner.tags import fixed_values, parse
 from syncsvc.queue.outbox import (
-    IN_CHUNK,
-    NewEvent,
-    add_events,
+    LEDGER_TABLE,
+    add_batch_creates,
     calendar_of,
-    chunks,
     request_deletes,
     request_updates,
 )
+from syncsvc.service import idempotency
 from syncsvc.service.plans import (
     CalendarBusy,
     PlanContext,
@@ -38,11 +40,37 @@ from syncsvc.service.plans import (
     prepare,
     target_from_json,
 )
+from syncsvc.store.bulk import Values, insert_rows
+from syncsvc.store.db import Database, describe
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.types import JsonText, utcnow
 
+log = logging.getLogger("syncsvc.batches")
+
+
+class BatchState(StrEnum):
+    """A batch's state as the API shows it (``Batch.state`` keeps the first, the requested
+    deletion, and a failed commit; the rest is derived from the ledger when read)."""
+
+    #: A large batch answered 202 whose rows are being written; none of them is visible yet.
+    COMMITTING = "committing"
+    #: Operations are still pending.
+    SYNCING = "syncing"
+    SYNCED = "synced"
+    #: Some operations gave up, or the commit itself failed (then with an ``error``).
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
 #: ``Batch.state`` values that mean the CRM asked for the batch to go.
-DELETION_REQUESTED = ("deleting", "deleted")
+DELETION_REQUESTED = (BatchState.DELETING, BatchState.DELETED)
+#: Keys of ``Batch.request`` beside the plan: the key a failed commit forgets, and its error.
+IDEMPOTENCY_KEY = "idempotency_key"
+COMMIT_ERROR = "commit_error"
+INTERRUPTED = "commit interrupted: the process writing it stopped; retry with the same key"
+#: Activities written so far by the deferred commits this process runs, by batch id.
+_PROGRESS: dict[str, int] = {}
 #: Template fields a committed batch can change (the rest would re-plan it).
 PATCHABLE_FIELDS = (
     "subject",
@@ -68,6 +96,14 @@ class SyncCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a ``committing`` batch's write has come, in activities."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
 class BatchView:
     id: str
     state: str
@@ -76,6 +112,8 @@ class BatchView:
     created_by: str
     targetgroup_name: str
     sync: SyncCounts
+    progress: Progress | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +123,7 @@ class BatchCreated:
     state: str
     total: int
     users: tuple[UserSummary, ...]
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +151,10 @@ def counts_from(by_state: Mapping[str, int]) -> SyncCounts:
 
 def derive_state(requested: str, sync: SyncCounts) -> str:
     """A deleting batch is ``deleted`` once no row is left; otherwise failures win, then
-    outstanding work; a batch with no rows (users without a calendar) is ``synced`` at once."""
+    outstanding work; a batch with no rows (users without a calendar) is ``synced`` at once.
+    A batch still committing, or whose commit failed, is that."""
+    if requested in (BatchState.COMMITTING, BatchState.FAILED):
+        return requested
     if requested in DELETION_REQUESTED:
         left = sync.pending + sync.synced + sync.failed + sync.deleting
         return "deleted" if left == 0 else "deleting"
@@ -126,92 +168,214 @@ def derive_state(requested: str, sync: SyncCounts) -> str:
 # --- Commit --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    """A planned batch's rows, built off the loop, ready to write."""
+
+    id: str
+    tenant_id: str
+    created_by: str
+    users: tuple[UserSummary, ...]
+    activities: list[tuple[Any, ...]]
+    ledger: list[tuple[Any, ...]]
+
+    @property
+    def total(self) -> int:
+        return len(self.activities)
+
+    @property
+    def synced_state(self) -> BatchState:
+        return BatchState.SYNCING if self.ledger else BatchState.SYNCED
+
+    def created(self, state: BatchState) -> BatchCreated:
+        progress = Progress(0, self.total) if state is BatchState.COMMITTING else None
+        return BatchCreated(self.id, self.created_by, state, self.total, self.users, progress)
+
+
 async def commit(
     session: AsyncSession,
     tenant_id: str,
     spec: PlanSpec,
     now: datetime,
     busy: CalendarBusy | None = None,
-) -> BatchCreated:
+    *,
+    defer_over: int | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[BatchCreated, PlannedBatch | None]:
     """Plan and store a batch: batch, activities, ledger rows and operations in one commit.
 
-    A plan that fails validation raises before anything is added; any later error rolls the
-    caller's transaction back, so an error leaves no rows behind.
+    With more than ``defer_over`` activities only the batch is added, ``committing``; the
+    caller commits it, answers 202 and hands the returned ``PlannedBatch`` to
+    ``finish_commit``. A plan that fails validation raises before anything is added; any later
+    error rolls the caller's transaction back, so an error leaves no rows behind.
     """
     ctx = await prepare(session, tenant_id, spec, now, busy)
-    batch_id = uuid.uuid4().hex
-    created_by = created_by_of(batch_id)
+    values = Values((await session.connection()).dialect.name)
+    planned = await asyncio.to_thread(_rows, tenant_id, spec, ctx, values)
+    deferred = defer_over is not None and planned.total > defer_over
+    state = BatchState.COMMITTING if deferred else planned.synced_state
+    stored = await asyncio.to_thread(
+        lambda: JsonText(json.dumps(_stored_request(spec, ctx, now, idempotency_key)))
+    )
     stamp = utcnow()
-    activity_rows: list[dict[str, Any]] = []
-    events: list[NewEvent] = []
-    template = spec.template
-    calendars = {uid: calendar_of(user) for uid, user in ctx.users.items()}
-    phones = _phones(spec.targets) if template.kind == "call" else {}
-    for seq, planned in enumerate(ctx.plan.activities):
-        if seq and seq % IN_CHUNK == 0:
-            await asyncio.sleep(0)  # a 100,000-target batch: let other requests in meanwhile
-        activity_id = uuid.uuid4().hex
-        activity_rows.append(
-            {
-                "id": activity_id,
-                "tenant_id": tenant_id,
-                "batch_id": batch_id,
-                "seq": seq,
-                "target_id": planned.target_id,
-                "target_ids": list(planned.target_ids),
-                "user_id": planned.user_id,
-                "kind": planned.kind,
-                "start": planned.start,
-                "end": planned.end,
-                "due": planned.due,
-                "subject": planned.subject,
-                "description": planned.description,
-                "location": planned.location,
-                "status": template.status,
-                "priority": template.priority,
-                "reminder_minutes": template.reminder_minutes,
-                "attendees": [
-                    {"contact_id": a.contact_id, "name": a.name, "email": a.email}
-                    for a in planned.attendees
-                ],
-                "fields": dict(template.fields),
-                "phone": phones.get(planned.target_id, ""),
-                "follow_up_of": None,
-                "user_edited": False,
-                "version": 1,
-                "deleted": False,
-                "created_at": stamp,
-                "updated_at": stamp,
-            }
-        )
-        calendar = calendars[planned.user_id]
-        if calendar is not None:
-            events.append(NewEvent(activity_id, planned.user_id, batch_id, calendar))
-    stored = await asyncio.to_thread(lambda: JsonText(json.dumps(_stored_request(spec, ctx, now))))
     session.add(
         Batch(
-            id=batch_id,
+            id=planned.id,
             tenant_id=tenant_id,
-            created_by=created_by,
+            created_by=planned.created_by,
             targetgroup_name=spec.targetgroup_name,
             request=cast(dict[str, Any], stored),  # serialised ahead (see JsonText)
-            state="syncing" if events else "synced",
-            total=len(activity_rows),
+            state=state,
+            total=planned.total,
             created_at=stamp,
             updated_at=stamp,
         )
     )
     await session.flush()
-    for chunk in chunks(activity_rows):  # one transaction, but the loop is free between chunks
-        await session.execute(insert(ACTIVITIES_TABLE), chunk)
-    await add_events(session, tenant_id, events, "bulk")
-    return BatchCreated(
-        id=batch_id,
-        created_by=created_by,
-        state="syncing" if events else "synced",
-        total=len(activity_rows),
-        users=ctx.plan.users,
+    if deferred:
+        _PROGRESS[planned.id] = 0
+        return planned.created(state), planned
+    await _write(session, planned, stamp)
+    return planned.created(state), None
+
+
+ACTIVITY_COLUMNS = (
+    "id", "tenant_id", "batch_id", "seq", "target_id", "target_ids", "user_id", "kind",
+    "start", "end", "due", "subject", "description", "location", "status", "priority",
+    "reminder_minutes", "attendees", "fields", "phone", "direction", "follow_up_of",
+    "user_edited", "version", "deleted", "created_at", "updated_at",
+)  # fmt: skip
+LEDGER_COLUMNS = (
+    "tenant_id", "activity_id", "batch_id", "user_id", "provider", "calendar", "state",
+    "attempts", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _rows(tenant_id: str, spec: PlanSpec, ctx: PlanContext, values: Values) -> PlannedBatch:
+    """Every activity and ledger row of the plan as plain tuples, ids chosen here (in a
+    thread: 100,000 rows take a second of Python)."""
+    batch_id = uuid.uuid4().hex
+    stamp = values.instant(utcnow())
+    instant, day, as_json = values.instant, values.day, values.json
+    template = spec.template
+    calendars = {uid: calendar_of(user) for uid, user in ctx.users.items()}
+    phones = _phones(spec.targets) if template.kind == "call" else {}
+    direction = "outgoing" if template.kind == "call" else None
+    fields = as_json(dict(template.fields))
+    activities: list[tuple[Any, ...]] = []
+    ledger: list[tuple[Any, ...]] = []
+    for seq, planned in enumerate(ctx.plan.activities):
+        activity_id = uuid.uuid4().hex
+        activities.append(
+            (
+                activity_id, tenant_id, batch_id, seq, planned.target_id,
+                as_json(list(planned.target_ids)), planned.user_id, planned.kind,
+                instant(planned.start), instant(planned.end), day(planned.due),
+                planned.subject, planned.description, planned.location, template.status,
+                template.priority, template.reminder_minutes,
+                as_json(
+                    [
+                        {"contact_id": a.contact_id, "name": a.name, "email": a.email}
+                        for a in planned.attendees
+                    ]
+                ),
+                fields, phones.get(planned.target_id, ""), direction, None, False, 1, False,
+                stamp, stamp,
+            )
+        )  # fmt: skip
+        calendar = calendars[planned.user_id]
+        if calendar is not None:
+            ledger.append(
+                (
+                    tenant_id, activity_id, batch_id, planned.user_id, calendar.provider,
+                    calendar.calendar, "pending_create", 0, stamp, stamp,
+                )
+            )  # fmt: skip
+    return PlannedBatch(
+        batch_id,
+        tenant_id,
+        created_by_of(batch_id),
+        ctx.plan.users,
+        activities,
+        ledger,
     )
+
+
+async def _write(session: AsyncSession, planned: PlannedBatch, now: datetime) -> None:
+    """The batch's rows in the session's transaction, by the drivers' bulk paths."""
+
+    def written(n: int) -> None:
+        if planned.id in _PROGRESS:
+            _PROGRESS[planned.id] += n
+
+    await insert_rows(session, ACTIVITIES_TABLE, ACTIVITY_COLUMNS, planned.activities, written)
+    if planned.ledger:
+        await insert_rows(session, LEDGER_TABLE, LEDGER_COLUMNS, planned.ledger)
+        await add_batch_creates(session, planned.tenant_id, planned.id, "bulk", now)
+
+
+async def finish_commit(db: Database, planned: PlannedBatch) -> None:
+    """Writes a ``committing`` batch's rows in one transaction, which also turns the batch
+    ``syncing``: until it commits none of them is visible to a reader or a worker. If it
+    fails (or the batch was marked failed meanwhile), the batch is ``failed`` with the error
+    and its Idempotency-Key forgotten, so the CRM may retry with the same key."""
+    try:
+        async with db.session() as session, session.begin():
+            # Locks the batch row on PostgreSQL: a recovery waits for this commit to end.
+            state = await session.scalar(
+                select(Batch.state).where(Batch.id == planned.id).with_for_update()
+            )
+            if state != BatchState.COMMITTING:
+                raise CommitInterrupted(f"batch {planned.id} is no longer committing")
+            stamp = utcnow()
+            await _write(session, planned, stamp)
+            await session.execute(
+                update(Batch)
+                .where(Batch.id == planned.id)
+                .values(state=planned.synced_state, updated_at=stamp)
+            )
+    except BaseException as exc:
+        log.warning("event=batch.commit_failed batch=%s error=%s", planned.id, describe(exc))
+        with contextlib.suppress(Exception):
+            await _fail(db, planned.tenant_id, planned.id, f"commit failed: {describe(exc)}")
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        _PROGRESS.pop(planned.id, None)
+
+
+class CommitInterrupted(Exception):
+    """A deferred commit found its batch no longer ``committing`` (marked failed)."""
+
+
+async def _fail(db: Database, tenant_id: str, batch_id: str, error: str) -> None:
+    """A ``committing`` batch turns ``failed`` with ``error`` (kept beside its stored request),
+    and its Idempotency-Key is forgotten so that a retry commits it afresh."""
+    async with db.session() as session, session.begin():
+        batch = await session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
+        if batch is None or batch.state != BatchState.COMMITTING:
+            return
+        batch.state = BatchState.FAILED
+        batch.request = {**batch.request, COMMIT_ERROR: error[:2000]}
+        batch.updated_at = utcnow()
+        key = batch.request.get(IDEMPOTENCY_KEY)
+        if isinstance(key, str):
+            await idempotency.forget_within(session, tenant_id, key)
+
+
+async def recover_interrupted(db: Database) -> int:
+    """At start-up: a batch left ``committing`` by a process that stopped has no rows (its
+    transaction never committed); it turns ``failed`` and its key is forgotten."""
+    async with db.session() as session:
+        stuck = list(
+            await session.execute(
+                select(Batch.id, Batch.tenant_id).where(Batch.state == BatchState.COMMITTING)
+            )
+        )
+    mine = [(b, t) for b, t in stuck if b not in _PROGRESS]
+    for batch_id, tenant_id in mine:
+        await _fail(db, tenant_id, batch_id, INTERRUPTED)
+    return len(mine)
 
 
 def _phones(targets: Sequence[Target]) -> dict[str, str]:
@@ -227,11 +391,14 @@ def _phones(targets: Sequence[Target]) -> dict[str, str]:
     return out
 
 
-def _stored_request(spec: PlanSpec, ctx: PlanContext, now: datetime) -> dict[str, Any]:
+def _stored_request(
+    spec: PlanSpec, ctx: PlanContext, now: datetime, idempotency_key: str | None
+) -> dict[str, Any]:
     """What a later template edit needs to re-render every activity's text tags alike:
     the body (targets included), the users as they were, and which target each activity
-    (by ``seq``) took its tags from."""
+    (by ``seq``) took its tags from; and the Idempotency-Key a failed commit releases."""
     return {
+        IDEMPOTENCY_KEY: idempotency_key,
         "body": dict(spec.body),
         "planned_at": now.isoformat(),
         "users": {
@@ -285,6 +452,8 @@ async def _counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, 
 
 
 def _view(batch: Batch, sync: SyncCounts) -> BatchView:
+    committing = batch.state == BatchState.COMMITTING
+    error = batch.request.get(COMMIT_ERROR) if batch.state == BatchState.FAILED else None
     return BatchView(
         id=batch.id,
         state=derive_state(batch.state, sync),
@@ -293,6 +462,8 @@ def _view(batch: Batch, sync: SyncCounts) -> BatchView:
         created_by=batch.created_by,
         targetgroup_name=batch.targetgroup_name,
         sync=sync,
+        progress=Progress(_PROGRESS.get(batch.id, 0), batch.total) if committing else None,
+        error=str(error) if error is not None else None,
     )
 
 
@@ -330,6 +501,14 @@ async def list_batches(
     return [_view(b, counts[b.id]) for b in rows]
 
 
+def _refuse_committing(batch: Batch) -> None:
+    if batch.state == BatchState.COMMITTING:
+        raise Conflict(
+            f"batch {batch.id!r} is still being committed; retry once it is not",
+            [ErrorDetail(("id",), BatchState.COMMITTING)],
+        )
+
+
 # --- Edit ----------------------------------------------------------------------------------
 
 
@@ -359,6 +538,7 @@ async def patch(
             [ErrorDetail(("template", k), "must not be null") for k in nulls],
         )
     batch = await _get_batch(session, tenant_id, batch_id)
+    _refuse_committing(batch)
     if batch.state in DELETION_REQUESTED:
         raise Conflict(f"batch {batch_id!r} is being deleted", [ErrorDetail(("id",), batch.state)])
     stored = batch.request
@@ -449,9 +629,11 @@ def _target(targets: Sequence[Mapping[str, Any]], index: Sequence[int], seq: int
 async def delete(session: AsyncSession, tenant_id: str, batch_id: str) -> BatchView:
     """Mark the batch and its activities deleted and every live ledger row ``pending_delete``.
 
-    Asking twice changes nothing new; with no ledger rows the batch is ``deleted`` at once.
+    Asking twice changes nothing new; with no ledger rows (a failed commit's batch too) the
+    batch is ``deleted`` at once; a batch still committing is a 409.
     """
     batch = await _get_batch(session, tenant_id, batch_id)
+    _refuse_committing(batch)
     if batch.state not in DELETION_REQUESTED:
         stamp = utcnow()
         await session.execute(
@@ -461,7 +643,7 @@ async def delete(session: AsyncSession, tenant_id: str, batch_id: str) -> BatchV
             .execution_options(synchronize_session=False)
         )
         await request_deletes(session, tenant_id, None, "bulk", batch_id=batch_id)
-        batch.state = "deleting"
+        batch.state = BatchState.DELETING
         batch.updated_at = stamp
         await session.flush()
     return await get(session, tenant_id, batch_id)

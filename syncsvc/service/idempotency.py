@@ -161,3 +161,13 @@ async def release(db: Database, tenant_id: str, key: str) -> None:
                 IdempotencyKey.status == _RESERVED,
             )
         )
+
+
+async def forget_within(session: AsyncSession, tenant_id: str, key: str) -> None:
+    """Forgets a key whose kept answer (a 202) named work that failed afterwards, in the
+    caller's transaction: a retry with the same key then does the work afresh."""
+    await session.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
+        )
+    )

@@ -553,7 +553,7 @@ async def finish(
                 raise _ClaimLost
             if spec is None:
                 return RunResult(RunState.OK)
-            created = await batches.commit(session, run.tenant_id, spec, now)
+            created, _ = await batches.commit(session, run.tenant_id, spec, now)
             await session.execute(
                 update(Batch).where(Batch.id == created.id).values(schedule_id=run.schedule_id)
             )
