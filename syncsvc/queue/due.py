@@ -18,13 +18,13 @@ SQLite has no statement triggers; its dispatcher groups the outbox, which is sma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Subquery
 
 from syncsvc.store.models import Operation, QueueMailbox
 
@@ -42,11 +42,19 @@ class Due:
     interactive: bool
 
 
-def _ranked_rows(rows: Sequence[tuple[str, str, int]]) -> list[Due]:
+async def _fairest(s: AsyncSession, ranked: Subquery, per_tenant: int, limit: int) -> list[Due]:
+    """Every tenant's first mailbox, then every tenant's second, ...: ``limit`` rows at most
+    (the dispatcher starts fewer cycles than that), at most ``per_tenant`` of one tenant."""
+    rows = await s.execute(
+        select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.rank, ranked.c.lane_rank, ranked.c.first_due)
+        .limit(limit)
+    )
     return [Due(tenant, mailbox, lane == 0) for tenant, mailbox, lane in rows]
 
 
-async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int) -> list[Due]:
+async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int, limit: int) -> list[Due]:
     """Per tenant, mailboxes with interactive work first, then the longest waiting, at most
     ``per_tenant`` each, by grouping the open operations (SQLite)."""
     lane = func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1))
@@ -56,35 +64,31 @@ async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int) -> list[D
         .label("rank")
     )
     ranked = (
-        select(Operation.tenant_id, Operation.mailbox, lane.label("lane_rank"), rank)
+        select(
+            Operation.tenant_id,
+            Operation.mailbox,
+            lane.label("lane_rank"),
+            func.min(Operation.not_before).label("first_due"),
+            rank,
+        )
         .where(Operation.state.in_(OPEN_STATES), Operation.not_before <= now)
         .group_by(Operation.tenant_id, Operation.mailbox)
         .subquery()
     )
-    rows = await s.execute(
-        select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
-        .where(ranked.c.rank <= per_tenant)
-        .order_by(ranked.c.tenant_id, ranked.c.rank)
-    )
-    return _ranked_rows([(t, m, lane) for t, m, lane in rows])
+    return await _fairest(s, ranked, per_tenant, limit)
 
 
-async def by_table(s: AsyncSession, now: datetime, per_tenant: int) -> list[Due]:
+async def by_table(s: AsyncSession, now: datetime, per_tenant: int, limit: int) -> list[Due]:
     """The same answer from ``queue_mailboxes`` (PostgreSQL): one row per mailbox."""
     q = QueueMailbox
     lane = case((q.interactive_at <= now, 0), else_=1)
     rank = func.row_number().over(partition_by=q.tenant_id, order_by=(lane, q.due_at)).label("rank")
     ranked = (
-        select(q.tenant_id, q.mailbox, lane.label("lane_rank"), rank)
+        select(q.tenant_id, q.mailbox, lane.label("lane_rank"), q.due_at.label("first_due"), rank)
         .where(q.due_at <= now)
         .subquery()
     )
-    rows = await s.execute(
-        select(ranked.c.tenant_id, ranked.c.mailbox, ranked.c.lane_rank)
-        .where(ranked.c.rank <= per_tenant)
-        .order_by(ranked.c.tenant_id, ranked.c.rank)
-    )
-    return _ranked_rows([(t, m, lane) for t, m, lane in rows])
+    return await _fairest(s, ranked, per_tenant, limit)
 
 
 async def settle(s: AsyncSession, tenant: str, mailbox: str) -> None:

@@ -359,7 +359,8 @@ class Worker:
         thousands of mailboxes never hide another's one). See ``queue/due.py``."""
         find = queue_due.by_table if self.db.dialect == "postgresql" else queue_due.by_grouping
         async with self.db.session(urgent=True) as s:
-            return await find(s, utcnow(), self.slots)
+            # Enough rows for every cycle the dispatcher could start, past those running.
+            return await find(s, utcnow(), self.slots, 2 * self.slots + len(self._active))
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         """PostgreSQL: repeats the full grouping of ``queue/due.py`` now and then."""

@@ -46,7 +46,9 @@ def _op(tenant: str, mailbox: str, not_before: datetime, lane: str = "bulk") -> 
 
 async def _both(db: Database, now: datetime) -> tuple[set[Due], set[Due]]:
     async with db.session() as s:
-        return set(await by_table(s, now, SLOTS)), set(await by_grouping(s, now, SLOTS))
+        return set(await by_table(s, now, SLOTS, 4 * SLOTS)), set(
+            await by_grouping(s, now, SLOTS, 4 * SLOTS)
+        )
 
 
 async def _row(db: Database, tenant: str, mailbox: str) -> QueueMailbox | None:
