@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy import Row, Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -433,8 +433,12 @@ async def _get_batch(session: AsyncSession, tenant_id: str, batch_id: str) -> Ba
         select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
     )
     if batch is None:
-        raise NotFound(f"batch {batch_id!r} not found", [ErrorDetail(("id",), "no such batch")])
+        raise _no_batch(batch_id)
     return batch
+
+
+def _no_batch(batch_id: str) -> NotFound:
+    return NotFound(f"batch {batch_id!r} not found", [ErrorDetail(("id",), "no such batch")])
 
 
 async def _counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, SyncCounts]:
@@ -451,25 +455,43 @@ async def _counts(session: AsyncSession, batch_ids: Sequence[str]) -> dict[str, 
     return {bid: counts_from(by_batch.get(bid, {})) for bid in batch_ids}
 
 
-def _view(batch: Batch, sync: SyncCounts) -> BatchView:
-    committing = batch.state == BatchState.COMMITTING
-    error = batch.request.get(COMMIT_ERROR) if batch.state == BatchState.FAILED else None
+#: What a view shows, without the stored request (20 MB for 100,000 targets, and progress is
+#: polled): only a failed commit's error is read out of it.
+_VIEW_COLUMNS = (
+    Batch.id,
+    Batch.state,
+    Batch.total,
+    Batch.created_at,
+    Batch.created_by,
+    Batch.targetgroup_name,
+    Batch.request[COMMIT_ERROR].as_string().label("error"),
+)
+
+
+def _view(row: Row[Any], sync: SyncCounts) -> BatchView:
+    committing = row.state == BatchState.COMMITTING
     return BatchView(
-        id=batch.id,
-        state=derive_state(batch.state, sync),
-        total=batch.total,
-        created_at=batch.created_at,
-        created_by=batch.created_by,
-        targetgroup_name=batch.targetgroup_name,
+        id=row.id,
+        state=derive_state(row.state, sync),
+        total=row.total,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        targetgroup_name=row.targetgroup_name,
         sync=sync,
-        progress=Progress(_PROGRESS.get(batch.id, 0), batch.total) if committing else None,
-        error=str(error) if error is not None else None,
+        progress=Progress(_PROGRESS.get(row.id, 0), row.total) if committing else None,
+        error=row.error if row.state == BatchState.FAILED else None,
     )
 
 
 async def get(session: AsyncSession, tenant_id: str, batch_id: str) -> BatchView:
-    batch = await _get_batch(session, tenant_id, batch_id)
-    return _view(batch, (await _counts(session, [batch.id]))[batch.id])
+    row = (
+        await session.execute(
+            select(*_VIEW_COLUMNS).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
+        )
+    ).first()
+    if row is None:
+        raise _no_batch(batch_id)
+    return _view(row, (await _counts(session, [row.id]))[row.id])
 
 
 async def list_batches(
@@ -483,7 +505,7 @@ async def list_batches(
     Answers up to ``limit + 1`` batches: the extra one only tells that another page exists.
     """
     limit = max(1, min(limit, LIST_LIMIT_MAX))
-    query = select(Batch).where(Batch.tenant_id == tenant_id)
+    query = select(*_VIEW_COLUMNS).where(Batch.tenant_id == tenant_id)
     if after is not None:
         created_at, last_id = after
         query = query.where(
@@ -493,7 +515,7 @@ async def list_batches(
             )
         )
     rows = list(
-        await session.scalars(
+        await session.execute(
             query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
         )
     )
