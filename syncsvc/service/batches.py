@@ -14,12 +14,12 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Row, Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -180,16 +180,19 @@ class PlannedBatch:
     ledger: list[tuple[Any, ...]]
 
     @property
-    def total(self) -> int:
-        return len(self.activities)
-
-    @property
     def synced_state(self) -> BatchState:
         return BatchState.SYNCING if self.ledger else BatchState.SYNCED
 
-    def created(self, state: BatchState) -> BatchCreated:
-        progress = Progress(0, self.total) if state is BatchState.COMMITTING else None
-        return BatchCreated(self.id, self.created_by, state, self.total, self.users, progress)
+
+@dataclass(frozen=True, slots=True)
+class DeferredCommit:
+    """A ``committing`` batch whose rows ``finish_commit`` builds and writes after the 202."""
+
+    id: str
+    tenant_id: str
+    spec: PlanSpec
+    ctx: PlanContext
+    values: Values
 
 
 async def commit(
@@ -201,42 +204,50 @@ async def commit(
     *,
     defer_over: int | None = None,
     idempotency_key: str | None = None,
-) -> tuple[BatchCreated, PlannedBatch | None]:
+) -> tuple[BatchCreated, DeferredCommit | None]:
     """Plan and store a batch: batch, activities, ledger rows and operations in one commit.
 
     With more than ``defer_over`` activities only the batch is added, ``committing``; the
-    caller commits it, answers 202 and hands the returned ``PlannedBatch`` to
-    ``finish_commit``. A plan that fails validation raises before anything is added; any later
-    error rolls the caller's transaction back, so an error leaves no rows behind.
+    caller commits it, answers 202 and hands the returned ``DeferredCommit`` to
+    ``finish_commit``, which builds and writes the rows. A plan that fails validation raises
+    before anything is added; any later error rolls the caller's transaction back, so an
+    error leaves no rows behind.
     """
     ctx = await prepare(session, tenant_id, spec, now, busy)
     values = Values((await session.connection()).dialect.name)
-    planned = await asyncio.to_thread(_rows, tenant_id, spec, ctx, values)
-    deferred = defer_over is not None and planned.total > defer_over
-    state = BatchState.COMMITTING if deferred else planned.synced_state
+    batch_id = uuid.uuid4().hex
+    total = len(ctx.plan.activities)
+    planned = None
+    if defer_over is not None and total > defer_over:
+        state = BatchState.COMMITTING
+    else:
+        planned = await asyncio.to_thread(_rows, batch_id, tenant_id, spec, ctx, values)
+        state = planned.synced_state
     stored = await asyncio.to_thread(
         lambda: JsonText(json.dumps(_stored_request(spec, ctx, now, idempotency_key)))
     )
     stamp = utcnow()
     session.add(
         Batch(
-            id=planned.id,
+            id=batch_id,
             tenant_id=tenant_id,
-            created_by=planned.created_by,
+            created_by=created_by_of(batch_id),
             targetgroup_name=spec.targetgroup_name,
             request=cast(dict[str, Any], stored),  # serialised ahead (see JsonText)
             state=state,
-            total=planned.total,
+            total=total,
             created_at=stamp,
             updated_at=stamp,
         )
     )
     await session.flush()
-    if deferred:
-        _PROGRESS[planned.id] = 0
-        return planned.created(state), planned
+    created = BatchCreated(batch_id, created_by_of(batch_id), state, total, ctx.plan.users)
+    if planned is None:
+        _PROGRESS[batch_id] = 0
+        deferred = DeferredCommit(batch_id, tenant_id, spec, ctx, values)
+        return replace(created, progress=Progress(0, total)), deferred
     await _write(session, planned, stamp)
-    return planned.created(state), None
+    return created, None
 
 
 ACTIVITY_COLUMNS = (
@@ -251,10 +262,11 @@ LEDGER_COLUMNS = (
 )  # fmt: skip
 
 
-def _rows(tenant_id: str, spec: PlanSpec, ctx: PlanContext, values: Values) -> PlannedBatch:
+def _rows(
+    batch_id: str, tenant_id: str, spec: PlanSpec, ctx: PlanContext, values: Values
+) -> PlannedBatch:
     """Every activity and ledger row of the plan as plain tuples, ids chosen here (in a
-    thread: 100,000 rows take a second of Python)."""
-    batch_id = uuid.uuid4().hex
+    thread: 100,000 rows take a second or two of Python)."""
     stamp = values.instant(utcnow())
     instant, day, as_json = values.instant, values.day, values.json
     template = spec.template
@@ -314,34 +326,39 @@ async def _write(session: AsyncSession, planned: PlannedBatch, now: datetime) ->
         await add_batch_creates(session, planned.tenant_id, planned.id, "bulk", now)
 
 
-async def finish_commit(db: Database, planned: PlannedBatch) -> None:
+async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
     """Writes a ``committing`` batch's rows in one transaction, which also turns the batch
     ``syncing``: until it commits none of them is visible to a reader or a worker. If it
     fails (or the batch was marked failed meanwhile), the batch is ``failed`` with the error
     and its Idempotency-Key forgotten, so the CRM may retry with the same key."""
     try:
+        planned = await asyncio.to_thread(
+            _rows, deferred.id, deferred.tenant_id, deferred.spec, deferred.ctx, deferred.values
+        )
         async with db.session() as session, session.begin():
             # Locks the batch row on PostgreSQL: a recovery waits for this commit to end.
             state = await session.scalar(
-                select(Batch.state).where(Batch.id == planned.id).with_for_update()
+                select(Batch.state).where(Batch.id == deferred.id).with_for_update()
             )
             if state != BatchState.COMMITTING:
-                raise CommitInterrupted(f"batch {planned.id} is no longer committing")
+                raise CommitInterrupted(f"batch {deferred.id} is no longer committing")
             stamp = utcnow()
             await _write(session, planned, stamp)
-            await session.execute(
+            done = await session.execute(
                 update(Batch)
-                .where(Batch.id == planned.id)
+                .where(Batch.id == deferred.id, Batch.state == BatchState.COMMITTING)
                 .values(state=planned.synced_state, updated_at=stamp)
             )
+            if cast(CursorResult[Any], done).rowcount != 1:
+                raise CommitInterrupted(f"batch {deferred.id} was marked failed meanwhile")
     except BaseException as exc:
-        log.warning("event=batch.commit_failed batch=%s error=%s", planned.id, describe(exc))
+        log.warning("event=batch.commit_failed batch=%s error=%s", deferred.id, describe(exc))
         with contextlib.suppress(Exception):
-            await _fail(db, planned.tenant_id, planned.id, f"commit failed: {describe(exc)}")
+            await _fail(db, deferred.tenant_id, deferred.id, f"commit failed: {describe(exc)}")
         if not isinstance(exc, Exception):
             raise
     finally:
-        _PROGRESS.pop(planned.id, None)
+        _PROGRESS.pop(deferred.id, None)
 
 
 class CommitInterrupted(Exception):
@@ -351,15 +368,23 @@ class CommitInterrupted(Exception):
 async def _fail(db: Database, tenant_id: str, batch_id: str, error: str) -> None:
     """A ``committing`` batch turns ``failed`` with ``error`` (kept beside its stored request),
     and its Idempotency-Key is forgotten so that a retry commits it afresh."""
+    committing = (Batch.id == batch_id, Batch.state == BatchState.COMMITTING)
     async with db.session() as session, session.begin():
-        batch = await session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update())
-        if batch is None or batch.state != BatchState.COMMITTING:
+        # FOR UPDATE waits for a commit still running on PostgreSQL; on SQLite the UPDATE
+        # below waits for its write lock, and its condition then finds the batch committed.
+        request = await session.scalar(select(Batch.request).where(*committing).with_for_update())
+        if request is None:
             return
-        batch.state = BatchState.FAILED
-        batch.request = {**batch.request, COMMIT_ERROR: error[:2000]}
-        batch.updated_at = utcnow()
-        key = batch.request.get(IDEMPOTENCY_KEY)
-        if isinstance(key, str):
+        stored = await asyncio.to_thread(
+            lambda: JsonText(json.dumps({**request, COMMIT_ERROR: error[:2000]}))
+        )
+        failed = await session.execute(
+            update(Batch)
+            .where(*committing)
+            .values(state=BatchState.FAILED, request=stored, updated_at=utcnow())
+        )
+        key = request.get(IDEMPOTENCY_KEY)
+        if cast(CursorResult[Any], failed).rowcount == 1 and isinstance(key, str):
             await idempotency.forget_within(session, tenant_id, key)
 
 
