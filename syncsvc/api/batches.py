@@ -28,6 +28,7 @@ from syncsvc.api.plans import body_errors, calendars_of, clock_of, users_out
 from syncsvc.service import batches as service
 from syncsvc.service import idempotency
 from syncsvc.service.batches import BatchView
+from syncsvc.store.db import is_unavailable
 
 routes = Routes(tag="batches")
 
@@ -134,14 +135,41 @@ def _start(app: web.Application, work: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(tasks.discard)
 
 
+RECOVERY = web.AppKey("commit_recovery", asyncio.Task[None])
+
+
 async def recover_commits(app: web.Application) -> None:
-    """On start: batches a stopped process left ``committing`` turn ``failed``."""
-    await service.recover_interrupted(app[DB])
+    """On start: batches a stopped process left ``committing`` turn ``failed``. The API starts
+    even while the database is down: the recovery then waits for it in the background (this
+    process's own deferred commits are never among those it fails)."""
+    db = app[DB]
+    try:
+        await service.recover_interrupted(db)
+        return
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        db.unavailable(exc)  # logged once
+
+    async def recover() -> None:
+        while True:
+            await db.wait_until_up()
+            try:
+                await service.recover_interrupted(db)
+                return
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+
+    app[RECOVERY] = asyncio.get_running_loop().create_task(recover())
 
 
 async def stop_commits(app: web.Application) -> None:
     """On shutdown: running deferred commits finish, or are cancelled after a while (their
     batches then turn ``failed``, with nothing written)."""
+    recovery = app.get(RECOVERY)
+    if recovery is not None and not recovery.done():
+        recovery.cancel()
     tasks = app[COMMITS].copy()
     if not tasks:
         return

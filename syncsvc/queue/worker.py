@@ -516,7 +516,6 @@ class Worker:
                 except Exception as exc:  # the leases run out instead; the dispatcher says so
                     if not is_unavailable(exc):
                         raise
-                await self._settle(tenant, mailbox)
             if stats.done or stats.failed or stats.throttled:
                 await self._record_cycle(stats)
                 log.info(
@@ -527,6 +526,8 @@ class Worker:
                     stats.throttled,
                     (time.monotonic() - started) * 1000,
                 )
+            # Last: until it runs, the mailbox only looks due (a lower bound, queue/due.py).
+            await self._settle(tenant, mailbox)
 
     async def _record_cycle(self, stats: CycleStats) -> None:
         for outcome, count in (
