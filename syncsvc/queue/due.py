@@ -12,26 +12,37 @@ times a second (``bench/queue_scale.py``). On PostgreSQL the dispatcher reads
 
 So ``due_at`` is never later than the earliest open operation: at worst a mailbox looks due
 when it is not, a cycle claims nothing and settles it. :func:`sweep` repeats the grouping now
-and then (lowering only) as a safety net, should anything write operations past the trigger.
-SQLite has no statement triggers; its dispatcher groups the outbox, which is small there.
+and then (lowering only, one worker of the cluster at a time) as a safety net, should anything
+write operations past the trigger. SQLite has no statement triggers; its dispatcher groups the
+outbox, which is small there.
+
+The dispatcher wants a few hundred mailboxes, fairly shared between tenants, out of tens of
+thousands: :func:`by_table` reads a couple per tenant and goes deeper only when that was not
+enough, rather than ranking every due mailbox with a window function.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Subquery
 
-from syncsvc.store.models import Operation, QueueMailbox
+from syncsvc.store.models import Operation, QueueMailbox, Tenant
 
 OPEN_STATES = ("pending", "running")
 LANE_INTERACTIVE = "interactive"
 #: How often each worker repeats the full grouping (seconds).
 SWEEP_S = 60.0
+#: PostgreSQL advisory lock held (for its transaction) by the one worker sweeping: ``qsweep!!``.
+SWEEP_LOCK_KEY = int.from_bytes(b"qsweep!!", "big")
+#: Mailboxes per tenant :func:`by_table` asks for first: at 100 tenants and the dispatcher's
+#: 128 rows, one query.
+FIRST_DEPTH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +90,61 @@ async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int, limit: in
 
 
 async def by_table(s: AsyncSession, now: datetime, per_tenant: int, limit: int) -> list[Due]:
-    """The same answer from ``queue_mailboxes`` (PostgreSQL): one row per mailbox."""
+    """The same answer from ``queue_mailboxes`` (PostgreSQL), without ranking every due
+    mailbox: each tenant's first ``depth`` mailboxes (one probe per tenant), deeper only while
+    fewer than ``limit`` came back and some tenant may hold more. Every row of rank ``depth``
+    or less is then known, so the first ``limit`` by rank are the window's own."""
+    depth = FIRST_DEPTH
+    while True:
+        firsts = await _firsts(s, now, depth)
+        found = sum(len(rows) for rows in firsts.values())
+        deeper = [t for t, rows in firsts.items() if len(rows) == depth]
+        if found >= limit or not deeper or depth >= per_tenant:
+            return _deal(firsts, per_tenant, limit)
+        depth = min(per_tenant, depth + -(-(limit - found) // len(deeper)))
+
+
+@dataclass(frozen=True, slots=True)
+class _First:
+    mailbox: str
+    #: 0 when interactive work is due.
+    lane: int
+    due_at: datetime
+
+
+async def _firsts(s: AsyncSession, now: datetime, depth: int) -> dict[str, list[_First]]:
+    """Per tenant, its ``depth`` due mailboxes with interactive work first, then the longest
+    waiting (a LATERAL pick per tenant, so the ranking sorts ``depth`` rows, not thousands)."""
     q = QueueMailbox
     lane = case((q.interactive_at <= now, 0), else_=1)
-    rank = func.row_number().over(partition_by=q.tenant_id, order_by=(lane, q.due_at)).label("rank")
-    ranked = (
-        select(q.tenant_id, q.mailbox, lane.label("lane_rank"), q.due_at.label("first_due"), rank)
-        .where(q.due_at <= now)
-        .subquery()
+    pick = (
+        select(q.mailbox, lane.label("lane"), q.due_at)
+        .where(q.tenant_id == Tenant.id, q.due_at <= now)
+        .order_by(lane, q.due_at)
+        .limit(depth)
+        .lateral("pick")
     )
-    return await _fairest(s, ranked, per_tenant, limit)
+    rows = await s.execute(
+        select(Tenant.id, pick.c.mailbox, pick.c.lane, pick.c.due_at).join(pick, true())
+    )
+    firsts: dict[str, list[_First]] = {}
+    for tenant, mailbox, lane_rank, due_at in rows:
+        firsts.setdefault(tenant, []).append(_First(mailbox, lane_rank, due_at))
+    for picked in firsts.values():
+        picked.sort(key=lambda f: (f.lane, f.due_at))
+    return firsts
+
+
+def _deal(firsts: Mapping[str, Sequence[_First]], per_tenant: int, limit: int) -> list[Due]:
+    """Every tenant's first mailbox, then every tenant's second, ... (as :func:`_fairest`), from
+    each tenant's mailboxes in their order."""
+    ranked = [
+        (rank, f.lane, f.due_at, tenant, f.mailbox)
+        for tenant, picked in firsts.items()
+        for rank, f in enumerate(picked[:per_tenant])
+    ]
+    ranked.sort(key=lambda r: r[:3])
+    return [Due(tenant, mailbox, lane == 0) for _, lane, _, tenant, mailbox in ranked[:limit]]
 
 
 async def settle(s: AsyncSession, tenant: str, mailbox: str) -> None:
@@ -125,8 +181,13 @@ async def settle(s: AsyncSession, tenant: str, mailbox: str) -> None:
     )
 
 
-async def sweep(s: AsyncSession) -> None:
-    """Lowers every mailbox's ``due_at`` to what grouping the outbox says (never raises it)."""
+async def sweep(s: AsyncSession) -> bool:
+    """Lowers every mailbox's ``due_at`` to what grouping the outbox says (never raises it).
+
+    One worker of the cluster at a time: the one holding ``SWEEP_LOCK_KEY`` until its
+    transaction ends; the others skip (``False``) instead of grouping the outbox again."""
+    if not await s.scalar(select(func.pg_try_advisory_xact_lock(SWEEP_LOCK_KEY))):
+        return False
     found = (
         select(
             Operation.tenant_id,
@@ -158,3 +219,4 @@ async def sweep(s: AsyncSession) -> None:
             ),
         )
     )
+    return True

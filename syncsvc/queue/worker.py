@@ -16,14 +16,10 @@ Shape of one worker process:
   batch) when it has one: one grant of ``n`` tokens, and as many concurrency slots as the
   provider serves items of one batch at once.
 
-Claims are short leases (``state='running'`` with ``not_before`` = lease end) that the
-claiming worker renews while it holds them (a heartbeat every ``HEARTBEAT_S``): a crashed
-worker's operations become claimable again within ``CLAIM_TTL_S``, and a worker that stops
-(SIGTERM, cancellation) hands back what it still holds at once. A renewal only touches a row
-whose lease end is still the one this worker wrote, so it never extends another's claim. The
-embedded default is one process, so it frees every lease at start-up. On PostgreSQL, claims
-use ``FOR UPDATE SKIP LOCKED`` and lock the ledger rows too, so two workers never work on one
-ledger row at once.
+Claims are short leases (``queue/claims.py``) that the worker renews while it holds them (a
+heartbeat every ``HEARTBEAT_S``) and hands back when it stops; outcomes are recorded by
+``queue/transitions.py``. The embedded default is one process, so it frees every lease at
+start-up.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, or_, select, update
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import RetryCallState, wait_exponential_jitter
 
@@ -49,12 +45,14 @@ from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
 from syncsvc.metrics import SYNC_OPERATIONS
 from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
+from syncsvc.queue import claims, transitions
 from syncsvc.queue import due as queue_due
+from syncsvc.queue.claims import CLAIM_TTL_S, HEARTBEAT_S, Claimed
 from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
-from syncsvc.queue.outbox import LEDGER_TABLE, chunks
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Decision, decide, spec_for
+from syncsvc.queue.transitions import BATCH_GOING, Success
 from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
 from syncsvc.store.types import utcnow
@@ -62,10 +60,9 @@ from syncsvc.tracing import operation_span
 
 log = logging.getLogger("syncsvc.worker")
 
+__all__ = ["CLAIM_TTL_S", "HEARTBEAT_S", "TaskContext", "TaskHandler", "Worker"]
+
 POLL_S = 0.2
-#: A claim's lease; renewed every ``HEARTBEAT_S`` while held, so it only runs out on a crash.
-CLAIM_TTL_S = 30.0
-HEARTBEAT_S = 10.0
 CYCLE_MAX_OPS = 200
 MAX_MAILBOX_TASKS = 64
 #: On SQLite every write waits for the one writer lock, taken by polling: more cycles than
@@ -85,7 +82,6 @@ THROTTLE_BASE_S = 1.0
 #: How often operations of a mailbox whose access was withdrawn look again (a new consent
 #: wakes them at once).
 REVOKED_PAUSE_S = 60.0
-LANE_INTERACTIVE = "interactive"
 #: The limiter key of a provider's per-app limit (``app:graph``); no mailbox starts so.
 APP_MAILBOX_PREFIX = "app:"
 #: An operation waits in the process for a grant at most this long (a long pause, a busy
@@ -147,19 +143,10 @@ class CycleStats:
 
 
 @dataclass(frozen=True, slots=True)
-class _Claimed:
-    op_id: int
-    ledger_id: int | None
-    kind: str
-    #: The W3C traceparent of the request that queued it (``syncsvc/tracing.py``).
-    trace: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class _Job:
     """A claimed ledger operation with the fresh data its decision was taken on."""
 
-    claimed: _Claimed
+    claimed: Claimed
     ledger: ExternalEvent
     decision: Decision
     spec: EventSpec
@@ -287,11 +274,7 @@ class Worker:
 
     async def _free_all_claims(self) -> None:
         async with self._session() as s, s.begin():
-            await s.execute(
-                update(Operation)
-                .where(Operation.state == "running")
-                .values(state="pending", not_before=utcnow())
-            )
+            await claims.free_all(s)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         """Renews the leases of every operation still held, so they outlive slow calls."""
@@ -315,19 +298,8 @@ class Worker:
                 del self._held[op_id]
             else:
                 by_lease.setdefault(lease_end, []).append(op_id)
-        new_end = utcnow() + timedelta(seconds=CLAIM_TTL_S)
         async with self._session() as s, s.begin():
-            for lease_end, op_ids in by_lease.items():
-                for part in chunks(op_ids, 500):
-                    await s.execute(
-                        update(Operation)
-                        .where(
-                            Operation.id.in_(part),
-                            Operation.state == "running",
-                            Operation.not_before == lease_end,
-                        )
-                        .values(not_before=new_end)
-                    )
+            new_end = await claims.renew(s, by_lease)
         for lease_ids in by_lease.values():
             for op_id in lease_ids:
                 if op_id in self._held:
@@ -337,21 +309,14 @@ class Worker:
         """Claims of a stopping cycle that are still running go back to pending at once (no
         attempt spent); a crash between a provider's answer and here is the create-adoption
         case every operation already survives."""
-        leases = [(op_id, self._held.pop(op_id)[0]) for op_id in op_ids if op_id in self._held]
-        if not leases:
+        by_lease: dict[datetime, list[int]] = {}
+        for op_id in op_ids:
+            if op_id in self._held:
+                by_lease.setdefault(self._held.pop(op_id)[0], []).append(op_id)
+        if not by_lease:
             return
-        now = utcnow()
         async with self._session() as s, s.begin():
-            for op_id, lease_end in leases:
-                await s.execute(
-                    update(Operation)
-                    .where(
-                        Operation.id == op_id,
-                        Operation.state == "running",
-                        Operation.not_before == lease_end,
-                    )
-                    .values(state="pending", not_before=now)
-                )
+            await claims.hand_back(s, by_lease)
 
     async def _due_mailboxes(self) -> list[Due]:
         """(tenant, mailbox) with due operations: per tenant, those with interactive work
@@ -387,71 +352,10 @@ class Worker:
             if not is_unavailable(exc):
                 raise
 
-    async def _claim(self, tenant: str, mailbox: str, n: int) -> list[_Claimed]:
-        now = utcnow()
-        busy_ledgers = select(Operation.ledger_id).where(
-            Operation.state == "running",
-            Operation.not_before > now,
-            Operation.ledger_id.is_not(None),
-        )
-        query = (
-            select(Operation.id, Operation.ledger_id, Operation.kind, Operation.payload)
-            .where(
-                Operation.tenant_id == tenant,
-                Operation.mailbox == mailbox,
-                Operation.state.in_(("pending", "running")),
-                Operation.not_before <= now,
-                or_(Operation.ledger_id.is_(None), Operation.ledger_id.not_in(busy_ledgers)),
-            )
-            .order_by(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1), Operation.id)
-            .limit(n)
-        )
-        if self.db.dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+    async def _claim(self, tenant: str, mailbox: str, n: int) -> list[Claimed]:
         async with self._session() as s, s.begin():
-            rows = (await s.execute(query)).all()
-            if self.db.dialect == "postgresql":
-                rows = await _free_ledgers_only(s, rows, now)
-            seen: set[int] = set()
-            claimed: list[_Claimed] = []
-            for op_id, ledger_id, kind, payload in rows:
-                if ledger_id is not None:
-                    if ledger_id in seen:
-                        continue
-                    seen.add(ledger_id)
-                trace = payload.get("traceparent") if isinstance(payload, dict) else None
-                claimed.append(_Claimed(op_id, ledger_id, kind, trace))
-            if claimed:
-                lease_end = now + timedelta(seconds=CLAIM_TTL_S)
-                # Compare-and-set on what was read: without row locks (SQLite) another worker
-                # may have read the same rows; only one of the two updates still matches.
-                won = set(
-                    await s.scalars(
-                        update(Operation)
-                        .where(
-                            Operation.id.in_([c.op_id for c in claimed]),
-                            Operation.state.in_(("pending", "running")),
-                            Operation.not_before <= now,
-                        )
-                        .values(state="running", not_before=lease_end)
-                        .returning(Operation.id)
-                        .execution_options(synchronize_session=False)
-                    )
-                )
-                claimed = [c for c in claimed if c.op_id in won]
-                claimed_ids = [c.op_id for c in claimed]
-                seen = {c.ledger_id for c in claimed if c.ledger_id is not None}
-                # Other waiting operations of these rows are covered: the claimed ones act on
-                # data read after this commit. Merging them saves a redundant call each.
-                await s.execute(
-                    update(Operation)
-                    .where(
-                        Operation.ledger_id.in_(seen),
-                        Operation.state == "pending",
-                        Operation.id.not_in(claimed_ids),
-                    )
-                    .values(state="done", last_error="merged")
-                )
+            row_locks = self.db.dialect == "postgresql"
+            claimed, lease_end = await claims.claim(s, tenant, mailbox, n, row_locks=row_locks)
         holder = asyncio.current_task()
         for c in claimed:
             self._held[c.op_id] = (lease_end, holder)
@@ -480,7 +384,7 @@ class Worker:
             while not stop.is_set():
                 size = max(limit.concurrency * 2, 4, self._batch_size.get(mailbox, 1) * 2)
                 in_hand = sum(running.values())
-                claimed: list[_Claimed] = []
+                claimed: list[Claimed] = []
                 if claimed_total < CYCLE_MAX_OPS and self._yields(tenant, mailbox):
                     claimed_total = CYCLE_MAX_OPS  # its slot goes to another tenant
                 if claimed_total < CYCLE_MAX_OPS and in_hand <= size // 2:
@@ -554,7 +458,7 @@ class Worker:
         self,
         mailbox: str,
         limit: RateLimit,
-        claimed: Sequence[_Claimed],
+        claimed: Sequence[Claimed],
         stats: CycleStats,
         stop: asyncio.Event,
     ) -> list[tuple[Callable[[], Awaitable[None]], int]]:
@@ -585,7 +489,7 @@ class Worker:
         return work
 
     async def _prepare(
-        self, mailbox: str, claimed: Sequence[_Claimed], stats: CycleStats
+        self, mailbox: str, claimed: Sequence[Claimed], stats: CycleStats
     ) -> list[_Job]:
         """Loads the ledger rows (one query) and decides on fresh data; operations whose row
         or activity is gone are done."""
@@ -804,7 +708,7 @@ class Worker:
         self,
         mailbox: str,
         limit: RateLimit,
-        claimed: _Claimed,
+        claimed: Claimed,
         stats: CycleStats,
         stop: asyncio.Event,
     ) -> None:
@@ -812,7 +716,9 @@ class Worker:
         kind's handler under the same limits and retry rules as event operations."""
         handler = self.tasks.get(claimed.kind)
         if handler is None:
-            await self._give_up_task(claimed.op_id, f"no handler for operation kind {claimed.kind}")
+            await self._give_up(
+                claimed.op_id, None, f"no handler for operation kind {claimed.kind}"
+            )
             stats.failed += 1
             return
         async with self._session() as s:
@@ -839,7 +745,7 @@ class Worker:
             await self._revoked(mailbox, op.tenant_id, [claimed.op_id], exc)
             return
         except errors.SyncSvcError as exc:
-            await self._give_up_task(claimed.op_id, f"{exc.code}: {exc}")
+            await self._give_up(claimed.op_id, None, f"{exc.code}: {exc}")
             stats.failed += 1
             return
         except Exception as exc:  # a bug in a handler fails this operation alone
@@ -850,14 +756,6 @@ class Worker:
             await self._release(got)
         await self._finish_op(claimed.op_id)
         stats.done += 1
-
-    async def _give_up_task(self, op_id: int, error: str) -> None:
-        async with self._session() as s, s.begin():
-            await s.execute(
-                update(Operation)
-                .where(Operation.id == op_id)
-                .values(state="dead", last_error=error[:2000], attempts=Operation.attempts + 1)
-            )
 
     async def _execute(
         self,
@@ -904,52 +802,33 @@ class Worker:
                 .where(ExternalEvent.id.in_(sorted(set(ledger_ids))))
             )
             for ledger, activity, user, batch_state in rows:
-                found[ledger.id] = (ledger, activity, user, batch_state in ("deleting", "deleted"))
+                found[ledger.id] = (ledger, activity, user, batch_state in BATCH_GOING)
         return found
 
     async def _succeeded(self, outcomes: Sequence[tuple[_Job, EventRef | None]]) -> None:
-        """Records outcomes in one transaction; a row's state moves only if nobody changed it
-        meanwhile (a batch deleted while its create ran keeps ``pending_delete`` and its own
-        operation), but the event id is kept either way, so that delete knows what to remove."""
+        """Records outcomes in one transaction (``transitions.succeeded``)."""
         if not outcomes:
             return
-        ledger = LEDGER_TABLE.c
-        moved = case((ledger.state == bindparam("b_was"), bindparam("b_then")), else_=ledger.state)
-        base = update(LEDGER_TABLE).where(ledger.id == bindparam("b_id"))
-        with_ref = base.values(
-            attempts=0,
-            last_error=None,
-            state=moved,
-            event_id=bindparam("b_event_id"),
-            etag=bindparam("b_etag"),
-        )
-        without_ref = base.values(attempts=0, last_error=None, state=moved)
         rows = [
-            {
-                "b_id": job.ledger.id,
-                "b_was": job.ledger.state,
-                "b_then": job.decision.then,
-                "b_event_id": ref.event_id if ref else None,
-                "b_etag": ref.etag if ref else None,
-            }
+            Success(
+                job.claimed.op_id,
+                job.ledger.id,
+                job.ledger.state,
+                job.decision.then,
+                ref.event_id if ref else None,
+                ref.etag if ref else None,
+            )
             for job, ref in outcomes
         ]
         async with self._session() as s, s.begin():
-            refs = [row for row, (_, ref) in zip(rows, outcomes, strict=True) if ref is not None]
-            if refs:
-                await s.execute(with_ref, refs)
-            if len(refs) < len(rows):
-                plain = [row for row, (_, ref) in zip(rows, outcomes, strict=True) if ref is None]
-                await s.execute(without_ref, plain)
-            await s.execute(
-                update(Operation)
-                .where(Operation.id.in_([job.claimed.op_id for job, _ in outcomes]))
-                .values(state="done")
-            )
+            await transitions.succeeded(s, rows)
+        for row in rows:  # nothing left to hand back
+            self._held.pop(row.op_id, None)
 
     async def _finish_op(self, op_id: int) -> None:
         async with self._session() as s, s.begin():
-            await s.execute(update(Operation).where(Operation.id == op_id).values(state="done"))
+            await transitions.done(s, [op_id])
+        self._held.pop(op_id, None)
 
     async def _requeue(
         self,
@@ -959,16 +838,10 @@ class Worker:
         count_attempt: bool,
         error: str | None = None,
     ) -> None:
-        values: dict[str, object] = {
-            "state": "pending",
-            "not_before": utcnow() + timedelta(seconds=delay_s),
-        }
-        if error is not None:
-            values["last_error"] = error[:2000]
-        if count_attempt:
-            values["attempts"] = Operation.attempts + 1
         async with self._session() as s, s.begin():
-            await s.execute(update(Operation).where(Operation.id.in_(op_ids)).values(**values))
+            await transitions.requeue(s, op_ids, delay_s, count_attempt=count_attempt, error=error)
+        for op_id in op_ids:
+            self._held.pop(op_id, None)
 
     async def _throttled(
         self, mailbox: str, op_ids: Sequence[int], retry_after_s: float | None
@@ -1010,89 +883,22 @@ class Worker:
     async def _failed_attempt(
         self, op_id: int, ledger_id: int | None, error: str, retry_after_s: float | None
     ) -> bool:
+        """An attempt is spent: ``True`` if it was the last (the operation is dead)."""
         async with self._session() as s:
-            attempts = (await s.get(Operation, op_id)) or None
-            count = (attempts.attempts if attempts else 0) + 1
+            count = await transitions.attempts_of(s, op_id) + 1
         if count >= MAX_ATTEMPTS:
-            if ledger_id is None:
-                await self._give_up_task(op_id, error)
-            else:
-                await self._give_up(op_id, ledger_id, error)
+            await self._give_up(op_id, ledger_id, error)
             return True
+        not_before = utcnow() + timedelta(seconds=retry_after_s or backoff_s(count))
         async with self._session() as s, s.begin():
-            await s.execute(
-                update(Operation)
-                .where(Operation.id == op_id)
-                .values(
-                    state="pending",
-                    attempts=count,
-                    last_error=error[:2000],
-                    not_before=utcnow() + timedelta(seconds=retry_after_s or backoff_s(count)),
-                )
-            )
+            await transitions.retry_later(s, op_id, count, error, not_before)
+        self._held.pop(op_id, None)
         return False
 
-    async def _give_up(self, op_id: int, ledger_id: int, error: str) -> None:
+    async def _give_up(self, op_id: int, ledger_id: int | None, error: str) -> None:
         async with self._session() as s, s.begin():
-            await s.execute(
-                update(Operation)
-                .where(Operation.id == op_id)
-                .values(state="dead", last_error=error[:2000], attempts=Operation.attempts + 1)
-            )
-            await s.execute(
-                update(ExternalEvent)
-                .where(
-                    ExternalEvent.id == ledger_id,
-                    and_(ExternalEvent.state != "deleted", ExternalEvent.state != "synced"),
-                )
-                .values(state="failed", last_error=error[:2000])
-            )
-
-
-async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
-    """Operator retry: dead operations (all, or the given ones) go back to pending with fresh
-    attempts; their failed ledger rows return to the state they work towards, judged on the
-    activity and batch as they are now (a batch deleted since the failure wants a delete)."""
-    query = select(Operation.id, Operation.ledger_id).where(Operation.state == "dead")
-    async with db.session() as s, s.begin():
-        queries = (
-            [query]
-            if op_ids is None
-            else [query.where(Operation.id.in_(chunk)) for chunk in chunks(sorted(set(op_ids)))]
-        )
-        rows: list[tuple[int, int | None]] = []
-        for chunk_query in queries:
-            rows.extend((op_id, ledger) for op_id, ledger in await s.execute(chunk_query))
-        ledger_ids = sorted({ledger for _, ledger in rows if ledger is not None})
-        target: dict[str, list[int]] = {}
-        for chunk in chunks(ledger_ids):
-            failed = await s.execute(
-                select(ExternalEvent.id, ExternalEvent.event_id, Activity.deleted, Batch.state)
-                .join(Activity, Activity.id == ExternalEvent.activity_id)
-                .outerjoin(Batch, Batch.id == Activity.batch_id)
-                .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
-            )
-            for ledger_id, event_id, deleted, batch_state in failed:
-                if deleted or batch_state in ("deleting", "deleted"):
-                    state = "pending_delete"
-                else:
-                    state = "pending_update" if event_id else "pending_create"
-                target.setdefault(state, []).append(ledger_id)
-        for state, ids in target.items():
-            for chunk in chunks(ids):
-                await s.execute(
-                    update(ExternalEvent)
-                    .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
-                    .values(state=state, attempts=0)
-                )
-        now = utcnow()
-        for chunk in chunks([op_id for op_id, _ in rows]):
-            await s.execute(
-                update(Operation)
-                .where(Operation.id.in_(chunk), Operation.state == "dead")
-                .values(state="pending", attempts=0, not_before=now)
-            )
-        return len(rows)
+            await transitions.give_up(s, op_id, ledger_id, error)
+        self._held.pop(op_id, None)
 
 
 def _unexpected(exc: Exception, mailbox: str, op_id: int) -> errors.Transient:
@@ -1119,42 +925,6 @@ def _as_provider_error(exc: BaseException) -> errors.ProviderError:
         error = errors.Transient(f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
-
-
-async def _free_ledgers_only(
-    s: AsyncSession, rows: Sequence[Row[int, int | None, str, dict[str, Any]]], now: datetime
-) -> Sequence[Row[int, int | None, str, dict[str, Any]]]:
-    """Keeps the claimed rows whose ledger row no other worker is working on.
-
-    ``SKIP LOCKED`` keeps two workers from claiming one *operation*, not two operations of one
-    ledger row (a create and the delete that followed it). Locking the ledger rows, then
-    looking again for running operations (a new statement sees every claim committed by then),
-    closes that gap: a concurrent claimer either holds the row (we skip it) or has committed.
-    """
-    ledger_ids = sorted({r[1] for r in rows if r[1] is not None})
-    if not ledger_ids:
-        return rows
-    locked = set(
-        (
-            await s.execute(
-                select(ExternalEvent.id)
-                .where(ExternalEvent.id.in_(ledger_ids))
-                .with_for_update(skip_locked=True)
-            )
-        ).scalars()
-    )
-    busy = set(
-        (
-            await s.execute(
-                select(Operation.ledger_id).where(
-                    Operation.ledger_id.in_(sorted(locked)),
-                    Operation.state == "running",
-                    Operation.not_before > now,
-                )
-            )
-        ).scalars()
-    )
-    return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
 
 
 async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.errors import ConsentRevoked, GrantRevoked
 from syncsvc.metrics import Metrics
 from syncsvc.queue.outbox import chunks
-from syncsvc.queue.worker import retry_dead
+from syncsvc.queue.transitions import retry_dead
 from syncsvc.service.batches import SyncCounts, counts_from, derive_state
 from syncsvc.store.db import Database
 from syncsvc.store.models import Batch, ExternalEvent, Operation, SyncCycle, Tenant, User

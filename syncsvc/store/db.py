@@ -131,7 +131,7 @@ class Database:
             try:
                 await self.ping()
             except Exception as exc:  # whatever it is, the database is not usable yet
-                self.outage.down(exc)
+                self.outage.down(exc, probed=True)
             else:
                 self.outage.up()
                 return True
@@ -143,19 +143,35 @@ class Database:
 
 class Outage:
     """One log line when the database goes away and one when it is back, however many
-    requests and loops of the process hit it in between."""
+    requests and loops of the process hit it in between.
+
+    A connection the pool held through a restart fails on its first use after the database
+    answered again (there is no pre-ping): such a failure within ``STALE_S`` of the line saying
+    it is back is the tail of the same outage, watched as one but not logged again, unless the
+    watcher's own probe fails too (then the database really went away again)."""
+
+    STALE_S = 3.0
 
     def __init__(self) -> None:
         self.since: float | None = None
+        self.back_at = float("-inf")
+        self.tail = False
 
-    def down(self, exc: BaseException) -> None:
+    def down(self, exc: BaseException, *, probed: bool = False) -> None:
         if self.since is None:
             self.since = time.monotonic()
+            self.tail = self.since - self.back_at < self.STALE_S and not probed
+            if not self.tail:
+                log.warning("event=db.unavailable error=%s", describe(exc))
+        elif probed and self.tail:
+            self.tail = False
             log.warning("event=db.unavailable error=%s", describe(exc))
 
     def up(self) -> None:
         if self.since is not None:
-            log.warning("event=db.back after_s=%.1f", time.monotonic() - self.since)
+            if not self.tail:
+                log.warning("event=db.back after_s=%.1f", time.monotonic() - self.since)
+                self.back_at = time.monotonic()
             self.since = None
 
 

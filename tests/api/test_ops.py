@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select, update
 
 from syncsvc.config import Settings
-from syncsvc.queue.worker import retry_dead
+from syncsvc.queue.transitions import retry_dead
 from syncsvc.runtime import run_workers
 from syncsvc.store.db import Database
 from syncsvc.store.models import Batch, ExternalEvent, Operation, SyncCycle

@@ -151,3 +151,36 @@ async def test_the_sweep_restores_a_lost_row(db: Database) -> None:
     async with db.session() as s:
         versions = (await s.scalars(select(QueueMailbox.version))).all()
     assert len(versions) == 1
+
+
+async def test_deeper_picks_for_a_tenant_with_many_mailboxes(db: Database) -> None:
+    """One tenant's many due mailboxes beside two tenants with one each: the table reads
+    deeper into the big tenant until the dispatcher's rows are there, in the order grouping
+    the outbox gives (each tenant's first, then the big one's second, ...)."""
+    big, _ = await create_tenant(db, "big")
+    small = [(await create_tenant(db, f"small{i}"))[0] for i in range(2)]
+    now = utcnow()
+    async with db.session() as s, s.begin():
+        for i in range(12):
+            lane = "interactive" if i == 7 else "bulk"
+            s.add(_op(big.id, f"caldav:big-{i}", now - timedelta(seconds=60 - i), lane=lane))
+        for i, tenant in enumerate(small):
+            s.add(_op(tenant.id, f"caldav:small-{i}", now - timedelta(seconds=30 + i)))
+    for per_tenant, limit in ((4, 7), (16, 7), (16, 3), (16, 64), (1, 64), (64, 14)):
+        async with db.session() as s:
+            table = await by_table(s, now, per_tenant, limit)
+            grouped = await by_grouping(s, now, per_tenant, limit)
+        assert table == grouped, (per_tenant, limit)
+    # The interactive mailbox is the big tenant's first, though six waited longer.
+    assert table[0] == Due(big.id, "caldav:big-7", True)
+    assert len(table) == 14
+
+
+async def test_one_sweep_at_a_time(db: Database) -> None:
+    """A worker that finds another sweeping skips the grouping."""
+    async with db.session() as first, first.begin():
+        assert await sweep(first)
+        async with db.session() as second, second.begin():
+            assert not await sweep(second)
+    async with db.session() as s, s.begin():
+        assert await sweep(s)  # the lock went with the first transaction

@@ -1,0 +1,179 @@
+"""Claims: short leases on due operations, so that one operation runs in one worker at a time.
+
+A claim is ``state='running'`` with ``not_before`` = the lease's end. The claiming worker
+renews it while it holds it; a crashed worker's claims become claimable again when the lease
+runs out, and a worker that stops hands back what it holds at once. Every write here is a
+compare-and-set on the lease end the worker itself wrote, so it never touches another
+worker's claim. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED`` and lock the ledger rows
+too, so two workers never work on one ledger row at once; on SQLite the compare-and-set alone
+decides between two claimers.
+
+Statements are Core (``OPERATIONS_TABLE``), not ORM updates: these run several times per
+chunk of every mailbox, and the ORM's bulk-update bookkeeping cost more than the SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
+from syncsvc.store.states import OPEN_STATES, Lane, OpState
+from syncsvc.store.types import utcnow
+
+#: A claim's lease; renewed every ``HEARTBEAT_S`` while held, so it only runs out on a crash.
+CLAIM_TTL_S = 30.0
+HEARTBEAT_S = 10.0
+
+_ops = OPERATIONS_TABLE.c
+_ledger = LEDGER_TABLE.c
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    op_id: int
+    ledger_id: int | None
+    kind: str
+    #: The W3C traceparent of the request that queued it (``syncsvc/tracing.py``).
+    trace: str | None = None
+
+
+async def claim(
+    s: AsyncSession, tenant: str, mailbox: str, n: int, *, row_locks: bool
+) -> tuple[list[Claimed], datetime]:
+    """Up to ``n`` due operations of one mailbox, interactive lane first, at most one per
+    ledger row, and the end of their lease. Other waiting operations of the claimed ledger
+    rows are merged (done): the claimed ones act on data read after this commit.
+
+    Runs in the caller's transaction, which must commit for the claims to hold."""
+    now = utcnow()
+    busy_ledgers = select(_ops.ledger_id).where(
+        _ops.state == OpState.RUNNING, _ops.not_before > now, _ops.ledger_id.is_not(None)
+    )
+    query = (
+        select(_ops.id, _ops.ledger_id, _ops.kind, _ops.payload)
+        .where(
+            _ops.tenant_id == tenant,
+            _ops.mailbox == mailbox,
+            _ops.state.in_(OPEN_STATES),
+            _ops.not_before <= now,
+            or_(_ops.ledger_id.is_(None), _ops.ledger_id.not_in(busy_ledgers)),
+        )
+        .order_by(case((_ops.lane == Lane.INTERACTIVE, 0), else_=1), _ops.id)
+        .limit(n)
+    )
+    if row_locks:
+        query = query.with_for_update(skip_locked=True)
+    rows: Sequence[Any] = (await s.execute(query)).all()
+    if row_locks:
+        rows = await _free_ledgers_only(s, rows, now)
+    seen: set[int] = set()
+    claimed: list[Claimed] = []
+    for op_id, ledger_id, kind, payload in rows:
+        if ledger_id is not None:
+            if ledger_id in seen:
+                continue
+            seen.add(ledger_id)
+        trace = payload.get("traceparent") if isinstance(payload, dict) else None
+        claimed.append(Claimed(op_id, ledger_id, kind, trace))
+    lease_end = now + timedelta(seconds=CLAIM_TTL_S)
+    if not claimed:
+        return [], lease_end
+    # Compare-and-set on what was read: without row locks (SQLite) another worker may have
+    # read the same rows; only one of the two updates still matches.
+    won = set(
+        await s.scalars(
+            update(OPERATIONS_TABLE)
+            .where(
+                _ops.id.in_([c.op_id for c in claimed]),
+                _ops.state.in_(OPEN_STATES),
+                _ops.not_before <= now,
+            )
+            .values(state=OpState.RUNNING, not_before=lease_end)
+            .returning(_ops.id)
+        )
+    )
+    claimed = [c for c in claimed if c.op_id in won]
+    ledgers = [c.ledger_id for c in claimed if c.ledger_id is not None]
+    if ledgers:
+        await s.execute(
+            update(OPERATIONS_TABLE)
+            .where(
+                _ops.ledger_id.in_(ledgers),
+                _ops.state == OpState.PENDING,
+                _ops.id.not_in([c.op_id for c in claimed]),
+            )
+            .values(state=OpState.DONE, last_error="merged")
+        )
+    return claimed, lease_end
+
+
+async def _free_ledgers_only(s: AsyncSession, rows: Sequence[Any], now: datetime) -> list[Any]:
+    """Keeps the claimed rows whose ledger row no other worker is working on.
+
+    ``SKIP LOCKED`` keeps two workers from claiming one *operation*, not two operations of one
+    ledger row (a create and the delete that followed it). Locking the ledger rows, then
+    looking again for running operations (a new statement sees every claim committed by then),
+    closes that gap: a concurrent claimer either holds the row (we skip it) or has committed.
+    """
+    ledger_ids = sorted({r[1] for r in rows if r[1] is not None})
+    if not ledger_ids:
+        return list(rows)
+    locked = set(
+        await s.scalars(
+            select(_ledger.id).where(_ledger.id.in_(ledger_ids)).with_for_update(skip_locked=True)
+        )
+    )
+    busy = set(
+        await s.scalars(
+            select(_ops.ledger_id).where(
+                _ops.ledger_id.in_(sorted(locked)),
+                _ops.state == OpState.RUNNING,
+                _ops.not_before > now,
+            )
+        )
+    )
+    return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
+
+
+async def renew(s: AsyncSession, by_lease: Mapping[datetime, Sequence[int]]) -> datetime:
+    """Moves the lease end of claims still held (by their old end) on; returns the new end."""
+    new_end = utcnow() + timedelta(seconds=CLAIM_TTL_S)
+    await _move_leases(s, by_lease, {"not_before": new_end})
+    return new_end
+
+
+async def hand_back(s: AsyncSession, by_lease: Mapping[datetime, Sequence[int]]) -> None:
+    """Claims still running go back to pending at once, no attempt spent."""
+    await _move_leases(s, by_lease, {"state": OpState.PENDING, "not_before": utcnow()})
+
+
+async def _move_leases(
+    s: AsyncSession, by_lease: Mapping[datetime, Sequence[int]], values: Mapping[str, Any]
+) -> None:
+    for lease_end, op_ids in by_lease.items():
+        for part in chunks(op_ids, 500):
+            await s.execute(
+                update(OPERATIONS_TABLE)
+                .where(
+                    _ops.id.in_(part),
+                    _ops.state == OpState.RUNNING,
+                    _ops.not_before == lease_end,
+                )
+                .values(**values)
+            )
+
+
+async def free_all(s: AsyncSession) -> None:
+    """Every claim back to pending: the embedded worker is the only one, so at its start no
+    claim can still be held."""
+    await s.execute(
+        update(OPERATIONS_TABLE)
+        .where(_ops.state == OpState.RUNNING)
+        .values(state=OpState.PENDING, not_before=utcnow())
+    )
