@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any
 
 from syncsvc.changes import caldav, google, graph
-from syncsvc.changes.apply import CALLBACK_KIND
 from syncsvc.config import Settings
 from syncsvc.queue.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from syncsvc.queue.worker import TaskHandler, Worker
@@ -24,6 +23,7 @@ from syncsvc.service.connections import UserProviders
 from syncsvc.service.retention import RetentionPolicy, run_retention
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import RECONNECT_MAX_S, Database, is_unavailable
+from syncsvc.store.states import OpKind
 
 log = logging.getLogger("syncsvc.runtime")
 
@@ -31,15 +31,15 @@ log = logging.getLogger("syncsvc.runtime")
 #: (``payload``, ``tenant_id``, ``mailbox``) and raises ``syncsvc.errors`` to ask for a retry
 #: (``Throttled``, ``Transient``) or to give up (any other ``SyncSvcError``).
 TASK_HANDLERS: Mapping[str, TaskHandler] = {
-    google.SYNC: google.google_sync,
-    google.SUBSCRIPTIONS: google.google_subscriptions,
-    google.LEGACY_SUBSCRIPTIONS: google.google_subscriptions,
-    graph.SYNC: graph.graph_sync,
-    graph.LIFECYCLE: graph.graph_lifecycle,
-    graph.SUBSCRIPTIONS: graph.graph_subscriptions,
-    graph.LEGACY_SUBSCRIPTIONS: graph.graph_subscriptions,
-    caldav.POLL: caldav.caldav_poll,
-    CALLBACK_KIND: callbacks.deliver_callback,
+    OpKind.GOOGLE_SYNC: google.google_sync,
+    OpKind.GOOGLE_SUBS: google.google_subscriptions,
+    OpKind.LEGACY_GOOGLE_SUBS: google.google_subscriptions,
+    OpKind.GRAPH_SYNC: graph.graph_sync,
+    OpKind.GRAPH_LIFECYCLE: graph.graph_lifecycle,
+    OpKind.GRAPH_SUBS: graph.graph_subscriptions,
+    OpKind.LEGACY_GRAPH_SUBS: graph.graph_subscriptions,
+    OpKind.CALDAV_POLL: caldav.caldav_poll,
+    OpKind.CALLBACK: callbacks.deliver_callback,
 }
 
 

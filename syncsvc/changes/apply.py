@@ -33,18 +33,18 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.providers.base import CalendarProvider
-from syncsvc.queue.outbox import GONE_STATES, chunks
+from syncsvc.queue.outbox import GONE_STATES, CallbackTask, chunks, enqueue_task
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, User
+from syncsvc.store.states import LedgerState, OpKind
 from syncsvc.store.types import utcnow
 
-CALLBACK_KIND = "callback"
 CHANGED = "activity.changed"
 DELETED = "activity.deleted"
 #: The status a user's deletion of the event gives its activity.
 DELETED_STATUS = "cancelled"
 #: Ledger states whose event changes are not the user's to report (see apply_external_changes).
-IGNORED_STATES = (*GONE_STATES, "pending_create", "pending_update")
+IGNORED_STATES = (*GONE_STATES, LedgerState.PENDING_CREATE, LedgerState.PENDING_UPDATE)
 #: Days off are read this far ahead of the user's today.
 DAYS_OFF_AHEAD_DAYS = 365
 
@@ -69,24 +69,12 @@ def callback_mailbox(tenant_id: str) -> str:
     return f"crm:{tenant_id}"
 
 
-def callback_operation(
-    tenant_id: str, payload: dict[str, Any], batch_id: str | None = None
+def enqueue_callback(
+    session: AsyncSession, tenant_id: str, payload: CallbackTask, batch_id: str | None = None
 ) -> Operation:
     """A signed callback to the tenant's CRM, queued in the caller's transaction."""
-    now = utcnow()
-    return Operation(
-        tenant_id=tenant_id,
-        kind=CALLBACK_KIND,
-        ledger_id=None,
-        batch_id=batch_id,
-        mailbox=callback_mailbox(tenant_id),
-        lane="interactive",
-        state="pending",
-        attempts=0,
-        not_before=now,
-        payload=payload,
-        created_at=now,
-        updated_at=now,
+    return enqueue_task(
+        session, tenant_id, OpKind.CALLBACK, callback_mailbox(tenant_id), payload, batch_id=batch_id
     )
 
 
@@ -134,7 +122,7 @@ async def apply_external_changes(
             activity.user_edited = True
             activity.version += 1
             activity.updated_at = utcnow()
-            session.add(_callback(activity, change.deleted, diff, zone))
+            _callback(session, activity, change.deleted, diff, zone)
             applied += 1
     return applied
 
@@ -180,7 +168,7 @@ def _edited(activity: Activity, change: ExternalChange) -> dict[str, tuple[Any, 
 
 def _deleted(activity: Activity, ledger: ExternalEvent) -> dict[str, tuple[Any, Any]]:
     """The event is gone for good: the ledger says so, and the activity is cancelled."""
-    ledger.state = "deleted"
+    ledger.state = LedgerState.DELETED
     ledger.updated_at = utcnow()
     previous = activity.status
     activity.status = DELETED_STATUS
@@ -194,9 +182,13 @@ def _json(value: Any, zone: ZoneInfo) -> Any:
 
 
 def _callback(
-    activity: Activity, deleted: bool, diff: dict[str, tuple[Any, Any]], zone: ZoneInfo
-) -> Operation:
-    payload = {
+    session: AsyncSession,
+    activity: Activity,
+    deleted: bool,
+    diff: dict[str, tuple[Any, Any]],
+    zone: ZoneInfo,
+) -> None:
+    payload: CallbackTask = {
         "type": DELETED if deleted else CHANGED,
         "activity_id": activity.id,
         "batch_id": activity.batch_id,
@@ -205,7 +197,7 @@ def _callback(
             for name, (old, new) in diff.items()
         },
     }
-    return callback_operation(activity.tenant_id, payload, activity.batch_id)
+    enqueue_callback(session, activity.tenant_id, payload, activity.batch_id)
 
 
 async def refresh_days_off(db: Database, user: User, provider: CalendarProvider) -> None:

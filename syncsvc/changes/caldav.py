@@ -51,16 +51,16 @@ from syncsvc.providers.caldav import (
     CollectionChanges,
     touches_days_off,
 )
-from syncsvc.queue.outbox import Calendar, calendar_of, chunks
+from syncsvc.queue.outbox import Calendar, calendar_of, chunks, enqueue_task
 from syncsvc.queue.worker import TaskContext
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
+from syncsvc.store.states import OPEN_STATES, LedgerState, OpKind, OpState
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.changes.caldav")
 
 PROVIDER = "caldav"
-POLL = "caldav_poll"
 #: ``Subscription.external_id`` prefix of a poll row (the rest is a hash of its calendar).
 POLL_ID_PREFIX = "poll:"
 #: The loop looks for due polls this often at most (less for short intervals).
@@ -142,7 +142,7 @@ async def enqueue_polls(db: Database, interval_s: float, now: datetime | None = 
             (
                 await s.execute(
                     select(Operation.tenant_id, Operation.mailbox).where(
-                        Operation.kind == POLL, Operation.state.in_(("pending", "running"))
+                        Operation.kind == OpKind.CALDAV_POLL, Operation.state.in_(OPEN_STATES)
                     )
                 )
             ).all()
@@ -156,7 +156,7 @@ async def enqueue_polls(db: Database, interval_s: float, now: datetime | None = 
             died = dead.get((sub.tenant_id, mailbox))
             if died is not None and changed_at[(sub.tenant_id, sub.user_id)] <= died:
                 continue  # gave up (credentials refused, say) and the connection is as it was
-            s.add(_poll_operation(sub, mailbox, now))
+            enqueue_task(s, sub.tenant_id, OpKind.CALDAV_POLL, mailbox, {"subscription_id": sub.id})
             stored += 1
     return stored
 
@@ -166,23 +166,10 @@ async def _dead_polls(s: AsyncSession) -> dict[tuple[str, str], datetime]:
     interval, until its user's connection is changed (or the operation retried from ops)."""
     rows = await s.execute(
         select(Operation.tenant_id, Operation.mailbox, func.max(Operation.updated_at))
-        .where(Operation.kind == POLL, Operation.state == "dead")
+        .where(Operation.kind == OpKind.CALDAV_POLL, Operation.state == OpState.DEAD)
         .group_by(Operation.tenant_id, Operation.mailbox)
     )
     return {(tenant_id, mailbox): at for tenant_id, mailbox, at in rows}
-
-
-def _poll_operation(sub: Subscription, mailbox: str, now: datetime) -> Operation:
-    return Operation(
-        tenant_id=sub.tenant_id,
-        kind=POLL,
-        mailbox=mailbox,
-        lane="interactive",
-        state="pending",
-        attempts=0,
-        not_before=now,
-        payload={"subscription_id": sub.id},
-    )
 
 
 async def run_polls(db: Database, stop: asyncio.Event, interval_s: float) -> None:
@@ -264,7 +251,7 @@ async def _synced_names(db: Database, calendar: str) -> list[str]:
             select(ExternalEvent.event_id).where(
                 ExternalEvent.provider == PROVIDER,
                 ExternalEvent.calendar == calendar,
-                ExternalEvent.state == "synced",
+                ExternalEvent.state == LedgerState.SYNCED,
                 ExternalEvent.event_id.is_not(None),
             )
         )

@@ -53,20 +53,17 @@ from syncsvc.errors import (
 )
 from syncsvc.providers.base import CalendarProvider
 from syncsvc.providers.google import ChangeSet, GoogleProvider
-from syncsvc.queue.outbox import chunks
+from syncsvc.queue.outbox import chunks, enqueue_task
 from syncsvc.queue.worker import TaskContext
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
+from syncsvc.store.states import OpKind, OpState
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.changes.google")
 
 PROVIDER = "google"
-SYNC = "google_sync"
-SUBSCRIPTIONS = "google_subs"
-#: What ``SUBSCRIPTIONS`` was called before; rows stored under it still run.
-LEGACY_SUBSCRIPTIONS = "google_channels"
 #: Mailbox prefix of the per-tenant channel checks (``google:subscriptions:<tenant>``).
 SUBSCRIPTIONS_MAILBOX = f"{PROVIDER}:subscriptions"
 WEBHOOK_PATH = "/webhooks/google"
@@ -146,8 +143,8 @@ async def record_notification(db: Database, note: Notification) -> Recorded:
                 select(Operation.id)
                 .where(
                     Operation.mailbox == mailbox,
-                    Operation.kind == SYNC,
-                    Operation.state == "pending",
+                    Operation.kind == OpKind.GOOGLE_SYNC,
+                    Operation.state == OpState.PENDING,
                     Operation.tenant_id == sub.tenant_id,
                 )
                 .limit(1)
@@ -155,22 +152,8 @@ async def record_notification(db: Database, note: Notification) -> Recorded:
         ).first()
         if waiting is not None:
             return Recorded("pending", mailbox)
-        s.add(_sync_operation(sub.tenant_id, mailbox, sub.id))
+        enqueue_task(s, sub.tenant_id, OpKind.GOOGLE_SYNC, mailbox, {"subscription_id": sub.id})
     return Recorded("queued", mailbox)
-
-
-def _sync_operation(tenant_id: str, mailbox: str, subscription_id: int) -> Operation:
-    now = utcnow()
-    return Operation(
-        tenant_id=tenant_id,
-        kind=SYNC,
-        mailbox=mailbox,
-        lane="interactive",
-        state="pending",
-        attempts=0,
-        not_before=now,
-        payload={"subscription_id": subscription_id},
-    )
 
 
 # --- the source ---------------------------------------------------------------------------
@@ -214,7 +197,10 @@ class GoogleSource:
     ) -> Subscription:
         sub = await _watch(ctx, user, calendar, sync_token=sync_token)
         async with ctx.db.session() as s, s.begin():
-            s.add(_sync_operation(user.tenant_id, f"{PROVIDER}:{calendar}", sub.id))
+            mailbox = f"{PROVIDER}:{calendar}"
+            enqueue_task(
+                s, user.tenant_id, OpKind.GOOGLE_SYNC, mailbox, {"subscription_id": sub.id}
+            )
         return sub
 
     async def renew(self, ctx: TaskContext, user: User, sub: Subscription) -> None:
@@ -368,11 +354,11 @@ async def google_subscriptions(ctx: TaskContext, op: Operation) -> None:
 async def enqueue_channel_checks(db: Database) -> int:
     """One ``google_subs`` operation per tenant with Google users or channels, unless
     one is waiting or running already. Returns how many were stored."""
-    return await enqueue_checks(db, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
+    return await enqueue_checks(db, PROVIDER, OpKind.GOOGLE_SUBS, SUBSCRIPTIONS_MAILBOX)
 
 
 async def run_channel_checks(
     db: Database, stop: asyncio.Event, interval_s: float = CHANNELS_CHECK_S
 ) -> None:
     """Queues the channel checks at start and every ``interval_s`` until ``stop``."""
-    await run_checks(db, stop, interval_s, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
+    await run_checks(db, stop, interval_s, PROVIDER, OpKind.GOOGLE_SUBS, SUBSCRIPTIONS_MAILBOX)

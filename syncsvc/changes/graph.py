@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Literal
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -70,10 +70,12 @@ from syncsvc.providers.graph_subscriptions import (
     subscribe,
     unsubscribe,
 )
+from syncsvc.queue.outbox import SubscriptionTask, enqueue_task
 from syncsvc.queue.worker import TaskContext
 from syncsvc.store.crypto import hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Operation, Subscription, User
+from syncsvc.store.states import OpKind, OpState
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.changes.graph")
@@ -81,11 +83,6 @@ log = logging.getLogger("syncsvc.changes.graph")
 PROVIDER = "graph"
 #: The per-tenant subscription checks' mailbox prefix (their rate-limit and fairness unit).
 SUBSCRIPTIONS_MAILBOX = f"{PROVIDER}:subscriptions"
-SYNC = "graph_sync"
-LIFECYCLE = "graph_lifecycle"
-SUBSCRIPTIONS = "graph_subs"
-#: What ``SUBSCRIPTIONS`` was called before; rows stored under it still run.
-LEGACY_SUBSCRIPTIONS = "graph_subs_check"
 WEBHOOK_PATH = "/webhooks/graph"
 LIFECYCLE_PATH = "/webhooks/graph/lifecycle"
 #: Renew a subscription this long before it ends (or at half its life, if that is shorter).
@@ -208,7 +205,7 @@ async def _record_group(
 ) -> list[Recorded | Forbidden]:
     """Verifies every request's items and stores the work of all of them in one transaction."""
     ids = sorted({i.subscription_id for items in requests for i in items if i.subscription_id})
-    wanted: dict[tuple[str, int], dict[str, Any]] = {}
+    wanted: dict[tuple[str, int], _Wanted] = {}
     owner: dict[tuple[str, int], int] = {}
     counts: list[tuple[int, int]] = []
     async with db.session() as s, s.begin():
@@ -263,27 +260,38 @@ async def _record_group(
     return outcomes
 
 
+@dataclass(slots=True)
+class _Wanted:
+    """One operation a delivery asks for, before it is stored (or found waiting)."""
+
+    kind: Literal[OpKind.GRAPH_SYNC, OpKind.GRAPH_LIFECYCLE]
+    tenant_id: str
+    calendar: str
+    payload: SubscriptionTask
+
+
 def _want(
-    wanted: dict[tuple[str, int], dict[str, Any]],
+    wanted: dict[tuple[str, int], _Wanted],
     owner: dict[tuple[str, int], int],
     index: int,
     sub: Subscription,
     action: str,
 ) -> None:
     """Adds the operation ``action`` asks for (a full sync wins over an incremental one)."""
-    kind = LIFECYCLE if action in ("renew", "recreate") else SYNC
-    key = (kind if kind == SYNC else f"{kind}:{action}", sub.id)
     full = action == "full_sync"
+    payload: SubscriptionTask = {"subscription_id": sub.id}
+    kind: Literal[OpKind.GRAPH_SYNC, OpKind.GRAPH_LIFECYCLE] = OpKind.GRAPH_SYNC
+    if action in ("renew", "recreate"):
+        kind = OpKind.GRAPH_LIFECYCLE
+        payload["action"] = "renew" if action == "renew" else "recreate"
+    key = (kind if kind == OpKind.GRAPH_SYNC else f"{kind}:{action}", sub.id)
     if key in wanted:
-        if kind == SYNC and full:
-            wanted[key]["full"] = True
+        if full:
+            wanted[key].payload["full"] = True
         return
-    payload: dict[str, Any] = {"subscription_id": sub.id}
-    if kind == LIFECYCLE:
-        payload["action"] = action
     if full:
         payload["full"] = True
-    wanted[key] = payload | {"kind": kind, "tenant_id": sub.tenant_id, "calendar": sub.calendar}
+    wanted[key] = _Wanted(kind, sub.tenant_id, sub.calendar, payload)
     owner[key] = index
 
 
@@ -296,20 +304,20 @@ def _action(item: NotificationItem) -> str | None:
 
 
 async def _store_work(
-    s: AsyncSession, wanted: dict[tuple[str, int], dict[str, Any]]
+    s: AsyncSession, wanted: dict[tuple[str, int], _Wanted]
 ) -> set[tuple[str, int]]:
     """Stores each wanted operation unless an equal one waits (a full sync upgrades a waiting
     incremental one); returns the keys of those stored."""
     if not wanted:
         return set()
-    mailboxes = sorted({_mailbox(p["calendar"]) for p in wanted.values()})
+    mailboxes = sorted({_mailbox(w.calendar) for w in wanted.values()})
     waiting = (
         (
             await s.execute(
                 select(Operation).where(
                     Operation.mailbox.in_(mailboxes),
-                    Operation.kind.in_((SYNC, LIFECYCLE)),
-                    Operation.state == "pending",
+                    Operation.kind.in_((OpKind.GRAPH_SYNC, OpKind.GRAPH_LIFECYCLE)),
+                    Operation.state == OpState.PENDING,
                 )
             )
         )
@@ -317,46 +325,21 @@ async def _store_work(
         .all()
     )
     inserted: set[tuple[str, int]] = set()
-    now = utcnow()
-    for key, wanted_payload in wanted.items():
-        payload = dict(wanted_payload)
-        kind, tenant_id, calendar = (
-            payload.pop("kind"),
-            payload.pop("tenant_id"),
-            payload.pop("calendar"),
-        )
-        sub_id = payload["subscription_id"]
+    for key, w in wanted.items():
         same = [
             op
             for op in waiting
-            if op.kind == kind
-            and op.payload.get("subscription_id") == sub_id
-            and op.payload.get("action") == payload.get("action")
+            if op.kind == w.kind
+            and op.payload.get("subscription_id") == w.payload["subscription_id"]
+            and op.payload.get("action") == w.payload.get("action")
         ]
         if same:
-            if payload.get("full") and not same[0].payload.get("full"):
+            if w.payload.get("full") and not same[0].payload.get("full"):
                 same[0].payload = {**same[0].payload, "full": True}
             continue
-        s.add(_operation(tenant_id, kind, _mailbox(calendar), payload, now))
+        enqueue_task(s, w.tenant_id, w.kind, _mailbox(w.calendar), w.payload)
         inserted.add(key)
     return inserted
-
-
-def _operation(
-    tenant_id: str, kind: str, mailbox: str, payload: dict[str, Any], now: datetime
-) -> Operation:
-    return Operation(
-        tenant_id=tenant_id,
-        kind=kind,
-        mailbox=mailbox,
-        lane="interactive",
-        state="pending",
-        attempts=0,
-        not_before=now,
-        payload=payload,
-        created_at=now,
-        updated_at=now,
-    )
 
 
 # --- the source ---------------------------------------------------------------------------
@@ -422,11 +405,8 @@ class GraphSource:
         async with ctx.db.session() as s, s.begin():
             s.add(sub)
             await s.flush()
-            s.add(
-                _operation(
-                    user.tenant_id, SYNC, _mailbox(calendar), {"subscription_id": sub.id}, utcnow()
-                )
-            )
+            mailbox = _mailbox(calendar)
+            enqueue_task(s, user.tenant_id, OpKind.GRAPH_SYNC, mailbox, {"subscription_id": sub.id})
         log.info("event=graph.subscription.created mailbox=%s id=%s", calendar, created.id)
         return sub
 
@@ -537,11 +517,11 @@ async def graph_subscriptions(ctx: TaskContext, op: Operation) -> None:
 async def enqueue_subscription_checks(db: Database) -> int:
     """One ``graph_subs`` operation per tenant with Graph users or subscriptions,
     unless one is waiting or running. Returns how many were stored."""
-    return await enqueue_checks(db, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
+    return await enqueue_checks(db, PROVIDER, OpKind.GRAPH_SUBS, SUBSCRIPTIONS_MAILBOX)
 
 
 async def run_subscription_checks(
     db: Database, stop: asyncio.Event, interval_s: float = SUBSCRIPTIONS_CHECK_S
 ) -> None:
     """Queues the subscription checks at start and every ``interval_s`` until ``stop``."""
-    await run_checks(db, stop, interval_s, PROVIDER, SUBSCRIPTIONS, SUBSCRIPTIONS_MAILBOX)
+    await run_checks(db, stop, interval_s, PROVIDER, OpKind.GRAPH_SUBS, SUBSCRIPTIONS_MAILBOX)

@@ -16,40 +16,29 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from syncsvc.queue.outbox import TenantKind, enqueue_task
 from syncsvc.store.db import Database
 from syncsvc.store.models import Operation, Subscription, Tenant, User
-from syncsvc.store.types import utcnow
+from syncsvc.store.states import OPEN_STATES
 
 log = logging.getLogger("syncsvc.changes.schedule")
 
 
-async def enqueue_checks(db: Database, provider: str, kind: str, mailbox_prefix: str) -> int:
+async def enqueue_checks(db: Database, provider: str, kind: TenantKind, mailbox_prefix: str) -> int:
     """Stores one ``kind`` operation (mailbox ``<mailbox_prefix>:<tenant>``) per tenant with
     ``provider`` users or subscriptions, unless one is pending or running. Returns how many."""
-    now = utcnow()
     async with db.session() as s, s.begin():
         with_users = select(User.tenant_id).where(User.calendar_provider == provider)
         with_subs = select(Subscription.tenant_id).where(Subscription.provider == provider)
         query = select(Tenant.id).where(Tenant.id.in_(with_users.union(with_subs)))
         tenants = (await s.execute(query)).scalars().all()
         waiting = select(Operation.tenant_id).where(
-            Operation.kind == kind, Operation.state.in_(("pending", "running"))
+            Operation.kind == kind, Operation.state.in_(OPEN_STATES)
         )
         busy = set((await s.execute(waiting)).scalars().all())
         fresh = [t for t in tenants if t not in busy]
         for tenant_id in fresh:
-            s.add(
-                Operation(
-                    tenant_id=tenant_id,
-                    kind=kind,
-                    mailbox=f"{mailbox_prefix}:{tenant_id}",
-                    lane="interactive",
-                    state="pending",
-                    attempts=0,
-                    not_before=now,
-                    payload={},
-                )
-            )
+            enqueue_task(s, tenant_id, kind, f"{mailbox_prefix}:{tenant_id}", {})
     return len(fresh)
 
 
@@ -58,7 +47,7 @@ async def run_checks(
     stop: asyncio.Event,
     interval_s: float,
     provider: str,
-    kind: str,
+    kind: TenantKind,
     mailbox_prefix: str,
 ) -> None:
     """Queues the checks at once and every ``interval_s`` until ``stop``."""

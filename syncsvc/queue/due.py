@@ -33,9 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Subquery
 
 from syncsvc.store.models import Operation, QueueMailbox, Tenant
+from syncsvc.store.states import OPEN_STATES, Lane
 
-OPEN_STATES = ("pending", "running")
-LANE_INTERACTIVE = "interactive"
 #: How often each worker repeats the full grouping (seconds).
 SWEEP_S = 60.0
 #: PostgreSQL advisory lock held (for its transaction) by the one worker sweeping: ``qsweep!!``.
@@ -68,7 +67,7 @@ async def _fairest(s: AsyncSession, ranked: Subquery, per_tenant: int, limit: in
 async def by_grouping(s: AsyncSession, now: datetime, per_tenant: int, limit: int) -> list[Due]:
     """Per tenant, mailboxes with interactive work first, then the longest waiting, at most
     ``per_tenant`` each, by grouping the open operations (SQLite)."""
-    lane = func.min(case((Operation.lane == LANE_INTERACTIVE, 0), else_=1))
+    lane = func.min(case((Operation.lane == Lane.INTERACTIVE, 0), else_=1))
     rank = (
         func.row_number()
         .over(partition_by=Operation.tenant_id, order_by=(lane, func.min(Operation.not_before)))
@@ -174,7 +173,7 @@ async def settle(s: AsyncSession, tenant: str, mailbox: str) -> None:
         await s.execute(delete(QueueMailbox).where(*same))
         return
     interactive = await s.scalar(
-        select(func.min(Operation.not_before)).where(*open_ops, Operation.lane == LANE_INTERACTIVE)
+        select(func.min(Operation.not_before)).where(*open_ops, Operation.lane == Lane.INTERACTIVE)
     )
     await s.execute(
         update(QueueMailbox).where(*same).values(due_at=first, interactive_at=interactive)
@@ -194,7 +193,7 @@ async def sweep(s: AsyncSession) -> bool:
             Operation.mailbox,
             func.min(Operation.not_before).label("due_at"),
             func.min(Operation.not_before)
-            .filter(Operation.lane == LANE_INTERACTIVE)
+            .filter(Operation.lane == Lane.INTERACTIVE)
             .label("interactive_at"),
         )
         .where(Operation.state.in_(OPEN_STATES))

@@ -15,24 +15,24 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast, overload
 
 from sqlalchemy import Table, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.store.models import ExternalEvent, Operation, User
+from syncsvc.store.states import Lane, LedgerState, OpKind, OpState
 from syncsvc.store.types import UTCDateTime, utcnow
 from syncsvc.tracing import current_traceparent
 
-Lane = Literal["interactive", "bulk"]
 T = TypeVar("T")
 
 #: Where each provider keeps the calendar's address in ``User.calendar_config``.
 CALENDAR_KEY_BY_PROVIDER = {"graph": "mailbox", "google": "calendar_id", "caldav": "url"}
 #: Ledger states that may still hold (or soon hold) an event worth updating.
-LIVE_STATES = ("pending_create", "synced", "pending_update")
+LIVE_STATES = (LedgerState.PENDING_CREATE, LedgerState.SYNCED, LedgerState.PENDING_UPDATE)
 #: Ledger states with nothing left to remove.
-GONE_STATES = ("deleted", "pending_delete")
+GONE_STATES = (LedgerState.DELETED, LedgerState.PENDING_DELETE)
 #: Ids per ``IN (...)`` list: well below SQLite's and asyncpg's bound-parameter limits.
 IN_CHUNK = 1000
 #: Core tables for executemany inserts (the ORM bulk path costs a third more per row).
@@ -79,6 +79,103 @@ def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+class SubscriptionTask(TypedDict):
+    """A provider's sync, lifecycle step or poll of one ``Subscription`` row."""
+
+    subscription_id: int
+    #: Graph and Google: read the whole calendar again, not from the delta/sync token.
+    full: NotRequired[bool]
+    #: Graph lifecycle: what the notification asked for.
+    action: NotRequired[Literal["renew", "recreate"]]
+
+
+class CallbackTask(TypedDict):
+    """A signed callback's body as the CRM receives it (``docs/api-contract.md``)."""
+
+    type: str
+    activity_id: NotRequired[str]
+    batch_id: NotRequired[str | None]
+    changes: NotRequired[dict[str, dict[str, Any]]]
+    provider: NotRequired[str]
+    user_id: NotRequired[str]
+    account: NotRequired[str]
+    error: NotRequired[str]
+
+
+class TenantTask(TypedDict):
+    """A tenant-wide check (Graph subscriptions, Google channels): nothing beyond its kind."""
+
+
+SubscriptionKind = Literal[
+    OpKind.GRAPH_SYNC, OpKind.GRAPH_LIFECYCLE, OpKind.GOOGLE_SYNC, OpKind.CALDAV_POLL
+]
+TenantKind = Literal[OpKind.GRAPH_SUBS, OpKind.GOOGLE_SUBS]
+
+
+@overload
+def enqueue_task(
+    session: AsyncSession,
+    tenant_id: str,
+    kind: Literal[OpKind.CALLBACK],
+    mailbox: str,
+    payload: CallbackTask,
+    *,
+    batch_id: str | None = None,
+) -> Operation: ...
+@overload
+def enqueue_task(
+    session: AsyncSession,
+    tenant_id: str,
+    kind: SubscriptionKind,
+    mailbox: str,
+    payload: SubscriptionTask,
+    *,
+    batch_id: None = None,
+) -> Operation: ...
+@overload
+def enqueue_task(
+    session: AsyncSession,
+    tenant_id: str,
+    kind: TenantKind,
+    mailbox: str,
+    payload: TenantTask,
+    *,
+    batch_id: None = None,
+) -> Operation: ...
+def enqueue_task(
+    session: AsyncSession,
+    tenant_id: str,
+    kind: OpKind,
+    mailbox: str,
+    payload: CallbackTask | SubscriptionTask | TenantTask,
+    *,
+    batch_id: str | None = None,
+) -> Operation:
+    """Adds one task (work on no ledger row: a sync, a poll, a callback, a check) to the
+    session, in the interactive lane, due now, carrying the running trace's ``traceparent``.
+    The typed payload is what the kind's handler in ``syncsvc/runtime.py`` reads."""
+    if kind in (OpKind.CREATE, OpKind.UPDATE, OpKind.DELETE):
+        raise ValueError(f"{kind} acts on a ledger row: use add_events / request_updates")
+    traced = {"traceparent": tp} if (tp := current_traceparent()) else {}
+    now = utcnow()
+    op = Operation(
+        tenant_id=tenant_id,
+        kind=kind,
+        ledger_id=None,
+        batch_id=batch_id,
+        mailbox=mailbox,
+        lane=Lane.INTERACTIVE,
+        state=OpState.PENDING,
+        attempts=0,
+        not_before=now,
+        payload={**payload, **traced},
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(op)
+    return op
+
+
 async def add_events(
     session: AsyncSession, tenant_id: str, events: Sequence[NewEvent], lane: Lane
 ) -> int:
@@ -94,7 +191,7 @@ async def add_events(
             "user_id": e.user_id,
             "provider": e.calendar.provider,
             "calendar": e.calendar.calendar,
-            "state": "pending_create",
+            "state": LedgerState.PENDING_CREATE,
             "attempts": 0,
             "created_at": now,
             "updated_at": now,
@@ -109,7 +206,7 @@ async def add_events(
     await _insert_operations(
         session,
         tenant_id,
-        "create",
+        OpKind.CREATE,
         [
             (ids[(e.activity_id, e.calendar)], e.batch_id, e.calendar.mailbox, e.activity_id)
             for e in events
@@ -164,22 +261,24 @@ async def request_updates(
     ``activity_ids=None`` with a ``batch_id`` means every row of the batch; with both, the
     rows are read by batch (one query, any size) and filtered here.
     """
-    rows = await _ledger_rows(session, tenant_id, activity_ids, batch_id, (*LIVE_STATES, "failed"))
+    rows = await _ledger_rows(
+        session, tenant_id, activity_ids, batch_id, (*LIVE_STATES, LedgerState.FAILED)
+    )
     if not rows:
         return 0
     now = utcnow()
-    synced = [r.id for r in rows if r.state == "synced"]
+    synced = [r.id for r in rows if r.state == LedgerState.SYNCED]
     for chunk in chunks(synced):
         await session.execute(
             update(ExternalEvent)
-            .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "synced")
-            .values(state="pending_update", updated_at=now)
+            .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == LedgerState.SYNCED)
+            .values(state=LedgerState.PENDING_UPDATE, updated_at=now)
         )
-    await _revive([r for r in rows if r.state == "failed"], session, now)
+    await _revive([r for r in rows if r.state == LedgerState.FAILED], session, now)
     await _insert_operations(
         session,
         tenant_id,
-        "update",
+        OpKind.UPDATE,
         [(r.id, r.batch_id, Calendar(r.provider, r.calendar).mailbox, r.activity_id) for r in rows],
         lane,
         now,
@@ -209,13 +308,13 @@ async def request_deletes(
         await session.execute(
             update(ExternalEvent)
             .where(ExternalEvent.id.in_(chunk))
-            .values(state="pending_delete", updated_at=now)
+            .values(state=LedgerState.PENDING_DELETE, updated_at=now)
         )
-    await _supersede_dead(session, [r.id for r in rows if r.state == "failed"], now)
+    await _supersede_dead(session, [r.id for r in rows if r.state == LedgerState.FAILED], now)
     await _insert_operations(
         session,
         tenant_id,
-        "delete",
+        OpKind.DELETE,
         [(r.id, r.batch_id, Calendar(r.provider, r.calendar).mailbox, r.activity_id) for r in rows],
         lane,
         now,
@@ -227,12 +326,15 @@ async def _revive(rows: Sequence[_LedgerRow], session: AsyncSession, now: dateti
     """A row whose work died (``failed``) takes the change in hand with a fresh attempt
     budget, instead of swallowing it and every later one until an operator retries: back to
     ``pending_update`` (``pending_create`` if its event was never made)."""
-    for state, with_event in (("pending_update", True), ("pending_create", False)):
+    for state, with_event in (
+        (LedgerState.PENDING_UPDATE, True),
+        (LedgerState.PENDING_CREATE, False),
+    ):
         ids = [r.id for r in rows if (r.event_id is not None) == with_event]
         for chunk in chunks(ids):
             await session.execute(
                 update(ExternalEvent)
-                .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == "failed")
+                .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == LedgerState.FAILED)
                 .values(state=state, attempts=0, updated_at=now)
             )
     await _supersede_dead(session, [r.id for r in rows], now)
@@ -244,8 +346,8 @@ async def _supersede_dead(session: AsyncSession, ledger_ids: Sequence[int], now:
     for chunk in chunks(ledger_ids):
         await session.execute(
             update(Operation)
-            .where(Operation.ledger_id.in_(chunk), Operation.state == "dead")
-            .values(state="done", last_error="superseded by a later change", updated_at=now)
+            .where(Operation.ledger_id.in_(chunk), Operation.state == OpState.DEAD)
+            .values(state=OpState.DONE, last_error="superseded by a later change", updated_at=now)
         )
 
 
@@ -298,7 +400,7 @@ async def _ledger_rows(
 async def _insert_operations(
     session: AsyncSession,
     tenant_id: str,
-    kind: str,
+    kind: OpKind,
     targets: Iterable[tuple[int, str | None, str, str]],
     lane: Lane,
     now: datetime,
@@ -314,7 +416,7 @@ async def _insert_operations(
             "batch_id": batch_id,
             "mailbox": mailbox,
             "lane": lane,
-            "state": "pending",
+            "state": OpState.PENDING,
             "attempts": 0,
             "not_before": now,
             "payload": {"activity_id": activity_id, **traced},
@@ -341,12 +443,12 @@ async def add_batch_creates(
     source = (
         select(
             ledger.tenant_id,
-            literal("create"),
+            literal(OpKind.CREATE.value),
             ledger.id,
             ledger.batch_id,
             ledger.provider.concat(":").concat(ledger.calendar),
-            literal(lane),
-            literal("pending"),
+            literal(lane.value),
+            literal(OpState.PENDING.value),
             literal(0),
             stamp,
             build("activity_id", ledger.activity_id, *traced),

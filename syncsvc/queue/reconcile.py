@@ -8,20 +8,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Literal
 from zoneinfo import ZoneInfo
 
 from syncsvc.providers.base import EventAttendee, EventSpec
 from syncsvc.store.models import Activity, ExternalEvent, User
+from syncsvc.store.states import LedgerState
 
-Action = Literal["create", "update", "delete", "find_and_delete"]
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+    #: Delete an event whose id was never recorded (a create that crashed before its answer
+    #: was stored): looked up by its key first.
+    FIND_AND_DELETE = "find_and_delete"
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
     #: Ledger state once the action succeeded.
-    then: Literal["synced", "deleted"]
+    then: Literal[LedgerState.SYNCED, LedgerState.DELETED]
 
 
 def decide(ledger: ExternalEvent, activity: Activity, batch_deleting: bool) -> Decision:
@@ -33,11 +42,11 @@ def decide(ledger: ExternalEvent, activity: Activity, batch_deleting: bool) -> D
     wanted = not activity.deleted and not batch_deleting
     if not wanted:
         if ledger.event_id:
-            return Decision("delete", "deleted")
-        return Decision("find_and_delete", "deleted")
+            return Decision(Action.DELETE, LedgerState.DELETED)
+        return Decision(Action.FIND_AND_DELETE, LedgerState.DELETED)
     if ledger.event_id is None:
-        return Decision("create", "synced")
-    return Decision("update", "synced")
+        return Decision(Action.CREATE, LedgerState.SYNCED)
+    return Decision(Action.UPDATE, LedgerState.SYNCED)
 
 
 def event_key(activity_id: str) -> str:

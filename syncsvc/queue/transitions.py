@@ -16,14 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, Batch, ExternalEvent
-from syncsvc.store.states import LedgerState, OpState
+from syncsvc.store.states import DELETION_REQUESTED, LedgerState, OpState
 from syncsvc.store.types import utcnow
 
 _ops = OPERATIONS_TABLE.c
 _ledger = LEDGER_TABLE.c
 ERROR_MAX = 2000
 #: Batch states in which its events are to be removed.
-BATCH_GOING = ("deleting", "deleted")
+BATCH_GOING = DELETION_REQUESTED
 
 
 @dataclass(frozen=True, slots=True)

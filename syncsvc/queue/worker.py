@@ -51,7 +51,7 @@ from syncsvc.queue.claims import CLAIM_TTL_S, HEARTBEAT_S, Claimed
 from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
-from syncsvc.queue.reconcile import Decision, decide, spec_for
+from syncsvc.queue.reconcile import Action, Decision, decide, spec_for
 from syncsvc.queue.transitions import BATCH_GOING, Success
 from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
@@ -472,7 +472,7 @@ class Worker:
         ]
         creates: dict[int, list[_Job]] = {}
         for job in await self._prepare(mailbox, [c for c in claimed if c.ledger_id], stats):
-            if job.decision.action == "create" and job.provider.batch_max > 1:
+            if job.decision.action == Action.CREATE and job.provider.batch_max > 1:
                 creates.setdefault(id(job.provider), []).append(job)
             else:
                 work.append((partial(self._run_one, mailbox, limit, job, stats, stop), 1))
@@ -730,7 +730,14 @@ class Worker:
             await self._requeue([claimed.op_id], got, count_attempt=False)
             return
         try:
-            await handler(TaskContext(self.settings, self.db, self.providers), op)
+            # The trace that queued it (a webhook's, a CRM request's): what the task queues in
+            # turn, a callback say, carries it on.
+            with operation_span(
+                f"task.{claimed.kind}",
+                [claimed.trace],
+                {"syncsvc.mailbox": mailbox, "syncsvc.operation": claimed.op_id},
+            ):
+                await handler(TaskContext(self.settings, self.db, self.providers), op)
         except (*_WAIT_OUT, OSError, TimeoutError) as exc:  # not now: waited out, no attempt
             stats.throttled += 1
             retry_after = exc.retry_after_s if isinstance(exc, _WAIT_OUT) else None
@@ -764,9 +771,9 @@ class Worker:
         ledger: ExternalEvent,
         spec: EventSpec,
     ) -> EventRef | None:
-        if decision.action == "create":
+        if decision.action == Action.CREATE:
             return await provider.create(spec)
-        if decision.action == "update":
+        if decision.action == Action.UPDATE:
             assert ledger.event_id is not None
             try:
                 return await provider.update(EventRef(ledger.event_id, ledger.etag), spec)
@@ -777,7 +784,7 @@ class Worker:
                     raise
                 return await provider.update(fresh, spec)
         found: EventRef | None
-        if decision.action == "delete":
+        if decision.action == Action.DELETE:
             assert ledger.event_id is not None
             found = EventRef(ledger.event_id, ledger.etag)
         else:

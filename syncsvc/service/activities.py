@@ -26,7 +26,6 @@ from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.planner import next_free_slot
 from syncsvc.planner.model import Schedule
 from syncsvc.queue.outbox import (
-    Lane,
     NewEvent,
     add_events,
     calendar_of,
@@ -35,9 +34,9 @@ from syncsvc.queue.outbox import (
     request_updates,
 )
 from syncsvc.service.activity_filters import ActivityFilter, conditions
-from syncsvc.service.batches import DELETION_REQUESTED
 from syncsvc.service.plans import closing_days, plan_user, schedule_from_json
 from syncsvc.store.models import Activity, Batch, ExternalEvent, User
+from syncsvc.store.states import DELETION_REQUESTED, Lane
 from syncsvc.store.types import utcnow
 
 STATUSES = ("planned", "completed", "cancelled", "unanswered")
@@ -323,7 +322,7 @@ async def patch(
     activity.version += 1
     activity.updated_at = utcnow()
     await session.flush()
-    await request_updates(session, tenant_id, [activity.id], "interactive")
+    await request_updates(session, tenant_id, [activity.id], Lane.INTERACTIVE)
     return _view(activity, timezone, (await _externals(session, [activity.id])).get(activity.id))
 
 
@@ -410,7 +409,7 @@ async def set_status(
 
 
 def _lane(count: int) -> Lane:
-    return "interactive" if count <= INTERACTIVE_MAX_ACTIVITIES else "bulk"
+    return Lane.INTERACTIVE if count <= INTERACTIVE_MAX_ACTIVITIES else Lane.BULK
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,7 +540,7 @@ async def follow_up(
             session,
             tenant_id,
             [NewEvent(activity.id, user.id, activity.batch_id, calendar)],
-            "interactive",
+            Lane.INTERACTIVE,
         )
     return _view(activity, timezone, (await _externals(session, [activity.id])).get(activity.id))
 

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Row, Table, and_, func, or_, select, update
@@ -43,28 +42,12 @@ from syncsvc.service.plans import (
 from syncsvc.store.bulk import Values, insert_rows
 from syncsvc.store.db import Database, describe
 from syncsvc.store.models import Activity, Batch, ExternalEvent
+from syncsvc.store.states import DELETION_REQUESTED, BatchState, Lane, LedgerState
 from syncsvc.store.types import JsonText, utcnow
 
 log = logging.getLogger("syncsvc.batches")
 
 
-class BatchState(StrEnum):
-    """A batch's state as the API shows it (``Batch.state`` keeps the first, the requested
-    deletion, and a failed commit; the rest is derived from the ledger when read)."""
-
-    #: A large batch answered 202 whose rows are being written; none of them is visible yet.
-    COMMITTING = "committing"
-    #: Operations are still pending.
-    SYNCING = "syncing"
-    SYNCED = "synced"
-    #: Some operations gave up, or the commit itself failed (then with an ``error``).
-    FAILED = "failed"
-    DELETING = "deleting"
-    DELETED = "deleted"
-
-
-#: ``Batch.state`` values that mean the CRM asked for the batch to go.
-DELETION_REQUESTED = (BatchState.DELETING, BatchState.DELETED)
 #: Keys of ``Batch.request`` beside the plan: the key a failed commit forgets, and its error.
 IDEMPOTENCY_KEY = "idempotency_key"
 COMMIT_ERROR = "commit_error"
@@ -141,28 +124,29 @@ def created_by_of(batch_id: str) -> str:
 def counts_from(by_state: Mapping[str, int]) -> SyncCounts:
     """Ledger states folded into the contract's five counters."""
     return SyncCounts(
-        pending=by_state.get("pending_create", 0) + by_state.get("pending_update", 0),
-        synced=by_state.get("synced", 0),
-        failed=by_state.get("failed", 0),
-        deleting=by_state.get("pending_delete", 0),
-        deleted=by_state.get("deleted", 0),
+        pending=by_state.get(LedgerState.PENDING_CREATE, 0)
+        + by_state.get(LedgerState.PENDING_UPDATE, 0),
+        synced=by_state.get(LedgerState.SYNCED, 0),
+        failed=by_state.get(LedgerState.FAILED, 0),
+        deleting=by_state.get(LedgerState.PENDING_DELETE, 0),
+        deleted=by_state.get(LedgerState.DELETED, 0),
     )
 
 
-def derive_state(requested: str, sync: SyncCounts) -> str:
+def derive_state(requested: str, sync: SyncCounts) -> BatchState:
     """A deleting batch is ``deleted`` once no row is left; otherwise failures win, then
     outstanding work; a batch with no rows (users without a calendar) is ``synced`` at once.
     A batch still committing, or whose commit failed, is that."""
     if requested in (BatchState.COMMITTING, BatchState.FAILED):
-        return requested
+        return BatchState(requested)
     if requested in DELETION_REQUESTED:
         left = sync.pending + sync.synced + sync.failed + sync.deleting
-        return "deleted" if left == 0 else "deleting"
+        return BatchState.DELETED if left == 0 else BatchState.DELETING
     if sync.failed:
-        return "failed"
+        return BatchState.FAILED
     if sync.pending or sync.deleting:
-        return "syncing"
-    return "synced"
+        return BatchState.SYNCING
+    return BatchState.SYNCED
 
 
 # --- Commit --------------------------------------------------------------------------------
@@ -300,7 +284,7 @@ def _rows(
             ledger.append(
                 (
                     tenant_id, activity_id, batch_id, planned.user_id, calendar.provider,
-                    calendar.calendar, "pending_create", 0, stamp, stamp,
+                    calendar.calendar, LedgerState.PENDING_CREATE, 0, stamp, stamp,
                 )
             )  # fmt: skip
     return PlannedBatch(
@@ -323,7 +307,7 @@ async def _write(session: AsyncSession, planned: PlannedBatch, now: datetime) ->
     await insert_rows(session, ACTIVITIES_TABLE, ACTIVITY_COLUMNS, planned.activities, written)
     if planned.ledger:
         await insert_rows(session, LEDGER_TABLE, LEDGER_COLUMNS, planned.ledger)
-        await add_batch_creates(session, planned.tenant_id, planned.id, "bulk", now)
+        await add_batch_creates(session, planned.tenant_id, planned.id, Lane.BULK, now)
 
 
 async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
@@ -647,7 +631,9 @@ async def patch(
         updates.append(row)
     for chunk in _same_keys(updates):
         await session.execute(update(Activity), chunk)
-    await request_updates(session, tenant_id, [u["id"] for u in updates], "bulk", batch_id=batch_id)
+    await request_updates(
+        session, tenant_id, [u["id"] for u in updates], Lane.BULK, batch_id=batch_id
+    )
     body["template"] = template
     batch.request = {**stored, "body": body}
     batch.updated_at = stamp
@@ -689,7 +675,7 @@ async def delete(session: AsyncSession, tenant_id: str, batch_id: str) -> BatchV
             .values(deleted=True, updated_at=stamp)
             .execution_options(synchronize_session=False)
         )
-        await request_deletes(session, tenant_id, None, "bulk", batch_id=batch_id)
+        await request_deletes(session, tenant_id, None, Lane.BULK, batch_id=batch_id)
         batch.state = BatchState.DELETING
         batch.updated_at = stamp
         await session.flush()

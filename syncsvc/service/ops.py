@@ -23,12 +23,13 @@ from syncsvc.queue.transitions import retry_dead
 from syncsvc.service.batches import SyncCounts, counts_from, derive_state
 from syncsvc.store.db import Database
 from syncsvc.store.models import Batch, ExternalEvent, Operation, SyncCycle, Tenant, User
+from syncsvc.store.states import BatchState, OpState
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.ops")
 
 #: Outbox states an operator watches (``done`` is history).
-QUEUE_STATES = ("pending", "running", "dead")
+QUEUE_STATES = (OpState.PENDING, OpState.RUNNING, OpState.DEAD)
 LIST_LIMIT_MAX = 500
 #: The throughput chart: this long a window, in buckets this wide.
 CHART_WINDOW_S = 600
@@ -228,9 +229,9 @@ async def queue_depth(session: AsyncSession, now: datetime) -> list[LaneDepth]:
     lanes: dict[tuple[str, str], LaneDepth] = {}
     for mailbox, lane, state, count, oldest, later in rows:
         depth = lanes.setdefault((mailbox, lane), LaneDepth(mailbox, lane))
-        if state == "pending":
+        if state == OpState.PENDING:
             depth.pending, depth.waiting, depth.oldest_pending_at = count, int(later or 0), oldest
-        elif state == "running":
+        elif state == OpState.RUNNING:
             depth.running = count
         else:
             depth.dead = count
@@ -255,9 +256,9 @@ async def update_queue_metrics(session: AsyncSession, metrics: Metrics, now: dat
     oldest: dict[tuple[str, str], float] = {}
     for depth in await queue_depth(session, now):
         for state, count in (
-            ("pending", depth.pending),
-            ("running", depth.running),
-            ("dead", depth.dead),
+            (OpState.PENDING, depth.pending),
+            (OpState.RUNNING, depth.running),
+            (OpState.DEAD, depth.dead),
         ):
             key = (depth.provider, depth.lane, state)
             totals[key] = totals.get(key, 0) + count
@@ -303,7 +304,7 @@ async def dead_operations(
         select(Operation, Tenant.name, ExternalEvent.activity_id, ExternalEvent.user_id)
         .join(Tenant, Tenant.id == Operation.tenant_id)
         .outerjoin(ExternalEvent, ExternalEvent.id == Operation.ledger_id)
-        .where(Operation.state == "dead")
+        .where(Operation.state == OpState.DEAD)
     )
     if before_id is not None:
         query = query.where(Operation.id < before_id)
@@ -329,7 +330,9 @@ async def dead_operations(
 
 
 async def count_dead(session: AsyncSession) -> int:
-    return int(await session.scalar(select(func.count()).where(Operation.state == "dead")) or 0)
+    return int(
+        await session.scalar(select(func.count()).where(Operation.state == OpState.DEAD)) or 0
+    )
 
 
 async def retry(db: Database, op_ids: Sequence[int] | None) -> int:
@@ -425,7 +428,7 @@ async def batch_progress(session: AsyncSession) -> list[BatchProgress]:
                 ),
             )
         )
-    finished = ("synced", "deleted")
+    finished = (BatchState.SYNCED, BatchState.DELETED)
     out.sort(key=lambda b: b.created_at, reverse=True)
     out.sort(key=lambda b: b.state in finished)
     return out
@@ -499,7 +502,7 @@ async def mailbox_health(
                 func.max(Operation.id),
                 func.sum(case((Operation.last_error.like(f"{AUTH_FAILED_PREFIX}%"), 1), else_=0)),
             )
-            .where(Operation.state == "dead")
+            .where(Operation.state == OpState.DEAD)
             .group_by(Operation.mailbox)
         )
     ).all()
@@ -516,7 +519,7 @@ async def mailbox_health(
         entry.dead, entry.last_error = count, errors.get(newest_id)
         entry.status = "reconnect_needed" if auth_failed else "failing"
     revoked = and_(
-        Operation.state == "pending",
+        Operation.state == OpState.PENDING,
         or_(
             Operation.last_error.like(f"{ConsentRevoked.code}:%"),
             Operation.last_error.like(f"{GrantRevoked.code}:%"),
@@ -533,7 +536,7 @@ async def mailbox_health(
     users = await session.execute(
         select(Operation.mailbox, ExternalEvent.user_id)
         .join(ExternalEvent, ExternalEvent.id == Operation.ledger_id)
-        .where(or_(Operation.state == "dead", revoked))  # whom to ask to reconnect, too
+        .where(or_(Operation.state == OpState.DEAD, revoked))  # whom to ask to reconnect, too
         .group_by(Operation.mailbox, ExternalEvent.user_id)
         .limit(HEALTH_USERS_MAX)
     )

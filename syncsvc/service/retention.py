@@ -48,6 +48,7 @@ from syncsvc.store.models import (
     ScheduleRun,
     SyncCycle,
 )
+from syncsvc.store.states import LedgerState, OpState
 from syncsvc.store.types import utcnow
 
 log = logging.getLogger("syncsvc.retention")
@@ -238,7 +239,7 @@ class _Pruner:
                 delete(Operation).where(
                     Operation.id > after,
                     Operation.id <= (ceiling - 1 if upto is None else upto),
-                    _unindexed(Operation.state) == "done",
+                    _unindexed(Operation.state) == OpState.DONE,
                     Operation.updated_at < cutoff,
                 )
             )
@@ -360,7 +361,7 @@ class _Pruner:
                                 ExternalEvent.activity_id.in_(
                                     select(Activity.id).where(*old_deleted)
                                 ),
-                                ExternalEvent.state == "deleted",
+                                ExternalEvent.state == LedgerState.DELETED,
                                 ExternalEvent.updated_at < cutoff,
                                 ExternalEvent.id < newest_ledger,
                                 ~exists().where(Operation.ledger_id == ExternalEvent.id),

@@ -29,7 +29,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncsvc.changes.apply import callback_operation
+from syncsvc.changes.apply import enqueue_callback
 from syncsvc.config import Settings
 from syncsvc.errors import (
     BadRequest,
@@ -41,10 +41,12 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers.google import check_service_account_info
+from syncsvc.queue.outbox import CallbackTask
 from syncsvc.service.mailboxes import normalized_domain
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import OAuthState, Operation, Tenant, TenantConnection, TenantDomain
+from syncsvc.store.states import OpState
 from syncsvc.store.types import utcnow
 
 #: How long a consent link stays usable.
@@ -311,12 +313,12 @@ async def reconnect_needed(db: Database, tenant_id: str, provider: str, error: s
         elif row.state == ConnectionState.RECONNECT_NEEDED:
             return
         row.state, row.error = ConnectionState.RECONNECT_NEEDED, error[:300]
-        payload = {
+        payload: CallbackTask = {
             "type": "connection.reconnect_needed",
             "provider": provider,
             "error": error[:300],
         }
-        s.add(callback_operation(tenant_id, payload))
+        enqueue_callback(s, tenant_id, payload)
 
 
 async def wake(session: AsyncSession, tenant_id: str, mailboxes: ColumnElement[bool]) -> None:
@@ -324,7 +326,7 @@ async def wake(session: AsyncSession, tenant_id: str, mailboxes: ColumnElement[b
     next look."""
     await session.execute(
         update(Operation)
-        .where(Operation.tenant_id == tenant_id, Operation.state == "pending", mailboxes)
+        .where(Operation.tenant_id == tenant_id, Operation.state == OpState.PENDING, mailboxes)
         .values(not_before=utcnow())
         .execution_options(synchronize_session=False)
     )

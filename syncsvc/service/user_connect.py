@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.changes.apply import callback_operation
+from syncsvc.changes.apply import enqueue_callback
 from syncsvc.config import Settings
 from syncsvc.errors import (
     BadRequest,
@@ -31,7 +31,7 @@ from syncsvc.errors import (
     ValidationError,
 )
 from syncsvc.providers import google_oauth, graph_oauth
-from syncsvc.queue.outbox import CALENDAR_KEY_BY_PROVIDER
+from syncsvc.queue.outbox import CALENDAR_KEY_BY_PROVIDER, CallbackTask
 from syncsvc.service.tenant_connections import (
     STATE_TTL,
     ConnectionState,
@@ -199,11 +199,11 @@ async def grant_revoked(
         for user in users:
             user.connection_state = ConnectionState.RECONNECT_NEEDED
             user.connection_error = error[:300]
-            payload = {
+            payload: CallbackTask = {
                 "type": "connection.reconnect_needed",
                 "provider": provider,
                 "user_id": user.id,
                 "account": account,
                 "error": error[:300],
             }
-            s.add(callback_operation(tenant_id, payload))
+            enqueue_callback(s, tenant_id, payload)

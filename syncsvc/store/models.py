@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from syncsvc.store.states import BatchState, Lane, LedgerState, OpState
 from syncsvc.store.types import UTCDateTime, utcnow
 
 ID_LEN = 64
@@ -116,7 +117,7 @@ class Batch(Base):
     #: The plan body as committed (template, schedule, assignment), for edits and audits.
     request: Mapped[dict[str, Any]] = mapped_column(default=dict)
     #: ``syncing`` | ``synced`` | ``failed`` | ``deleting`` | ``deleted``.
-    state: Mapped[str] = mapped_column(String(16), default="syncing")
+    state: Mapped[str] = mapped_column(String(16), default=BatchState.SYNCING)
     total: Mapped[int] = mapped_column(Integer, default=0)
     schedule_id: Mapped[str | None] = mapped_column(String(ID_LEN))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -199,7 +200,7 @@ class ExternalEvent(Base):
     #: The provider's id for the event, known once created.
     event_id: Mapped[str | None] = mapped_column(Text)
     etag: Mapped[str | None] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default="pending_create")
+    state: Mapped[str] = mapped_column(String(16), default=LedgerState.PENDING_CREATE)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -236,8 +237,8 @@ class Operation(Base):
     batch_id: Mapped[str | None] = mapped_column(String(ID_LEN))
     #: ``<provider>:<calendar>``: the unit rate limits and fairness are kept per.
     mailbox: Mapped[str] = mapped_column(Text)
-    lane: Mapped[str] = mapped_column(String(16), default="bulk")
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    lane: Mapped[str] = mapped_column(String(16), default=Lane.BULK)
+    state: Mapped[str] = mapped_column(String(16), default=OpState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -59,3 +59,22 @@ class OpKind(StrEnum):
     #: Names of earlier versions, still run when found in stored rows.
     LEGACY_GRAPH_SUBS = "graph_subs_check"
     LEGACY_GOOGLE_SUBS = "google_channels"
+
+
+class BatchState(StrEnum):
+    """A batch's state as the API shows it (``Batch.state`` keeps the first, the requested
+    deletion, and a failed commit; the rest is derived from the ledger when read)."""
+
+    #: A large batch answered 202 whose rows are being written; none of them is visible yet.
+    COMMITTING = "committing"
+    #: Operations are still pending.
+    SYNCING = "syncing"
+    SYNCED = "synced"
+    #: Some operations gave up, or the commit itself failed (then with an ``error``).
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+#: ``Batch.state`` values that mean the CRM asked for the batch to go.
+DELETION_REQUESTED = (BatchState.DELETING, BatchState.DELETED)

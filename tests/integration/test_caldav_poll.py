@@ -26,9 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select, update
 
 from syncsvc.app import build_app
-from syncsvc.changes.apply import CALLBACK_KIND
 from syncsvc.changes.caldav import (
-    POLL,
     caldav_poll,
     enqueue_polls,
     next_due,
@@ -43,6 +41,7 @@ from syncsvc.runtime import run_workers
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
+from syncsvc.store.states import OpKind
 from syncsvc.store.types import utcnow
 from tests.servers.caldav import NewCalendar
 from tests.servers.proxy import caldav_proxy
@@ -362,7 +361,11 @@ async def _poll_through_the_worker(db: Database) -> None:
     async def finished() -> bool:
         async with db.session() as s:
             states = (
-                (await s.execute(select(Operation.state).where(Operation.kind == POLL)))
+                (
+                    await s.execute(
+                        select(Operation.state).where(Operation.kind == OpKind.CALDAV_POLL)
+                    )
+                )
                 .scalars()
                 .all()
             )
@@ -371,7 +374,9 @@ async def _poll_through_the_worker(db: Database) -> None:
     await _wait_for(finished, "the polls did not finish")
     async with db.session() as s:
         states = (
-            (await s.execute(select(Operation.state).where(Operation.kind == POLL))).scalars().all()
+            (await s.execute(select(Operation.state).where(Operation.kind == OpKind.CALDAV_POLL)))
+            .scalars()
+            .all()
         )
     assert set(states) == {"done"}
 
@@ -449,7 +454,7 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
         kept = await s.get(Activity, kept_id)
         user = (await s.execute(select(User).where(User.id == "u0"))).scalar_one()
         callbacks = (
-            (await s.execute(select(Operation).where(Operation.kind == CALLBACK_KIND)))
+            (await s.execute(select(Operation).where(Operation.kind == OpKind.CALLBACK)))
             .scalars()
             .all()
         )
@@ -479,7 +484,7 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
     del counted.requests[:]
     op = Operation(
         tenant_id=sub.tenant_id,
-        kind=POLL,
+        kind=OpKind.CALDAV_POLL,
         mailbox=f"caldav:{sub.calendar}",
         payload={"subscription_id": sub.id},
     )
@@ -507,7 +512,7 @@ async def test_one_poll_brings_the_users_move_delete_and_day_off_back(
         now_edited = (await s.execute(select(Activity.id).where(Activity.user_edited))).scalars()
         assert sorted(now_edited) == sorted([early_id, moved_id, gone_id])
         callbacks = (
-            (await s.execute(select(Operation).where(Operation.kind == CALLBACK_KIND)))
+            (await s.execute(select(Operation).where(Operation.kind == OpKind.CALLBACK)))
             .scalars()
             .all()
         )

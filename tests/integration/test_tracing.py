@@ -27,11 +27,14 @@ from bench.queue import (
     service,
 )
 from syncsvc import tracing
+from syncsvc.changes.apply import enqueue_callback
 from syncsvc.config import Settings
 from syncsvc.limits import RateLimit
+from syncsvc.queue.outbox import enqueue_task
 from syncsvc.queue.ratelimit import MemoryRateLimiter
-from syncsvc.queue.worker import Worker
-from syncsvc.store.models import Operation
+from syncsvc.queue.worker import TaskContext, Worker
+from syncsvc.store.models import Operation, Tenant
+from syncsvc.store.states import OpKind
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -137,3 +140,55 @@ async def test_with_tracing_off_operations_still_carry_the_crms_traceparent(
         async with db.session() as s:
             payloads = list(await s.scalars(select(Operation.payload).order_by(Operation.id)))
     assert [p.get("traceparent") for p in payloads] == [TRACEPARENT, TRACEPARENT, None]
+
+
+async def test_a_task_runs_in_the_trace_that_queued_it_and_carries_it_on(
+    spans: InMemorySpanExporter, tmp_path: Any
+) -> None:
+    """A webhook's sync queued in its request's trace runs in that trace, so the callback it
+    queues in turn (here: queued by the handler) carries the same trace to the CRM."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'tasks.db'}", secret_key=BENCH_SECRET_KEY
+    )
+    seen: list[str | None] = []
+
+    async def handler(ctx: TaskContext, op: Operation) -> None:
+        seen.append(tracing.current_traceparent())
+        async with ctx.db.session() as s, s.begin():
+            enqueue_callback(s, op.tenant_id, {"type": "activity.changed"})
+
+    async with service(settings) as (_, db, _headers):
+        async with db.session() as s:
+            tenant = await s.scalar(select(Tenant.id))
+        assert tenant is not None
+        token = context.attach(propagate.extract({"traceparent": TRACEPARENT}))
+        try:
+            async with db.session() as s, s.begin():
+                op = enqueue_task(s, tenant, OpKind.CALDAV_POLL, "caldav:x", {"subscription_id": 1})
+        finally:
+            context.detach(token)
+        assert op.payload["traceparent"] == TRACEPARENT
+        worker = Worker(
+            settings,
+            db,
+            MemoryRateLimiter(),
+            provider_factory({}),
+            embedded=True,
+            tasks={OpKind.CALDAV_POLL: handler},
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            deadline = time.monotonic() + 30
+            while not seen:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await running
+        async with db.session() as s:
+            callback = await s.scalar(select(Operation).where(Operation.kind == OpKind.CALLBACK))
+    assert seen[0] is not None and seen[0].split("-")[1] == TRACE_ID
+    assert callback is not None and callback.payload["traceparent"].split("-")[1] == TRACE_ID
+    [task] = [s for s in spans.get_finished_spans() if s.name == "task.caldav_poll"]
+    assert format(task.context.trace_id, "032x") == TRACE_ID

@@ -25,10 +25,8 @@ from standardwebhooks import Webhook
 from syncsvc.app import build_app
 from syncsvc.changes.google import (
     RENEW_BEFORE_S,
-    SUBSCRIPTIONS,
     enqueue_channel_checks,
 )
-from syncsvc.changes.google import SYNC as GOOGLE_SYNC
 from syncsvc.config import Settings
 from syncsvc.errors import Permanent, SyncTokenExpired
 from syncsvc.providers import google as google_module
@@ -42,6 +40,7 @@ from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, Tenant, User
+from syncsvc.store.states import OpKind
 from tests.fakes.google import FakeGoogle, running_fake
 
 DOMAIN = "brewery.example"
@@ -349,7 +348,7 @@ async def test_user_changes_in_google_reach_the_activity_and_the_crm(
     assert (sync.state, sync.status) == ("sync", 200)
     before = await _activities(svc, batch)
     assert not any(a.user_edited or a.deleted for a in before.values())
-    syncs_so_far = len(await _ops(svc, GOOGLE_SYNC))
+    syncs_so_far = len(await _ops(svc, OpKind.GOOGLE_SYNC))
 
     # Forgeries: a wrong token for a real channel (the stored hash is no token either), an
     # unknown channel with the real token. Refused, nothing stored.
@@ -371,7 +370,7 @@ async def test_user_changes_in_google_reach_the_activity_and_the_crm(
             },
         )
         assert answer.status == 403
-    assert len(await _ops(svc, GOOGLE_SYNC)) == syncs_so_far
+    assert len(await _ops(svc, OpKind.GOOGLE_SYNC)) == syncs_so_far
 
     # The user moves the first meeting to 14:00 the next day in Google Calendar.
     moved = before["t0"]
@@ -481,7 +480,7 @@ async def test_acknowledgements_are_fast(service: Service, fake: FakeGoogle) -> 
         )
         elapsed.append(time.perf_counter() - started)
         assert answer.status == 200
-        waiting = [o for o in await _ops(svc, GOOGLE_SYNC) if o.state == "pending"]
+        waiting = [o for o in await _ops(svc, OpKind.GOOGLE_SYNC) if o.state == "pending"]
         most_waiting = max(most_waiting, len(waiting))
     p99 = sorted(elapsed)[98]
     median = statistics.median(elapsed)
@@ -573,6 +572,6 @@ async def test_one_users_refused_delegation_does_not_hold_back_the_others(
     sub = await _open_channel(svc, fake, email)
     assert [s.calendar for s in await _subscriptions(svc)] == [email]
     assert fake.channels(outsider) == []
-    [check] = await _ops(svc, SUBSCRIPTIONS)
+    [check] = await _ops(svc, OpKind.GOOGLE_SUBS)
     assert check.state == "done"  # an auth failure is logged per user, not retried for all
     assert sub.resource_id is not None

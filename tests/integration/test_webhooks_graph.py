@@ -26,7 +26,6 @@ from standardwebhooks import Webhook
 
 from syncsvc.app import build_app
 from syncsvc.changes.apply import ExternalChange, apply_external_changes
-from syncsvc.changes.graph import SYNC as GRAPH_SYNC
 from syncsvc.changes.graph import enqueue_subscription_checks
 from syncsvc.config import Settings
 from syncsvc.queue.worker import MAX_ATTEMPTS
@@ -35,6 +34,7 @@ from syncsvc.service.tenants import create_tenant_with_secret
 from syncsvc.store.crypto import SecretBox, hash_token
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, ExternalEvent, Operation, Subscription, User
+from syncsvc.store.states import OpKind
 from tests.fakes.graph import FakeGraph, running_fake_graph
 from tests.servers.postgres import free_port
 
@@ -206,7 +206,9 @@ async def _subscription(db: Database) -> Subscription | None:
 
 async def _synced_once(db: Database) -> bool:
     sub = await _subscription(db)
-    return sub is not None and sub.sync_token is not None and not await _pending(db, GRAPH_SYNC)
+    return (
+        sub is not None and sub.sync_token is not None and not await _pending(db, OpKind.GRAPH_SYNC)
+    )
 
 
 async def _pending(db: Database, kind: str) -> int:
@@ -364,7 +366,7 @@ async def test_forged_notifications_are_refused_and_never_processed(
     await setup_batch(svc, fake)
     [sub] = fake.subscriptions(svc.mailbox)
     await eventually(lambda: _idle(svc.db), "quiet")
-    syncs_before = await _ops(svc.db, GRAPH_SYNC)
+    syncs_before = await _ops(svc.db, OpKind.GRAPH_SYNC)
 
     def note(client_state: str | None, subscription_id: str = sub.id) -> dict[str, Any]:
         return {
@@ -379,14 +381,14 @@ async def test_forged_notifications_are_refused_and_never_processed(
     for forged in ([note("guess")], [note(None)], [note(sub.client_state, "no-such-subscription")]):
         async with svc.http.post(url, json={"value": forged}) as answer:
             assert answer.status == 403
-    assert await _ops(svc.db, GRAPH_SYNC) == syncs_before
+    assert await _ops(svc.db, OpKind.GRAPH_SYNC) == syncs_before
 
     # A request mixing a valid item with a forged one: the valid one is taken, 202.
     async with svc.http.post(
         url, json={"value": [note("guess"), note(sub.client_state)]}
     ) as answer:
         assert answer.status == 202
-    assert await _ops(svc.db, GRAPH_SYNC) == syncs_before + 1
+    assert await _ops(svc.db, OpKind.GRAPH_SYNC) == syncs_before + 1
 
     # Not Graph's shape at all: 400.
     async with svc.http.post(
