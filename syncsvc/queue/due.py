@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import case, delete, func, select, true, update
+from sqlalchemy import ColumnElement, case, delete, func, select, true, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Subquery
@@ -113,24 +114,39 @@ class _First:
 
 async def _firsts(s: AsyncSession, now: datetime, depth: int) -> dict[str, list[_First]]:
     """Per tenant, its ``depth`` due mailboxes with interactive work first, then the longest
-    waiting (a LATERAL pick per tenant, so the ranking sorts ``depth`` rows, not thousands)."""
+    waiting: two LATERAL picks per tenant, each an index range read in ``due_at`` order that
+    stops after ``depth`` rows (its interactive ones, and any), merged here."""
     q = QueueMailbox
-    lane = case((q.interactive_at <= now, 0), else_=1)
-    pick = (
-        select(q.mailbox, lane.label("lane"), q.due_at)
-        .where(q.tenant_id == Tenant.id, q.due_at <= now)
-        .order_by(lane, q.due_at)
-        .limit(depth)
-        .lateral("pick")
-    )
+
+    def pick(*where: ColumnElement[bool]) -> Any:
+        return (
+            select(q.mailbox, q.interactive_at, q.due_at)
+            .where(q.tenant_id == Tenant.id, q.due_at <= now, *where)
+            .order_by(q.due_at)
+            .limit(depth)
+            .lateral()
+        )
+
+    interactive = pick(q.interactive_at.is_not(None), q.interactive_at <= now)
+    anything = pick()
     rows = await s.execute(
-        select(Tenant.id, pick.c.mailbox, pick.c.lane, pick.c.due_at).join(pick, true())
+        union_all(
+            *(
+                select(Tenant.id, p.c.mailbox, p.c.interactive_at, p.c.due_at).join(p, true())
+                for p in (interactive, anything)
+            )
+        )
     )
     firsts: dict[str, list[_First]] = {}
-    for tenant, mailbox, lane_rank, due_at in rows:
-        firsts.setdefault(tenant, []).append(_First(mailbox, lane_rank, due_at))
-    for picked in firsts.values():
+    for tenant, mailbox, interactive_at, due_at in rows:
+        lane = 0 if interactive_at is not None and interactive_at <= now else 1
+        firsts.setdefault(tenant, []).append(_First(mailbox, lane, due_at))
+    for tenant, picked in firsts.items():
+        # The interactive pick holds every interactive one unless it is full: either way,
+        # the first ``depth`` of the two without repeats (a row both picked is the same
+        # value twice) are the tenant's first ``depth``.
         picked.sort(key=lambda f: (f.lane, f.due_at))
+        firsts[tenant] = list(dict.fromkeys(picked))[:depth]
     return firsts
 
 

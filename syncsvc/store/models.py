@@ -255,7 +255,17 @@ class QueueMailbox(Base):
     later than the mailbox's earliest open operation."""
 
     __tablename__ = "queue_mailboxes"
-    __table_args__ = (Index("ix_queue_mailboxes_due", "due_at"),)
+    __table_args__ = (
+        # Each tenant's due mailboxes in order, and its interactive ones (queue/due.py).
+        Index("ix_queue_mailboxes_tenant_due", "tenant_id", "due_at"),
+        Index(
+            "ix_queue_mailboxes_tenant_interactive",
+            "tenant_id",
+            "due_at",
+            postgresql_where=text("interactive_at IS NOT NULL"),
+            sqlite_where=text("interactive_at IS NOT NULL"),
+        ),
+    )
 
     tenant_id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
     mailbox: Mapped[str] = mapped_column(Text, primary_key=True)

@@ -162,7 +162,7 @@ async def test_deeper_picks_for_a_tenant_with_many_mailboxes(db: Database) -> No
     now = utcnow()
     async with db.session() as s, s.begin():
         for i in range(12):
-            lane = "interactive" if i == 7 else "bulk"
+            lane = "interactive" if i in (7, 9, 10) else "bulk"  # more than the first pick
             s.add(_op(big.id, f"caldav:big-{i}", now - timedelta(seconds=60 - i), lane=lane))
         for i, tenant in enumerate(small):
             s.add(_op(tenant.id, f"caldav:small-{i}", now - timedelta(seconds=30 + i)))
@@ -171,8 +171,11 @@ async def test_deeper_picks_for_a_tenant_with_many_mailboxes(db: Database) -> No
             table = await by_table(s, now, per_tenant, limit)
             grouped = await by_grouping(s, now, per_tenant, limit)
         assert table == grouped, (per_tenant, limit)
-    # The interactive mailbox is the big tenant's first, though six waited longer.
+    # The interactive mailboxes are the big tenant's first, though others waited longer.
     assert table[0] == Due(big.id, "caldav:big-7", True)
+    bigs = [d for d in table if d.tenant == big.id]
+    assert [d.mailbox for d in bigs[:3]] == ["caldav:big-7", "caldav:big-9", "caldav:big-10"]
+    assert [d.interactive for d in bigs[:4]] == [True, True, True, False]
     assert len(table) == 14
 
 
