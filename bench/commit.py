@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bench.api import USERS, body
 from syncsvc import app as app_module
 from syncsvc.config import Settings
+from syncsvc.quiet_gc import collect_when_quiet
 from syncsvc.service.tenants import create_tenant
 from syncsvc.store.db import Database
 from syncsvc.store.models import User
@@ -69,6 +70,10 @@ async def bench(url: str, label: str, sizes: list[int]) -> None:
     app = app_module.build_app(settings, db)
     headers = {"Authorization": f"Bearer {key}"}
     posting = {**headers, "Content-Type": "application/json"}
+    # Full collections as ``syncsvc serve`` runs them (syncsvc/quiet_gc.py), not the
+    # interpreter's automatic ones in the middle of a large plan.
+    quiet = asyncio.Event()
+    collector = asyncio.create_task(collect_when_quiet(quiet))
     async with TestClient(TestServer(app)) as client:
         # Caches, imports, and the processes that parse large bodies start on first use.
         warm = await client.post("/v1/plans", json=body(10_000), headers=headers)
@@ -101,6 +106,8 @@ async def bench(url: str, label: str, sizes: list[int]) -> None:
                 f"  goal {f'<= {goal} s' if goal else '-'}",
                 flush=True,
             )
+    quiet.set()
+    await collector
     await db.aclose()
 
 
