@@ -112,3 +112,55 @@ async def test_mailboxes_registered_before_ownership_go_to_the_first_tenant(
     finally:
         await db.aclose()
     assert owners == [("graph", "md@corp.example", "ten_a")]
+
+
+def _upgrade_with_a_synced_batch(conn: Connection) -> tuple[list[int], str]:
+    """Rows of every table 0009 rebuilds on SQLite (drops keys of on PostgreSQL), then head."""
+    command.upgrade(alembic_config(conn), "0008")
+    at = datetime(2026, 1, 1)
+    statements = (
+        "INSERT INTO tenants (id, name, api_key_hash, closing_days, created_at) "
+        "VALUES ('t', 't', 'h', '[]', :at)",
+        "INSERT INTO users (tenant_id, id, name, email, mobile, timezone, days_off, "
+        "provider_days_off, calendar_provider, calendar_config, created_at, updated_at) "
+        "VALUES ('t', 'u', '', '', '', 'UTC', '[]', '[]', 'caldav', '{}', :at, :at)",
+        "INSERT INTO batches (id, tenant_id, created_by, targetgroup_name, request, state, "
+        "total, created_at, updated_at) VALUES ('b', 't', 'x', '', '{}', 'synced', 1, :at, :at)",
+        "INSERT INTO activities (id, tenant_id, batch_id, seq, target_id, target_ids, user_id, "
+        "kind, subject, description, location, status, priority, attendees, fields, phone, "
+        "user_edited, version, deleted, created_at, updated_at) VALUES ('a', 't', 'b', 0, "
+        "'x', '[]', 'u', 'meeting', 's', '', '', 'planned', 'normal', '[]', '{}', '', "
+        "false, 1, false, :at, :at)",
+        "INSERT INTO external_events (id, tenant_id, activity_id, batch_id, user_id, provider, "
+        "calendar, event_id, state, attempts, created_at, updated_at) VALUES (7, 't', 'a', "
+        "'b', 'u', 'caldav', 'c', 'e', 'synced', 0, :at, :at)",
+        "INSERT INTO operations (tenant_id, kind, ledger_id, batch_id, mailbox, lane, state, "
+        "attempts, not_before, payload, created_at, updated_at) VALUES ('t', 'create', 7, "
+        "'b', 'caldav:c', 'bulk', 'done', 1, :at, '{}', :at, :at)",
+    )
+    for statement in statements:
+        conn.execute(text(statement), {"at": at})
+    command.upgrade(alembic_config(conn), "head")
+    counts = [
+        conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+        for table in ("activities", "external_events", "operations")
+    ]
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT sql FROM sqlite_master WHERE name = 'ix_operations_open'"
+    else:
+        sql = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_operations_open'"
+    return counts, str(conn.execute(text(sql)).scalar_one())
+
+
+async def test_the_bulk_tables_keep_their_rows_and_indexes_without_foreign_keys(
+    database_url: str,
+) -> None:
+    db = Database(database_url)
+    try:
+        async with db.engine.begin() as conn:
+            counts, open_index = await conn.run_sync(_upgrade_with_a_synced_batch)
+    finally:
+        await db.aclose()
+    assert counts == [1, 1, 1]
+    assert "WHERE" in open_index and "pending" in open_index  # still partial
+    await _check_at_head(database_url)
