@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 
@@ -30,6 +31,7 @@ from syncsvc.queue.worker import TaskContext
 from syncsvc.service import signing
 from syncsvc.store.crypto import SecretBox
 from syncsvc.store.models import Operation, Tenant
+from syncsvc.tracing import TRACEPARENT
 
 log = logging.getLogger("syncsvc.callbacks")
 
@@ -43,9 +45,11 @@ def box_for(secret_key: str, previous: str | None) -> SecretBox:
     return SecretBox(secret_key, previous)
 
 
-def callback_body(payload: dict[str, object]) -> bytes:
-    """The exact bytes sent and signed."""
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+def callback_body(payload: Mapping[str, object]) -> bytes:
+    """The exact bytes sent and signed: the payload without what is ours alone (the trace
+    that queued it travels as the request's ``traceparent`` header, not in the body)."""
+    body = {k: v for k, v in payload.items() if k != TRACEPARENT}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
 def message_id(op: Operation) -> str:
@@ -64,9 +68,13 @@ async def deliver_callback(ctx: TaskContext, op: Operation) -> None:
             s, box_for(ctx.settings.secret_key, ctx.settings.secret_key_previous), op.tenant_id, now
         )
     body = callback_body({**op.payload, "tenant_id": op.tenant_id})
+    trace = op.payload.get(TRACEPARENT)
     headers = {
         "Content-Type": "application/json",
         **signing.signed_headers(secrets, message_id(op), body.decode(), now),
+        # The CRM's own trace (or the webhook's that led here); with tracing on, the client
+        # instrumentation puts the current span's in its place.
+        **({TRACEPARENT: trace} if isinstance(trace, str) else {}),
     }
     timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
     try:

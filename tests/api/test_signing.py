@@ -71,14 +71,14 @@ async def make(db: Database, settings: Settings, name: str, crm: Crm) -> Made:
 _next_op = iter(range(1, 1_000_000))
 
 
-async def deliver(db: Database, settings: Settings, tenant_id: str) -> Operation:
+async def deliver(db: Database, settings: Settings, tenant_id: str, **extra: str) -> Operation:
     """One callback operation of the tenant through the real delivery handler."""
     op = Operation(
         id=next(_next_op),
         tenant_id=tenant_id,
         kind="callback",
         mailbox=f"crm:{tenant_id}",
-        payload={"type": "activity.deleted", "activity_id": "act_1"},
+        payload={"type": "activity.deleted", "activity_id": "act_1", **extra},
     )
     ctx = TaskContext(settings, db, UserProviders(settings, SecretBox(settings.secret_key), db))
     await deliver_callback(ctx, op)
@@ -105,6 +105,21 @@ async def test_a_callback_verifies_with_its_tenants_secret_and_not_with_anothers
     forged = body.replace(a.id.encode(), b.id.encode())
     with pytest.raises(WebhookVerificationError):
         Webhook(b.secret).verify(forged, headers)
+
+
+async def test_the_trace_a_callback_was_queued_in_is_its_header_not_its_body(
+    db: Database, settings: Settings, crm: Crm
+) -> None:
+    a = await make(db, settings, "Tenant A", crm)
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await deliver(db, settings, a.id, traceparent=trace)
+    [(headers, body)] = crm.received
+    assert Webhook(a.secret).verify(body, headers) == {
+        "type": "activity.deleted",
+        "activity_id": "act_1",
+        "tenant_id": a.id,
+    }
+    assert headers["traceparent"].split("-")[1] == trace.split("-")[1]
 
 
 async def test_a_replayed_or_retimed_callback_fails(
