@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
@@ -190,6 +190,9 @@ class DeferredCommit:
     spec: PlanSpec
     ctx: PlanContext
     values: Values
+    #: The request as stored, written with the rows (serialising 100,000 targets takes a
+    #: third of a second, done meanwhile); until then only its key and time.
+    stored: Callable[[], JsonText]
 
 
 async def commit(
@@ -220,9 +223,14 @@ async def commit(
     else:
         planned = await asyncio.to_thread(_planned, batch_id, tenant_id, spec, ctx, values)
         state = planned.synced_state
-    stored = await asyncio.to_thread(
-        lambda: JsonText(json.dumps(_stored_request(spec, ctx, now, idempotency_key)))
-    )
+
+    def stored_request() -> JsonText:
+        return JsonText(json.dumps(_stored_request(spec, ctx, now, idempotency_key)))
+
+    if planned is None:  # the key alone until the rows are written (see DeferredCommit)
+        stored = JsonText(json.dumps({IDEMPOTENCY_KEY: idempotency_key}))
+    else:
+        stored = await asyncio.to_thread(stored_request)
     stamp = utcnow()
     session.add(
         Batch(
@@ -241,7 +249,7 @@ async def commit(
     created = BatchCreated(batch_id, created_by_of(batch_id), state, total, ctx.plan.users)
     if planned is None:
         _PROGRESS[batch_id] = 0
-        deferred = DeferredCommit(batch_id, tenant_id, spec, ctx, values)
+        deferred = DeferredCommit(batch_id, tenant_id, spec, ctx, values, stored_request)
         return replace(created, progress=Progress(0, total)), deferred
     await _write(session, planned, stamp)
     return created, None
@@ -374,6 +382,7 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
         planned = await asyncio.to_thread(
             _planned, deferred.id, deferred.tenant_id, deferred.spec, deferred.ctx, deferred.values
         )
+        stored = asyncio.ensure_future(asyncio.to_thread(deferred.stored))
         async with db.session() as session, session.begin():
             # Locks the batch row on PostgreSQL: a recovery waits for this commit to end.
             state = await session.scalar(
@@ -386,7 +395,7 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
             done = await session.execute(
                 update(Batch)
                 .where(Batch.id == deferred.id, Batch.state == BatchState.COMMITTING)
-                .values(state=planned.synced_state, updated_at=stamp)
+                .values(state=planned.synced_state, request=await stored, updated_at=stamp)
             )
             if cast(CursorResult[Any], done).rowcount != 1:
                 raise CommitInterrupted(f"batch {deferred.id} was marked failed meanwhile")

@@ -119,6 +119,17 @@ async def test_a_large_batch_answers_202_and_is_invisible_until_committed(
     assert 0 < ledger == operations < TARGETS  # u2 has a calendar, u1 none
     acts = await client.get(f"/v1/batches/{batch_id}/activities?limit=500", headers=headers)
     assert len((await acts.json())["items"]) == TARGETS
+    # The request was stored with the rows: a template edit re-renders every activity.
+    patched = await client.patch(
+        f"/v1/batches/{batch_id}",
+        json={"template": {"subject": "Edited $account-name$"}},
+        headers=headers,
+    )
+    assert patched.status == 200, await patched.text()
+    acts = await client.get(f"/v1/batches/{batch_id}/activities?limit=500", headers=headers)
+    subjects = [a["subject"] for a in (await acts.json())["items"]]
+    assert len(subjects) == TARGETS and all(s.startswith("Edited ") for s in subjects)
+    assert len(set(subjects)) == TARGETS  # each target's own name
 
 
 async def test_small_batches_still_answer_201(
