@@ -38,7 +38,7 @@ from syncsvc.planner.model import (
     Target,
     Weekday,
 )
-from syncsvc.service.plans import PlanSpec, parse_hhmm, parse_span, spec_from_json, target_json
+from syncsvc.service.plans import PlanSpec, parse_hhmm, parse_span, spec_from_json
 
 #: Longest meeting or gap the API accepts; anything longer is a typo, not a plan.
 MAX_SPAN_MINUTES = 24 * 60
@@ -220,8 +220,9 @@ class PlanBody(PlanDefinition):
     targets: list[TargetIn]
 
     def to_spec(self) -> PlanSpec:
-        """Planner values straight from the models, and the body as stored built from them:
-        dumping 100,000 targets to JSON and reading that back took over a second."""
+        """Planner values straight from the models (dumping 100,000 targets to JSON and reading
+        that back took over a second); the body without its targets, which a batch stores
+        from the planner's (``target_json``), off the answer's path."""
         targets = tuple(
             Target(
                 id=t.id,
@@ -248,9 +249,7 @@ class PlanBody(PlanDefinition):
             )
             for t in self.targets
         )
-        body = self.model_dump(mode="json", exclude={"targets"})
-        body["targets"] = [target_json(t) for t in targets]
-        return spec_from_json(body, targets)
+        return spec_from_json(self.model_dump(mode="json", exclude={"targets"}), targets)
 
 
 def check_sizes(body: PlanBody, settings: Settings) -> None:

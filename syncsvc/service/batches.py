@@ -40,6 +40,7 @@ from syncsvc.service.plans import (
     PlanSpec,
     prepare,
     target_from_json,
+    target_json,
 )
 from syncsvc.store.bulk import ROWS_PER_WRITE, Values, insert_rows
 from syncsvc.store.db import Database, describe
@@ -472,7 +473,7 @@ def _stored_request(
     (by ``seq``) took its tags from; and the Idempotency-Key a failed commit releases."""
     return {
         IDEMPOTENCY_KEY: idempotency_key,
-        "body": dict(spec.body),
+        "body": {**spec.body, "targets": [target_json(t) for t in spec.targets]},
         "planned_at": now.isoformat(),
         "users": {
             uid: {"name": u.name, "email": u.email, "mobile": u.mobile}

@@ -80,7 +80,8 @@ class PlanSpec:
     targetgroup_name: str = ""
     exclude: frozenset[str] = frozenset()
     one_per_organisation: bool = False
-    #: The body as JSON, stored with a committed batch so it can be re-rendered later.
+    #: The body as JSON, stored with a committed batch so it can be re-rendered later (its
+    #: targets are stored from ``targets``, see ``target_json``).
     body: Mapping[str, Any] = field(default_factory=dict)
 
 
