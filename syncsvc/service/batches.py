@@ -42,7 +42,7 @@ from syncsvc.service.plans import (
     target_from_json,
     target_json,
 )
-from syncsvc.store.bulk import ROWS_PER_WRITE, Values, insert_rows
+from syncsvc.store.bulk import ROWS_PER_WRITE, Values, bulk_cache, insert_rows
 from syncsvc.store.db import Database, describe
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.states import DELETION_REQUESTED, BatchState, Lane, LedgerState
@@ -357,15 +357,16 @@ async def _write(session: AsyncSession, planned: PlannedBatch, now: datetime) ->
     size = planned.size
     ahead = build(0) if size else None
     try:
-        for start in range(0, size, ROWS_PER_WRITE):
-            assert ahead is not None
-            activities, ledger = await ahead
-            ahead = build(start + ROWS_PER_WRITE) if start + ROWS_PER_WRITE < size else None
-            await insert_rows(session, ACTIVITIES_TABLE, ACTIVITY_COLUMNS, activities)
-            if ledger:
-                await insert_rows(session, LEDGER_TABLE, LEDGER_COLUMNS, ledger)
-            if planned.id in _PROGRESS:
-                _PROGRESS[planned.id] += len(activities)
+        async with bulk_cache(session):
+            for start in range(0, size, ROWS_PER_WRITE):
+                assert ahead is not None
+                activities, ledger = await ahead
+                ahead = build(start + ROWS_PER_WRITE) if start + ROWS_PER_WRITE < size else None
+                await insert_rows(session, ACTIVITIES_TABLE, ACTIVITY_COLUMNS, activities)
+                if ledger:
+                    await insert_rows(session, LEDGER_TABLE, LEDGER_COLUMNS, ledger)
+                if planned.id in _PROGRESS:
+                    _PROGRESS[planned.id] += len(activities)
     finally:
         if ahead is not None:  # a write failed: the slice being built is not wanted
             with contextlib.suppress(Exception):

@@ -1,0 +1,34 @@
+"""A bulk write's larger SQLite page cache belongs to its connection for the write only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from syncsvc.store.bulk import SQLITE_BULK_CACHE_KIB, bulk_cache
+from syncsvc.store.db import Database
+
+
+@pytest_asyncio.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    await database.migrate()
+    try:
+        yield database
+    finally:
+        await database.aclose()
+
+
+async def test_the_cache_is_larger_during_the_write_and_as_before_after(db: Database) -> None:
+    if db.dialect != "sqlite":
+        pytest.skip("PostgreSQL's buffers are shared by the server: nothing per connection")
+    async with db.session() as s, s.begin():
+        conn = await s.connection()
+        before = (await conn.exec_driver_sql("PRAGMA cache_size")).scalar_one()
+        async with bulk_cache(s):
+            during = (await conn.exec_driver_sql("PRAGMA cache_size")).scalar_one()
+        after = (await conn.exec_driver_sql("PRAGMA cache_size")).scalar_one()
+    assert during == -SQLITE_BULK_CACHE_KIB != before
+    assert after == before
