@@ -46,7 +46,7 @@ from syncsvc.store.bulk import ROWS_PER_WRITE, Values, bulk_cache, insert_rows
 from syncsvc.store.db import Database, describe
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.states import DELETION_REQUESTED, BatchState, Lane, LedgerState
-from syncsvc.store.types import JsonText, utcnow
+from syncsvc.store.types import JsonText, dumps_fast, utcnow
 
 log = logging.getLogger("syncsvc.batches")
 
@@ -226,7 +226,7 @@ async def commit(
         state = planned.synced_state
 
     def stored_request() -> JsonText:
-        return JsonText(json.dumps(_stored_request(spec, ctx, now, idempotency_key)))
+        return JsonText(dumps_fast(_stored_request(spec, ctx, now, idempotency_key)))
 
     if planned is None:  # the key alone until the rows are written (see DeferredCommit)
         stored = JsonText(json.dumps({IDEMPOTENCY_KEY: idempotency_key}))

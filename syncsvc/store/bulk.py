@@ -10,13 +10,14 @@ Both go through the session's connection, so the rows join the caller's transact
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from syncsvc.store.types import dumps_fast
 
 #: Rows per SQLite ``executemany`` and per PostgreSQL ``COPY``: the loop turns between them.
 ROWS_PER_WRITE = 5_000
@@ -44,7 +45,7 @@ class Values:
 
     @staticmethod
     def json(value: Any) -> str:
-        return json.dumps(value)
+        return dumps_fast(value)
 
 
 @contextlib.asynccontextmanager

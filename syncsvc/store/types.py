@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -19,6 +20,16 @@ class JsonText(str):
     """A JSON column's value serialised ahead, stored as it is: a batch's stored request is
     20 MB for 100,000 targets, and ``json.dumps`` of it, one call holding the GIL, is made
     in a thread instead of on the event loop at flush."""
+
+
+def dumps_fast(value: Any) -> str:
+    """``json.dumps`` of plain JSON values (str keys, 64-bit ints) by orjson, several times
+    quicker on the bulk paths (rows, a batch's stored request); anything orjson refuses goes
+    through ``json``."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def json_dumps(value: Any) -> str:

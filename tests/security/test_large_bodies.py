@@ -50,6 +50,9 @@ async def test_a_large_plan_is_planned_whole_and_in_order(client: Client, tenant
         (1_777, {"name": 5}, ["body", "targets", 1_777, "name"]),
         (1_999, {"contacts": [{"id": 5}]}, ["body", "targets", 1_999, "contacts", 0, "id"]),
         (1_500, {"name": "Org\x00"}, ["body", "targets", 1_500, "name"]),
+        # What orjson refuses and json takes: the same answer as ever.
+        (1_600, {"name": "Org \ud800"}, ["body", "targets", 1_600, "name"]),
+        (1_700, {"postcode": 10**30}, ["body", "targets", 1_700, "postcode"]),
     ],
 )
 async def test_an_error_deep_in_a_large_body_names_its_place(
@@ -62,6 +65,32 @@ async def test_an_error_deep_in_a_large_body_names_its_place(
     assert answer.status == 422, (await answer.text())[:300]
     details = (await answer.json())["error"]["details"]
     assert loc in [d["loc"] for d in details], details
+
+
+async def test_a_large_body_nested_too_deeply_is_400_whatever_the_depth(
+    client: Client, tenants: Tenants
+) -> None:
+    for depth in (40, 5_000):  # orjson stops at 1,024 levels, json goes on
+        body = plan_body(targets=TARGETS)
+        deep: Any = "x"
+        for _ in range(depth):
+            deep = [deep]
+        body["targets"][1_234]["extra"] = deep
+        raw = json.dumps(body).encode() if depth < 900 else _dumps_deep(body)
+        answer = await client.post("/v1/plans", data=raw, headers={**JSON, **tenants.a.headers})
+        assert answer.status == 400, (await answer.text())[:300]
+        assert "nested" in (await answer.json())["error"]["message"]
+
+
+def _dumps_deep(body: dict[str, Any]) -> bytes:
+    """json.dumps recurses too: the deep value is spliced in as text."""
+    target = body["targets"][1_234]
+    depth = 0
+    value = target.pop("extra")
+    while isinstance(value, list):
+        depth, value = depth + 1, value[0]
+    target["extra"] = "DEEP"
+    return json.dumps(body).encode().replace(b'"DEEP"', b"[" * depth + b'"x"' + b"]" * depth)
 
 
 async def test_a_large_body_that_is_not_json_is_400(client: Client, tenants: Tenants) -> None:
