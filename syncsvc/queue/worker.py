@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from syncsvc import errors
@@ -352,14 +353,19 @@ class Worker:
             if not is_unavailable(exc):
                 raise
 
-    async def _claim(self, tenant: str, mailbox: str, n: int) -> list[Claimed]:
+    async def _claim(self, tenant: str, mailbox: str, n: int) -> tuple[list[Claimed], Loaded]:
+        """Claims a chunk and reads its ledger rows in the same transaction: a statement after
+        the claim's sees every change committed before it, as a read after the commit would,
+        and the chunk costs one transaction instead of two."""
         async with self._session() as s, s.begin():
             row_locks = self.db.dialect == "postgresql"
             claimed, lease_end = await claims.claim(s, tenant, mailbox, n, row_locks=row_locks)
+            ledger_ids = [c.ledger_id for c in claimed if c.ledger_id is not None]
+            loaded = await _load_many(s, ledger_ids) if ledger_ids else {}
         holder = asyncio.current_task()
         for c in claimed:
             self._held[c.op_id] = (lease_end, holder)
-        return claimed
+        return claimed, loaded
 
     # --- one cycle of one mailbox ---------------------------------------------------------
 
@@ -385,13 +391,14 @@ class Worker:
                 size = max(limit.concurrency * 2, 4, self._batch_size.get(mailbox, 1) * 2)
                 in_hand = sum(running.values())
                 claimed: list[Claimed] = []
+                loaded: Loaded = {}
                 if claimed_total < CYCLE_MAX_OPS and self._yields(tenant, mailbox):
                     claimed_total = CYCLE_MAX_OPS  # its slot goes to another tenant
                 if claimed_total < CYCLE_MAX_OPS and in_hand <= size // 2:
-                    claimed = await self._claim(tenant, mailbox, size - in_hand)
+                    claimed, loaded = await self._claim(tenant, mailbox, size - in_hand)
                     claimed_total += len(claimed)
                     mine.extend(c.op_id for c in claimed)
-                for work, ops in await self._plan(mailbox, limit, claimed, stats, stop):
+                for work, ops in await self._plan(mailbox, limit, claimed, loaded, stats, stop):
                     running[asyncio.create_task(_guarded(sem, work))] = ops
                 if not running:
                     if claimed:
@@ -459,6 +466,7 @@ class Worker:
         mailbox: str,
         limit: RateLimit,
         claimed: Sequence[Claimed],
+        loaded: Loaded,
         stats: CycleStats,
         stop: asyncio.Event,
     ) -> list[tuple[Callable[[], Awaitable[None]], int]]:
@@ -471,7 +479,8 @@ class Worker:
             if c.ledger_id is None
         ]
         creates: dict[int, list[_Job]] = {}
-        for job in await self._prepare(mailbox, [c for c in claimed if c.ledger_id], stats):
+        ledger_ops = [c for c in claimed if c.ledger_id]
+        for job in await self._prepare(mailbox, ledger_ops, loaded, stats):
             if job.decision.action == Action.CREATE and job.provider.batch_max > 1:
                 creates.setdefault(id(job.provider), []).append(job)
             else:
@@ -489,13 +498,10 @@ class Worker:
         return work
 
     async def _prepare(
-        self, mailbox: str, claimed: Sequence[Claimed], stats: CycleStats
+        self, mailbox: str, claimed: Sequence[Claimed], loaded: Loaded, stats: CycleStats
     ) -> list[_Job]:
-        """Loads the ledger rows (one query) and decides on fresh data; operations whose row
-        or activity is gone are done."""
-        if not claimed:
-            return []
-        loaded = await self._load_many([c.ledger_id for c in claimed if c.ledger_id is not None])
+        """Decides on the ledger rows read with the claim; operations whose row or activity
+        is gone are done."""
         jobs: list[_Job] = []
         for c in claimed:
             found = loaded.get(c.ledger_id) if c.ledger_id is not None else None
@@ -795,23 +801,6 @@ class Worker:
 
     # --- recording outcomes ---------------------------------------------------------------
 
-    async def _load_many(
-        self, ledger_ids: Sequence[int]
-    ) -> dict[int, tuple[ExternalEvent, Activity, User, bool]]:
-        """Ledger rows with their activity, user and whether their batch is being deleted."""
-        found: dict[int, tuple[ExternalEvent, Activity, User, bool]] = {}
-        async with self._session() as s:
-            rows = await s.execute(
-                select(ExternalEvent, Activity, User, Batch.state)
-                .join(Activity, Activity.id == ExternalEvent.activity_id)
-                .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
-                .outerjoin(Batch, Batch.id == Activity.batch_id)
-                .where(ExternalEvent.id.in_(sorted(set(ledger_ids))))
-            )
-            for ledger, activity, user, batch_state in rows:
-                found[ledger.id] = (ledger, activity, user, batch_state in BATCH_GOING)
-        return found
-
     async def _succeeded(self, outcomes: Sequence[tuple[_Job, EventRef | None]]) -> None:
         """Records outcomes in one transaction (``transitions.succeeded``)."""
         if not outcomes:
@@ -937,3 +926,32 @@ def _as_provider_error(exc: BaseException) -> errors.ProviderError:
 async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
     async with sem:
         await work()
+
+
+#: Claimed ledger rows by id: the row, its activity, its user, whether its batch is going.
+Loaded = dict[int, tuple[ExternalEvent, Activity, User, bool]]
+
+
+async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
+    """Ledger rows with their activity, user and whether their batch is being deleted.
+
+    The ledger rows are read first, by id, whatever the planner estimates: right after a
+    large batch is committed the tables' statistics are stale, and (with no foreign keys to
+    go by) a plan starting from the users walked every activity of every user."""
+    found: Loaded = {}
+    picked = (
+        select(ExternalEvent)
+        .where(ExternalEvent.id.in_(sorted(set(ledger_ids))))
+        .cte("picked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    event = aliased(ExternalEvent, picked)
+    rows = await s.execute(
+        select(event, Activity, User, Batch.state)
+        .join(Activity, Activity.id == event.activity_id)
+        .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
+        .outerjoin(Batch, Batch.id == Activity.batch_id)
+    )
+    for ledger, activity, user, batch_state in rows:
+        found[ledger.id] = (ledger, activity, user, batch_state in BATCH_GOING)
+    return found

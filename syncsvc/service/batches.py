@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Table, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Row, Table, and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
@@ -401,6 +401,8 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
             )
             if cast(CursorResult[Any], done).rowcount != 1:
                 raise CommitInterrupted(f"batch {deferred.id} was marked failed meanwhile")
+        if planned.size >= ANALYZE_AFTER_ACTIVITIES:
+            await refresh_statistics(db)
     except BaseException as exc:
         log.warning("event=batch.commit_failed batch=%s error=%s", deferred.id, describe(exc))
         with contextlib.suppress(Exception):
@@ -409,6 +411,26 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
             raise
     finally:
         _PROGRESS.pop(deferred.id, None)
+
+
+#: A batch of at least this many activities refreshes PostgreSQL's statistics of the bulk
+#: tables once committed: until autovacuum's next pass the planner estimates from the tables
+#: as they were, and a worker's read of 20 ledger rows walked every new activity (15 ms
+#: instead of 0.15 ms; the tables have no foreign keys to estimate joins by).
+ANALYZE_AFTER_ACTIVITIES = 5_000
+
+
+async def refresh_statistics(db: Database) -> None:
+    """``ANALYZE`` of the bulk tables (PostgreSQL; a sample, so its cost does not grow with
+    the batch). Best effort: autovacuum gets there too."""
+    if db.dialect != "postgresql":
+        return
+    try:
+        async with db.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("ANALYZE activities, external_events, operations"))
+    except Exception as exc:  # statistics only: never a reason for the commit to fail
+        log.warning("event=batch.analyze_failed error=%s", describe(exc))
 
 
 class CommitInterrupted(Exception):

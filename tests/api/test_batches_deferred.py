@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.api import batches as batches_api
@@ -212,3 +212,38 @@ async def test_a_commit_cut_by_a_restart_turns_failed_and_the_key_retries(
         second = (await retried.json())["id"]
         assert second != batch_id
         await _until(restarted, tenants.a.headers, second, "syncing")
+
+
+async def test_a_large_commit_refreshes_the_planners_statistics(
+    client: Client, tenants: Tenants, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a large batch (here: both paths, with the bar lowered) leaves the bulk
+    tables analysed, so the workers' next reads plan from what is there now."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite's planner keeps no statistics unless asked")
+    monkeypatch.setattr(service, "ANALYZE_AFTER_ACTIVITIES", 2)
+    await put_users(client, tenants.a)
+    for n, targets in enumerate((3, TARGETS), 1):  # 201, then 202 (deferred)
+        answer = await client.post(
+            "/v1/batches", json=plan_body(targets), headers=tenants.a.headers
+        )
+        assert answer.status in (201, 202), await answer.text()
+        await _until(client, tenants.a.headers, (await answer.json())["id"], "syncing")
+        async with asyncio.timeout(20):
+            while True:
+                async with db.session() as s:
+                    analysed = (
+                        (
+                            await s.execute(
+                                text(
+                                    "SELECT analyze_count FROM pg_stat_user_tables WHERE relname "
+                                    "IN ('activities', 'external_events', 'operations')"
+                                )
+                            )
+                        )
+                        .scalars()
+                        .all()
+                    )
+                if len(analysed) == 3 and min(analysed) >= n:
+                    break
+                await asyncio.sleep(POLL_S)
