@@ -154,8 +154,6 @@ def enqueue_task(
     """Adds one task (work on no ledger row: a sync, a poll, a callback, a check) to the
     session, in the interactive lane, due now, carrying the running trace's ``traceparent``.
     The typed payload is what the kind's handler in ``syncsvc/runtime.py`` reads."""
-    if kind in (OpKind.CREATE, OpKind.UPDATE, OpKind.DELETE):
-        raise ValueError(f"{kind} acts on a ledger row: use add_events / request_updates")
     traced = {"traceparent": tp} if (tp := current_traceparent()) else {}
     now = utcnow()
     op = Operation(
