@@ -71,8 +71,8 @@ def check_strings(value: Any, loc: tuple[str | int, ...]) -> None:
     """NUL and lone surrogates cannot be stored (PostgreSQL, UTF-8): refuse them as input.
     Nesting is capped too, so no input can exhaust the stack of a later recursive walk.
 
-    A clean value (nearly every one) is passed by a walk that builds no locations, a third
-    of the time; only a value that fails is walked again to say where."""
+    A clean value (nearly every one) is passed by a walk that builds no locations, in half
+    the time; only a value that fails is walked again to say where."""
     if _clean(value, JSON_MAX_DEPTH - len(loc)):
         return
     _locate(value, loc)
