@@ -117,8 +117,7 @@ async def create_batch(ctx: Ctx, body: PlanBody) -> BatchCreatedOut | web.Respon
                     answer.text,
                 )
     if deferred is None:
-        if created.total >= service.ANALYZE_AFTER_ACTIVITIES:
-            _start(ctx.request.app, service.refresh_statistics(ctx.db))
+        _start(ctx.request.app, service.refresh_statistics(ctx.db, created.total))
         return out
     _start(ctx.request.app, service.finish_commit(ctx.db, deferred))
     return answer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, case, select, update
@@ -22,8 +22,6 @@ from syncsvc.store.types import utcnow
 _ops = OPERATIONS_TABLE.c
 _ledger = LEDGER_TABLE.c
 ERROR_MAX = 2000
-#: Batch states in which its events are to be removed.
-BATCH_GOING = DELETION_REQUESTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,22 +98,6 @@ async def attempts_of(s: AsyncSession, op_id: int) -> int:
     return (await s.scalar(select(_ops.attempts).where(_ops.id == op_id))) or 0
 
 
-async def retry_later(
-    s: AsyncSession, op_id: int, attempts: int, error: str, not_before: datetime
-) -> None:
-    """A failed attempt, to be tried again at ``not_before``."""
-    await s.execute(
-        update(OPERATIONS_TABLE)
-        .where(_ops.id == op_id)
-        .values(
-            state=OpState.PENDING,
-            attempts=attempts,
-            last_error=error[:ERROR_MAX],
-            not_before=not_before,
-        )
-    )
-
-
 async def give_up(s: AsyncSession, op_id: int, ledger_id: int | None, error: str) -> None:
     """The operation is dead, and its ledger row (if any, and if not already settled) failed."""
     await s.execute(
@@ -159,7 +141,7 @@ async def retry_dead(db: Database, op_ids: Sequence[int] | None = None) -> int:
                 .where(ExternalEvent.id.in_(chunk), ExternalEvent.state == LedgerState.FAILED)
             )
             for ledger_id, event_id, deleted, batch_state in failed:
-                if deleted or batch_state in BATCH_GOING:
+                if deleted or batch_state in DELETION_REQUESTED:
                     state = LedgerState.PENDING_DELETE
                 elif event_id:
                     state = LedgerState.PENDING_UPDATE

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -53,9 +53,10 @@ from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Action, Decision, decide, spec_for
-from syncsvc.queue.transitions import BATCH_GOING, Success
+from syncsvc.queue.transitions import Success
 from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
+from syncsvc.store.states import DELETION_REQUESTED
 from syncsvc.store.types import utcnow
 from syncsvc.tracing import operation_span
 
@@ -885,10 +886,9 @@ class Worker:
         if count >= MAX_ATTEMPTS:
             await self._give_up(op_id, ledger_id, error)
             return True
-        not_before = utcnow() + timedelta(seconds=retry_after_s or backoff_s(count))
-        async with self._session() as s, s.begin():
-            await transitions.retry_later(s, op_id, count, error, not_before)
-        self._held.pop(op_id, None)
+        await self._requeue(
+            [op_id], retry_after_s or backoff_s(count), count_attempt=True, error=error
+        )
         return False
 
     async def _give_up(self, op_id: int, ledger_id: int | None, error: str) -> None:
@@ -953,5 +953,5 @@ async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
         .outerjoin(Batch, Batch.id == Activity.batch_id)
     )
     for ledger, activity, user, batch_state in rows:
-        found[ledger.id] = (ledger, activity, user, batch_state in BATCH_GOING)
+        found[ledger.id] = (ledger, activity, user, batch_state in DELETION_REQUESTED)
     return found

@@ -401,8 +401,7 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
             )
             if cast(CursorResult[Any], done).rowcount != 1:
                 raise CommitInterrupted(f"batch {deferred.id} was marked failed meanwhile")
-        if planned.size >= ANALYZE_AFTER_ACTIVITIES:
-            await refresh_statistics(db)
+        await refresh_statistics(db, planned.size)
     except BaseException as exc:
         log.warning("event=batch.commit_failed batch=%s error=%s", deferred.id, describe(exc))
         with contextlib.suppress(Exception):
@@ -420,10 +419,11 @@ async def finish_commit(db: Database, deferred: DeferredCommit) -> None:
 ANALYZE_AFTER_ACTIVITIES = 5_000
 
 
-async def refresh_statistics(db: Database) -> None:
-    """``ANALYZE`` of the bulk tables (PostgreSQL; a sample, so its cost does not grow with
-    the batch). Best effort: autovacuum gets there too."""
-    if db.dialect != "postgresql":
+async def refresh_statistics(db: Database, activities: int) -> None:
+    """After a commit of ``activities``: ``ANALYZE`` of the bulk tables when that is at least
+    ``ANALYZE_AFTER_ACTIVITIES`` (PostgreSQL; a sample, so its cost does not grow with the
+    batch). Best effort: autovacuum gets there too."""
+    if db.dialect != "postgresql" or activities < ANALYZE_AFTER_ACTIVITIES:
         return
     try:
         async with db.engine.connect() as conn:

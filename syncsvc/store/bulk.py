@@ -10,7 +10,7 @@ Both go through the session's connection, so the rows join the caller's transact
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -69,10 +69,9 @@ async def insert_rows(
     table: Table,
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
-    on_written: Callable[[int], None] | None = None,
 ) -> None:
     """Writes ``rows`` (values in ``columns`` order, made with ``Values``) into ``table`` in the
-    session's transaction; ``on_written(n)`` is told after each slice (progress)."""
+    session's transaction."""
     conn = await session.connection()
     sqlite = conn.dialect.name == "sqlite"
     names = ", ".join(f'"{c}"' for c in columns)
@@ -86,5 +85,3 @@ async def insert_rows(
             await conn.exec_driver_sql(sql, part)
         else:
             await driver.copy_records_to_table(table.name, records=part, columns=list(columns))
-        if on_written is not None:
-            on_written(len(part))

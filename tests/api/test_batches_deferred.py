@@ -214,13 +214,12 @@ async def test_a_commit_cut_by_a_restart_turns_failed_and_the_key_retries(
         await _until(restarted, tenants.a.headers, second, "syncing")
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite keeps none
 async def test_a_large_commit_refreshes_the_planners_statistics(
     client: Client, tenants: Tenants, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On PostgreSQL a large batch (here: both paths, with the bar lowered) leaves the bulk
     tables analysed, so the workers' next reads plan from what is there now."""
-    if db.dialect != "postgresql":
-        pytest.skip("SQLite's planner keeps no statistics unless asked")
     monkeypatch.setattr(service, "ANALYZE_AFTER_ACTIVITIES", 2)
     await put_users(client, tenants.a)
     for n, targets in enumerate((3, TARGETS), 1):  # 201, then 202 (deferred)

@@ -21,9 +21,9 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.aclose()
 
 
+# PostgreSQL's buffers are the server's, shared: nothing per connection to change.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_the_cache_is_larger_during_the_write_and_as_before_after(db: Database) -> None:
-    if db.dialect != "sqlite":
-        pytest.skip("PostgreSQL's buffers are shared by the server: nothing per connection")
     async with db.session() as s, s.begin():
         conn = await s.connection()
         before = (await conn.exec_driver_sql("PRAGMA cache_size")).scalar_one()
