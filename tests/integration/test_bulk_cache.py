@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-import pytest_asyncio
 
 from syncsvc.store.bulk import SQLITE_BULK_CACHE_KIB, bulk_cache
 from syncsvc.store.db import Database
-
-
-@pytest_asyncio.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    try:
-        yield database
-    finally:
-        await database.aclose()
 
 
 # PostgreSQL's buffers are the server's, shared: nothing per connection to change.

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from sqlalchemy import select
 
 from syncsvc.config import ConfigError, Settings
@@ -56,16 +54,6 @@ class Rows:
     tenant_id: str
     keep: dict[str, set[str]]
     gone: dict[str, set[str]]
-
-
-@pytest_asyncio.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    try:
-        yield database
-    finally:
-        await database.aclose()
 
 
 async def _tenant(db: Database) -> str:

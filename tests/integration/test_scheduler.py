@@ -138,16 +138,6 @@ class FakeClock:
         return self.now
 
 
-@pytest_asyncio.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    try:
-        yield database
-    finally:
-        await database.aclose()
-
-
 async def make_tenant(db: Database, crm: FakeCrm, name: str = "Helsinki office") -> str:
     """The tenant, whose signing secret the CRM learns as it would: shown at creation."""
     tenant, _, secret = await create_tenant_with_secret(db, name, SecretBox(SECRET_KEY))
