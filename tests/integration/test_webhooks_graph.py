@@ -503,13 +503,21 @@ async def test_callback_retried_until_acknowledged(service: Service, fake: FakeG
     assert len(deliveries) == 1  # one delivery, retried: the CRM can tell repeats apart
     bodies = {body for _, _, body in svc.crm.received}
     assert len(bodies) == 1
-    async with svc.db.session() as s:
-        rows = (
-            await s.execute(
+
+    async def callbacks() -> list[tuple[str, int]]:
+        async with svc.db.session() as s:
+            rows = await s.execute(
                 select(Operation.state, Operation.attempts).where(Operation.kind == "callback")
             )
-        ).all()
-    assert [tuple(row) for row in rows] == [("done", 0)]
+            return [(state, attempts) for state, attempts in rows]
+
+    # The worker records the acknowledgement once the CRM's answer is back: wait for it.
+    await eventually(lambda: _settled(callbacks), "the acknowledged callback to be recorded")
+    assert await callbacks() == [("done", 0)]  # no attempt spent on the CRM being down
+
+
+async def _settled(rows: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bool:
+    return all(state not in ("pending", "running") for state, _ in await rows())
 
 
 @pytest.mark.timeout(60)
