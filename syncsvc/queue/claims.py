@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
 from syncsvc.store.states import OPEN_STATES, Lane, OpState
-from syncsvc.store.types import utcnow
+from syncsvc.store.types import in_ids, utcnow
 
 #: A claim's lease; renewed every ``HEARTBEAT_S`` while held, so it only runs out on a crash.
 CLAIM_TTL_S = 30.0
@@ -90,7 +90,7 @@ async def claim(
         await s.scalars(
             update(OPERATIONS_TABLE)
             .where(
-                _ops.id.in_([c.op_id for c in claimed]),
+                in_ids(_ops.id, [c.op_id for c in claimed]),
                 _ops.state.in_(OPEN_STATES),
                 _ops.not_before <= now,
             )
@@ -104,9 +104,9 @@ async def claim(
         await s.execute(
             update(OPERATIONS_TABLE)
             .where(
-                _ops.ledger_id.in_(ledgers),
+                in_ids(_ops.ledger_id, ledgers),
                 _ops.state == OpState.PENDING,
-                _ops.id.not_in([c.op_id for c in claimed]),
+                ~in_ids(_ops.id, [c.op_id for c in claimed]),
             )
             .values(state=OpState.DONE, last_error="merged")
         )
@@ -126,13 +126,15 @@ async def _free_ledgers_only(s: AsyncSession, rows: Sequence[Any], now: datetime
         return list(rows)
     locked = set(
         await s.scalars(
-            select(_ledger.id).where(_ledger.id.in_(ledger_ids)).with_for_update(skip_locked=True)
+            select(_ledger.id)
+            .where(in_ids(_ledger.id, ledger_ids))
+            .with_for_update(skip_locked=True)
         )
     )
     busy = set(
         await s.scalars(
             select(_ops.ledger_id).where(
-                _ops.ledger_id.in_(sorted(locked)),
+                in_ids(_ops.ledger_id, sorted(locked)),
                 _ops.state == OpState.RUNNING,
                 _ops.not_before > now,
             )
@@ -161,7 +163,7 @@ async def _move_leases(
             await s.execute(
                 update(OPERATIONS_TABLE)
                 .where(
-                    _ops.id.in_(part),
+                    in_ids(_ops.id, part),
                     _ops.state == OpState.RUNNING,
                     _ops.not_before == lease_end,
                 )

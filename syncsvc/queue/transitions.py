@@ -17,7 +17,7 @@ from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
 from syncsvc.store.db import Database
 from syncsvc.store.models import Activity, Batch, ExternalEvent
 from syncsvc.store.states import DELETION_REQUESTED, LedgerState, OpState
-from syncsvc.store.types import utcnow
+from syncsvc.store.types import in_ids, utcnow
 
 _ops = OPERATIONS_TABLE.c
 _ledger = LEDGER_TABLE.c
@@ -71,7 +71,9 @@ async def succeeded(s: AsyncSession, outcomes: Sequence[Success]) -> None:
 
 
 async def done(s: AsyncSession, op_ids: Sequence[int]) -> None:
-    await s.execute(update(OPERATIONS_TABLE).where(_ops.id.in_(op_ids)).values(state=OpState.DONE))
+    await s.execute(
+        update(OPERATIONS_TABLE).where(in_ids(_ops.id, op_ids)).values(state=OpState.DONE)
+    )
 
 
 async def requeue(
@@ -91,7 +93,7 @@ async def requeue(
         values["last_error"] = error[:ERROR_MAX]
     if count_attempt:
         values["attempts"] = _ops.attempts + 1
-    await s.execute(update(OPERATIONS_TABLE).where(_ops.id.in_(op_ids)).values(**values))
+    await s.execute(update(OPERATIONS_TABLE).where(in_ids(_ops.id, op_ids)).values(**values))
 
 
 async def attempts_of(s: AsyncSession, op_id: int) -> int:

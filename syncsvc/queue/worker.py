@@ -51,13 +51,14 @@ from syncsvc.queue import due as queue_due
 from syncsvc.queue.claims import CLAIM_TTL_S, HEARTBEAT_S, Claimed
 from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
+from syncsvc.queue.outbox import LEDGER_TABLE
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import Action, Decision, decide, spec_for
 from syncsvc.queue.transitions import Success
 from syncsvc.store.db import Database, is_unavailable
 from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
 from syncsvc.store.states import DELETION_REQUESTED
-from syncsvc.store.types import utcnow
+from syncsvc.store.types import in_ids, utcnow
 from syncsvc.tracing import operation_span
 
 log = logging.getLogger("syncsvc.worker")
@@ -941,7 +942,7 @@ async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
     found: Loaded = {}
     picked = (
         select(ExternalEvent)
-        .where(ExternalEvent.id.in_(sorted(set(ledger_ids))))
+        .where(in_ids(LEDGER_TABLE.c.id, sorted(set(ledger_ids))))
         .cte("picked")
         .prefix_with("MATERIALIZED", dialect="postgresql")
     )

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 
 from syncsvc import tracing
 from syncsvc.errors import DatabaseUnavailable, ErrorDetail, ValidationError
-from syncsvc.store.types import json_dumps
+from syncsvc.store.types import json_dumps, json_loads
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_S = 1800
@@ -83,7 +83,9 @@ class Database:
             # and the pool replaces it.
             kwargs["pool_recycle"] = POOL_RECYCLE_S
             kwargs["connect_args"] = {"timeout": CONNECT_TIMEOUT_S}
-        engine = create_async_engine(self.url, json_serializer=json_dumps, **kwargs)
+        engine = create_async_engine(
+            self.url, json_serializer=json_dumps, json_deserializer=json_loads, **kwargs
+        )
         tracing.instrument_engine(engine.sync_engine)
         if self.dialect == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

@@ -7,9 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import DateTime
+from sqlalchemy import BigInteger, Boolean, ColumnElement, DateTime, String, bindparam
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
 def utcnow() -> datetime:
@@ -33,8 +37,18 @@ def dumps_fast(value: Any) -> str:
 
 
 def json_dumps(value: Any) -> str:
-    """The engines' JSON serialiser: ``json.dumps``, but a ``JsonText`` passes through."""
-    return value if isinstance(value, JsonText) else json.dumps(value)
+    """The engines' JSON serialiser: ``dumps_fast``, but a ``JsonText`` passes through."""
+    return value if isinstance(value, JsonText) else dumps_fast(value)
+
+
+def json_loads(text: str | bytes) -> Any:
+    """The engines' JSON parser: orjson (the worker reads several JSON columns per event),
+    ``json`` for what orjson refuses (``NaN``, which ``json.dumps`` may have written). Like the
+    API's parser (``api/bodies.py``), orjson reads integers beyond 64 bits as floats."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -59,3 +73,59 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC)
+
+
+class IdList(TypeDecorator[list[int]]):
+    """A list of integer ids bound as one parameter: ``bigint[]`` on PostgreSQL, a JSON array
+    on SQLite (read by ``json_each``). See ``in_ids``."""
+
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(BigInteger))
+        return dialect.type_descriptor(String())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        ids = [int(i) for i in value]
+        return ids if dialect.name == "postgresql" else orjson.dumps(ids).decode()
+
+
+class InIds(ColumnElement[bool]):
+    """``column IN ids`` with the ids as one parameter (``IdList``): ``= ANY(...)`` on
+    PostgreSQL, ``IN (SELECT value FROM json_each(...))`` on SQLite.
+
+    An ``IN (...)`` list renders one parameter per id, so each count of ids is a statement
+    of its own to render, and on PostgreSQL to prepare; the worker's hot statements (claims,
+    transitions) take lists of every length from 1 to a chunk's size."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True
+    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy reads it as a class attribute)
+        ("column", InternalTraversal.dp_clauseelement),
+        ("ids", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: ColumnElement[Any], ids: ColumnElement[Any]) -> None:
+        self.column = column
+        self.ids = ids
+
+
+def in_ids(column: ColumnElement[Any], ids: Any = None, *, name: str | None = None) -> InIds:
+    """``InIds`` over a value now, or (``name``) a parameter given at execution."""
+    if name is not None:
+        return InIds(column, bindparam(name, type_=IdList()))
+    return InIds(column, bindparam(None, list(ids), type_=IdList()))
+
+
+@compiles(InIds, "postgresql")
+def _in_ids_postgresql(element: InIds, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(element.ids, **kw)})"
+
+
+@compiles(InIds)
+def _in_ids_sqlite(element: InIds, compiler: SQLCompiler, **kw: Any) -> str:
+    column, ids = compiler.process(element.column, **kw), compiler.process(element.ids, **kw)
+    return f"{column} IN (SELECT value FROM json_each({ids}))"
