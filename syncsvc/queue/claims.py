@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import BindParameter, bindparam, case, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
@@ -43,6 +43,52 @@ class Claimed:
     trace: str | None = None
 
 
+#: ``state IN ('pending', 'running')`` with constants: the partial indexes' own predicate, and
+#: nothing to expand per execution.
+OPEN = text("operations.state IN (" + ", ".join(f"'{state}'" for state in OPEN_STATES) + ")")
+
+# Built once: these run several times per chunk, and building a statement cost more than
+# running it. ``in_ids`` keeps one statement text for any count of ids.
+_now: BindParameter[datetime] = bindparam("now")
+_busy_ledgers = select(_ops.ledger_id).where(
+    _ops.state == OpState.RUNNING, _ops.not_before > _now, _ops.ledger_id.is_not(None)
+)
+_DUE = (
+    select(_ops.id, _ops.ledger_id, _ops.kind, _ops.payload)
+    .where(
+        _ops.tenant_id == bindparam("tenant"),
+        _ops.mailbox == bindparam("mailbox"),
+        OPEN,
+        _ops.not_before <= _now,
+        or_(_ops.ledger_id.is_(None), _ops.ledger_id.not_in(_busy_ledgers)),
+    )
+    .order_by(case((_ops.lane == Lane.INTERACTIVE, 0), else_=1), _ops.id)
+    .limit(bindparam("n"))
+)
+_DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
+_LEASE = (
+    update(OPERATIONS_TABLE)
+    .where(in_ids(_ops.id, name="ids"), OPEN, _ops.not_before <= _now)
+    .values(state=OpState.RUNNING, not_before=bindparam("lease_end"))
+    .returning(_ops.id)
+)
+_MERGE = (
+    update(OPERATIONS_TABLE)
+    .where(
+        in_ids(_ops.ledger_id, name="ledgers"),
+        _ops.state == OpState.PENDING,
+        ~in_ids(_ops.id, name="ids"),
+    )
+    .values(state=OpState.DONE, last_error="merged")
+)
+_LOCK_LEDGERS = (
+    select(_ledger.id).where(in_ids(_ledger.id, name="ids")).with_for_update(skip_locked=True)
+)
+_RUNNING_ON = select(_ops.ledger_id).where(
+    in_ids(_ops.ledger_id, name="ids"), _ops.state == OpState.RUNNING, _ops.not_before > _now
+)
+
+
 async def claim(
     s: AsyncSession, tenant: str, mailbox: str, n: int, *, row_locks: bool
 ) -> tuple[list[Claimed], datetime]:
@@ -52,24 +98,12 @@ async def claim(
 
     Runs in the caller's transaction, which must commit for the claims to hold."""
     now = utcnow()
-    busy_ledgers = select(_ops.ledger_id).where(
-        _ops.state == OpState.RUNNING, _ops.not_before > now, _ops.ledger_id.is_not(None)
-    )
-    query = (
-        select(_ops.id, _ops.ledger_id, _ops.kind, _ops.payload)
-        .where(
-            _ops.tenant_id == tenant,
-            _ops.mailbox == mailbox,
-            _ops.state.in_(OPEN_STATES),
-            _ops.not_before <= now,
-            or_(_ops.ledger_id.is_(None), _ops.ledger_id.not_in(busy_ledgers)),
+    rows: Sequence[Any] = (
+        await s.execute(
+            _DUE_LOCKED if row_locks else _DUE,
+            {"tenant": tenant, "mailbox": mailbox, "now": now, "n": n},
         )
-        .order_by(case((_ops.lane == Lane.INTERACTIVE, 0), else_=1), _ops.id)
-        .limit(n)
-    )
-    if row_locks:
-        query = query.with_for_update(skip_locked=True)
-    rows: Sequence[Any] = (await s.execute(query)).all()
+    ).all()
     if row_locks:
         rows = await _free_ledgers_only(s, rows, now)
     seen: set[int] = set()
@@ -86,30 +120,12 @@ async def claim(
         return [], lease_end
     # Compare-and-set on what was read: without row locks (SQLite) another worker may have
     # read the same rows; only one of the two updates still matches.
-    won = set(
-        await s.scalars(
-            update(OPERATIONS_TABLE)
-            .where(
-                in_ids(_ops.id, [c.op_id for c in claimed]),
-                _ops.state.in_(OPEN_STATES),
-                _ops.not_before <= now,
-            )
-            .values(state=OpState.RUNNING, not_before=lease_end)
-            .returning(_ops.id)
-        )
-    )
+    op_ids = [c.op_id for c in claimed]
+    won = set(await s.scalars(_LEASE, {"ids": op_ids, "now": now, "lease_end": lease_end}))
     claimed = [c for c in claimed if c.op_id in won]
     ledgers = [c.ledger_id for c in claimed if c.ledger_id is not None]
     if ledgers:
-        await s.execute(
-            update(OPERATIONS_TABLE)
-            .where(
-                in_ids(_ops.ledger_id, ledgers),
-                _ops.state == OpState.PENDING,
-                ~in_ids(_ops.id, [c.op_id for c in claimed]),
-            )
-            .values(state=OpState.DONE, last_error="merged")
-        )
+        await s.execute(_MERGE, {"ledgers": ledgers, "ids": [c.op_id for c in claimed]})
     return claimed, lease_end
 
 
@@ -124,22 +140,8 @@ async def _free_ledgers_only(s: AsyncSession, rows: Sequence[Any], now: datetime
     ledger_ids = sorted({r[1] for r in rows if r[1] is not None})
     if not ledger_ids:
         return list(rows)
-    locked = set(
-        await s.scalars(
-            select(_ledger.id)
-            .where(in_ids(_ledger.id, ledger_ids))
-            .with_for_update(skip_locked=True)
-        )
-    )
-    busy = set(
-        await s.scalars(
-            select(_ops.ledger_id).where(
-                in_ids(_ops.ledger_id, sorted(locked)),
-                _ops.state == OpState.RUNNING,
-                _ops.not_before > now,
-            )
-        )
-    )
+    locked = set(await s.scalars(_LOCK_LEDGERS, {"ids": ledger_ids}))
+    busy = set(await s.scalars(_RUNNING_ON, {"ids": sorted(locked), "now": now}))
     return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
 
 

@@ -70,10 +70,11 @@ async def succeeded(s: AsyncSession, outcomes: Sequence[Success]) -> None:
     await done(s, [o.op_id for o in outcomes])
 
 
+_DONE = update(OPERATIONS_TABLE).where(in_ids(_ops.id, name="ids")).values(state=OpState.DONE)
+
+
 async def done(s: AsyncSession, op_ids: Sequence[int]) -> None:
-    await s.execute(
-        update(OPERATIONS_TABLE).where(in_ids(_ops.id, op_ids)).values(state=OpState.DONE)
-    )
+    await s.execute(_DONE, {"ids": list(op_ids)})
 
 
 async def requeue(
