@@ -36,7 +36,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import Select, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from tenacity import RetryCallState, wait_exponential_jitter
@@ -933,6 +933,26 @@ async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) 
 Loaded = dict[int, tuple[ExternalEvent, Activity, User, bool]]
 
 
+def _load_statement() -> Select[ExternalEvent, Activity, User, str]:
+    picked = (
+        select(ExternalEvent)
+        .where(in_ids(LEDGER_TABLE.c.id, name="ids"))
+        .cte("picked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    event = aliased(ExternalEvent, picked)
+    return (
+        select(event, Activity, User, Batch.state)
+        .join(Activity, Activity.id == event.activity_id)
+        .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
+        .outerjoin(Batch, Batch.id == Activity.batch_id)
+    )
+
+
+#: Built once, as the claims' statements are: it runs for every chunk.
+_LOAD = _load_statement()
+
+
 async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
     """Ledger rows with their activity, user and whether their batch is being deleted.
 
@@ -940,19 +960,7 @@ async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
     large batch is committed the tables' statistics are stale, and (with no foreign keys to
     go by) a plan starting from the users walked every activity of every user."""
     found: Loaded = {}
-    picked = (
-        select(ExternalEvent)
-        .where(in_ids(LEDGER_TABLE.c.id, sorted(set(ledger_ids))))
-        .cte("picked")
-        .prefix_with("MATERIALIZED", dialect="postgresql")
-    )
-    event = aliased(ExternalEvent, picked)
-    rows = await s.execute(
-        select(event, Activity, User, Batch.state)
-        .join(Activity, Activity.id == event.activity_id)
-        .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
-        .outerjoin(Batch, Batch.id == Activity.batch_id)
-    )
+    rows = await s.execute(_LOAD, {"ids": sorted(set(ledger_ids))})
     for ledger, activity, user, batch_state in rows:
         found[ledger.id] = (ledger, activity, user, batch_state in DELETION_REQUESTED)
     return found
