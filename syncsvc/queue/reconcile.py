@@ -7,13 +7,13 @@ executing it twice, or after a newer change, does no harm: the decision is taken
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from syncsvc.providers.base import EventAttendee, EventSpec
-from syncsvc.store.models import Activity, ExternalEvent, User
+from syncsvc.store.models import Activity, User
 from syncsvc.store.states import LedgerState
 
 
@@ -26,6 +26,36 @@ class Action(StrEnum):
     FIND_AND_DELETE = "find_and_delete"
 
 
+class LedgerRow(NamedTuple):
+    """The ledger columns an operation acts on. The worker reads these (and ``ActivityRow``)
+    for every event it syncs: plain rows cost a fraction of ORM objects."""
+
+    id: int
+    tenant_id: str
+    state: str
+    event_id: str | None
+    etag: str | None
+
+
+class ActivityRow(NamedTuple):
+    """The activity columns an event is made of (field names are the column names)."""
+
+    id: str
+    batch_id: str | None
+    subject: str
+    start: datetime | None
+    end: datetime | None
+    description: str
+    location: str
+    due: date | None
+    kind: str
+    status: str
+    reminder_minutes: int | None
+    attendees: list[Any]
+    version: int
+    deleted: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -33,7 +63,7 @@ class Decision:
     then: Literal[LedgerState.SYNCED, LedgerState.DELETED]
 
 
-def decide(ledger: ExternalEvent, activity: Activity, batch_deleting: bool) -> Decision:
+def decide(ledger: LedgerRow, activity: ActivityRow, batch_deleting: bool) -> Decision:
     """What to do for a ledger row given its activity.
 
     A row whose event id is unknown may still have an event at the provider (a create that
@@ -57,7 +87,7 @@ def event_key(activity_id: str) -> str:
     return activity_id.lower()
 
 
-def spec_for(activity: Activity, user: User) -> EventSpec:
+def spec_for(activity: Activity | ActivityRow, user: User) -> EventSpec:
     tz = user.timezone or "UTC"
     zone = ZoneInfo(tz)
     return EventSpec(

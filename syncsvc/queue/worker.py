@@ -34,11 +34,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, select
+from sqlalchemy import Select, Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from syncsvc import errors
@@ -53,10 +52,17 @@ from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
 from syncsvc.queue.outbox import LEDGER_TABLE
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
-from syncsvc.queue.reconcile import Action, Decision, decide, spec_for
+from syncsvc.queue.reconcile import (
+    Action,
+    ActivityRow,
+    Decision,
+    LedgerRow,
+    decide,
+    spec_for,
+)
 from syncsvc.queue.transitions import Success
 from syncsvc.store.db import Database, is_unavailable
-from syncsvc.store.models import Activity, Batch, ExternalEvent, Operation, SyncCycle, User
+from syncsvc.store.models import Activity, Batch, Operation, SyncCycle, User
 from syncsvc.store.states import DELETION_REQUESTED
 from syncsvc.store.types import in_ids, utcnow
 from syncsvc.tracing import operation_span
@@ -150,7 +156,7 @@ class _Job:
     """A claimed ledger operation with the fresh data its decision was taken on."""
 
     claimed: Claimed
-    ledger: ExternalEvent
+    ledger: LedgerRow
     decision: Decision
     spec: EventSpec
     provider: CalendarProvider
@@ -776,7 +782,7 @@ class Worker:
         self,
         provider: CalendarProvider,
         decision: Decision,
-        ledger: ExternalEvent,
+        ledger: LedgerRow,
         spec: EventSpec,
     ) -> EventRef | None:
         if decision.action == Action.CREATE:
@@ -930,27 +936,36 @@ async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) 
 
 
 #: Claimed ledger rows by id: the row, its activity, its user, whether its batch is going.
-Loaded = dict[int, tuple[ExternalEvent, Activity, User, bool]]
+Loaded = dict[int, tuple[LedgerRow, ActivityRow, User, bool]]
+
+ACTIVITY_TABLE = cast(Table, Activity.__table__)
+_ACTIVITY = ACTIVITY_TABLE.c
 
 
-def _load_statement() -> Select[ExternalEvent, Activity, User, str]:
+def _load_statement() -> Select[Any]:
     picked = (
-        select(ExternalEvent)
+        select(*(LEDGER_TABLE.c[name] for name in (*LedgerRow._fields, "activity_id")))
         .where(in_ids(LEDGER_TABLE.c.id, name="ids"))
         .cte("picked")
         .prefix_with("MATERIALIZED", dialect="postgresql")
     )
-    event = aliased(ExternalEvent, picked)
     return (
-        select(event, Activity, User, Batch.state)
-        .join(Activity, Activity.id == event.activity_id)
-        .join(User, and_(User.tenant_id == Activity.tenant_id, User.id == Activity.user_id))
-        .outerjoin(Batch, Batch.id == Activity.batch_id)
+        select(
+            *(picked.c[name] for name in LedgerRow._fields),
+            *(_ACTIVITY[name] for name in ActivityRow._fields),
+            User,
+            Batch.state,
+        )
+        .join(ACTIVITY_TABLE, _ACTIVITY.id == picked.c.activity_id)
+        .join(User, and_(User.tenant_id == _ACTIVITY.tenant_id, User.id == _ACTIVITY.user_id))
+        .outerjoin(Batch, Batch.id == _ACTIVITY.batch_id)
     )
 
 
 #: Built once, as the claims' statements are: it runs for every chunk.
 _LOAD = _load_statement()
+_LEDGER_END = len(LedgerRow._fields)
+_ACTIVITY_END = _LEDGER_END + len(ActivityRow._fields)
 
 
 async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
@@ -960,7 +975,9 @@ async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
     large batch is committed the tables' statistics are stale, and (with no foreign keys to
     go by) a plan starting from the users walked every activity of every user."""
     found: Loaded = {}
-    rows = await s.execute(_LOAD, {"ids": sorted(set(ledger_ids))})
-    for ledger, activity, user, batch_state in rows:
+    for row in await s.execute(_LOAD, {"ids": sorted(set(ledger_ids))}):
+        ledger = LedgerRow._make(row[:_LEDGER_END])
+        activity = ActivityRow._make(row[_LEDGER_END:_ACTIVITY_END])
+        user, batch_state = row[_ACTIVITY_END:]
         found[ledger.id] = (ledger, activity, user, batch_state in DELETION_REQUESTED)
     return found
