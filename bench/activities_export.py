@@ -49,13 +49,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-from sqlalchemy import Table, insert, select
+from sqlalchemy import insert, select
 
+from syncsvc.queue.outbox import ACTIVITIES_TABLE
 from syncsvc.store.db import Database
-from syncsvc.store.models import Activity, Tenant, User
+from syncsvc.store.models import Tenant, User
 from syncsvc.store.types import utcnow
 
 BIN = Path(sys.executable).parent
@@ -65,7 +66,6 @@ INSERT_CHUNK_ROWS = 5000
 ZONE = "Europe/Copenhagen"
 #: Share of the rows each user gets; a filter on one user exports that share.
 SHARES = {"small": 0.01, "medium": 0.1}
-ACTIVITIES_TABLE = cast(Table, Activity.__table__)
 
 
 def free_port() -> int:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BindParameter, bindparam, case, or_, select, text, update
+from sqlalchemy import BindParameter, Select, and_, bindparam, case, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from syncsvc.queue.outbox import LEDGER_TABLE, OPERATIONS_TABLE, chunks
-from syncsvc.store.states import OPEN_STATES, Lane, OpState
+from syncsvc.queue.outbox import ACTIVITIES_TABLE, LEDGER_TABLE, OPERATIONS_TABLE, chunks
+from syncsvc.queue.reconcile import ActivityRow, LedgerRow
+from syncsvc.store.models import Batch, User
+from syncsvc.store.states import DELETION_REQUESTED, OPEN_STATES, Lane, OpState
 from syncsvc.store.types import in_ids, utcnow
 
 #: A claim's lease; renewed every ``HEARTBEAT_S`` while held, so it only runs out on a crash.
@@ -32,6 +34,7 @@ HEARTBEAT_S = 10.0
 
 _ops = OPERATIONS_TABLE.c
 _ledger = LEDGER_TABLE.c
+_activity = ACTIVITIES_TABLE.c
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,51 @@ async def _free_ledgers_only(s: AsyncSession, rows: Sequence[Any], now: datetime
     locked = set(await s.scalars(_LOCK_LEDGERS, {"ids": ledger_ids}))
     busy = set(await s.scalars(_RUNNING_ON, {"ids": sorted(locked), "now": now}))
     return [r for r in rows if r[1] is None or (r[1] in locked and r[1] not in busy)]
+
+
+#: Claimed ledger rows by id: the row, its activity, its user, whether its batch is going.
+Loaded = dict[int, tuple[LedgerRow, ActivityRow, User, bool]]
+
+
+def _load_statement() -> Select[Any]:
+    picked = (
+        select(*(_ledger[name] for name in (*LedgerRow._fields, "activity_id")))
+        .where(in_ids(_ledger.id, name="ids"))
+        .cte("picked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return (
+        select(
+            *(picked.c[name] for name in LedgerRow._fields),
+            *(_activity[name] for name in ActivityRow._fields),
+            User,
+            Batch.state,
+        )
+        .join(ACTIVITIES_TABLE, _activity.id == picked.c.activity_id)
+        .join(User, and_(User.tenant_id == _activity.tenant_id, User.id == _activity.user_id))
+        .outerjoin(Batch, Batch.id == _activity.batch_id)
+    )
+
+
+#: Built once, as the statements above: it runs for every chunk.
+_LOAD = _load_statement()
+_LEDGER_END = len(LedgerRow._fields)
+_ACTIVITY_END = _LEDGER_END + len(ActivityRow._fields)
+
+
+async def load(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
+    """Ledger rows with their activity, user and whether their batch is being deleted.
+
+    The ledger rows are read first, by id, whatever the planner estimates: right after a
+    large batch is committed the tables' statistics are stale, and (with no foreign keys to
+    go by) a plan starting from the users walked every activity of every user."""
+    found: Loaded = {}
+    for row in await s.execute(_LOAD, {"ids": sorted(set(ledger_ids))}):
+        ledger = LedgerRow._make(row[:_LEDGER_END])
+        activity = ActivityRow._make(row[_LEDGER_END:_ACTIVITY_END])
+        user, batch_state = row[_ACTIVITY_END:]
+        found[ledger.id] = (ledger, activity, user, batch_state in DELETION_REQUESTED)
+    return found
 
 
 async def renew(s: AsyncSession, by_lease: Mapping[datetime, Sequence[int]]) -> datetime:

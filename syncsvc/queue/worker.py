@@ -34,9 +34,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Select, Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from tenacity import RetryCallState, wait_exponential_jitter
 
@@ -47,14 +46,12 @@ from syncsvc.metrics import SYNC_OPERATIONS
 from syncsvc.providers.base import BatchResult, CalendarProvider, EventRef, EventSpec
 from syncsvc.queue import claims, transitions
 from syncsvc.queue import due as queue_due
-from syncsvc.queue.claims import CLAIM_TTL_S, HEARTBEAT_S, Claimed
+from syncsvc.queue.claims import CLAIM_TTL_S, HEARTBEAT_S, Claimed, Loaded
 from syncsvc.queue.due import Due
 from syncsvc.queue.fairness import share_slots
-from syncsvc.queue.outbox import LEDGER_TABLE
 from syncsvc.queue.ratelimit import LEASE_TTL_S, Lease, RateLimiter
 from syncsvc.queue.reconcile import (
     Action,
-    ActivityRow,
     Decision,
     LedgerRow,
     decide,
@@ -62,9 +59,8 @@ from syncsvc.queue.reconcile import (
 )
 from syncsvc.queue.transitions import Success
 from syncsvc.store.db import Database, is_unavailable
-from syncsvc.store.models import Activity, Batch, Operation, SyncCycle, User
-from syncsvc.store.states import DELETION_REQUESTED
-from syncsvc.store.types import in_ids, utcnow
+from syncsvc.store.models import Operation, SyncCycle, User
+from syncsvc.store.types import utcnow
 from syncsvc.tracing import operation_span
 
 log = logging.getLogger("syncsvc.worker")
@@ -369,7 +365,7 @@ class Worker:
             row_locks = self.db.dialect == "postgresql"
             claimed, lease_end = await claims.claim(s, tenant, mailbox, n, row_locks=row_locks)
             ledger_ids = [c.ledger_id for c in claimed if c.ledger_id is not None]
-            loaded = await _load_many(s, ledger_ids) if ledger_ids else {}
+            loaded = await claims.load(s, ledger_ids) if ledger_ids else {}
         holder = asyncio.current_task()
         for c in claimed:
             self._held[c.op_id] = (lease_end, holder)
@@ -933,51 +929,3 @@ def _as_provider_error(exc: BaseException) -> errors.ProviderError:
 async def _guarded(sem: asyncio.Semaphore, work: Callable[[], Awaitable[None]]) -> None:
     async with sem:
         await work()
-
-
-#: Claimed ledger rows by id: the row, its activity, its user, whether its batch is going.
-Loaded = dict[int, tuple[LedgerRow, ActivityRow, User, bool]]
-
-ACTIVITY_TABLE = cast(Table, Activity.__table__)
-_ACTIVITY = ACTIVITY_TABLE.c
-
-
-def _load_statement() -> Select[Any]:
-    picked = (
-        select(*(LEDGER_TABLE.c[name] for name in (*LedgerRow._fields, "activity_id")))
-        .where(in_ids(LEDGER_TABLE.c.id, name="ids"))
-        .cte("picked")
-        .prefix_with("MATERIALIZED", dialect="postgresql")
-    )
-    return (
-        select(
-            *(picked.c[name] for name in LedgerRow._fields),
-            *(_ACTIVITY[name] for name in ActivityRow._fields),
-            User,
-            Batch.state,
-        )
-        .join(ACTIVITY_TABLE, _ACTIVITY.id == picked.c.activity_id)
-        .join(User, and_(User.tenant_id == _ACTIVITY.tenant_id, User.id == _ACTIVITY.user_id))
-        .outerjoin(Batch, Batch.id == _ACTIVITY.batch_id)
-    )
-
-
-#: Built once, as the claims' statements are: it runs for every chunk.
-_LOAD = _load_statement()
-_LEDGER_END = len(LedgerRow._fields)
-_ACTIVITY_END = _LEDGER_END + len(ActivityRow._fields)
-
-
-async def _load_many(s: AsyncSession, ledger_ids: Sequence[int]) -> Loaded:
-    """Ledger rows with their activity, user and whether their batch is being deleted.
-
-    The ledger rows are read first, by id, whatever the planner estimates: right after a
-    large batch is committed the tables' statistics are stale, and (with no foreign keys to
-    go by) a plan starting from the users walked every activity of every user."""
-    found: Loaded = {}
-    for row in await s.execute(_LOAD, {"ids": sorted(set(ledger_ids))}):
-        ledger = LedgerRow._make(row[:_LEDGER_END])
-        activity = ActivityRow._make(row[_LEDGER_END:_ACTIVITY_END])
-        user, batch_state = row[_ACTIVITY_END:]
-        found[ledger.id] = (ledger, activity, user, batch_state in DELETION_REQUESTED)
-    return found

@@ -19,13 +19,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Table, and_, func, or_, select, text, update
+from sqlalchemy import CursorResult, Row, and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from syncsvc.errors import Conflict, ErrorDetail, NotFound, ValidationError
 from syncsvc.planner.model import PlanUser, Target, UserSummary
 from syncsvc.planner.tags import fixed_values, parse
 from syncsvc.queue.outbox import (
+    ACTIVITIES_TABLE,
     LEDGER_TABLE,
     Calendar,
     add_batch_creates,
@@ -69,7 +70,6 @@ PATCHABLE_FIELDS = (
 )
 LIST_LIMIT_MAX = 500
 #: The Core table, for one executemany of a whole batch's activities.
-ACTIVITIES_TABLE = cast(Table, Activity.__table__)
 
 
 @dataclass(frozen=True, slots=True)
